@@ -1,0 +1,597 @@
+//! JWT verification (and minting, for `fanout token` and dev mode).
+//!
+//! Exactly one algorithm is accepted, the configured one: a token whose header names any
+//! other (`none`, HS256 against an RSA key, ...) is rejected before its signature is looked
+//! at. Rejection reasons are detailed for logs and metrics, but clients only ever see the
+//! two messages of the existing contract, so a probe learns nothing about why.
+
+use std::collections::HashSet;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{InvalidId, OrgId, UserId};
+
+/// The verified identity of a connection. The organization comes from here and nowhere else.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub org: OrgId,
+    pub user: UserId,
+    pub role: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// The claims as the token carried them, echoed in `auth-success` so that a dashboard
+    /// comparing against its own (possibly numeric) ids sees the values it signed.
+    pub raw_org: serde_json::Value,
+    pub raw_user: serde_json::Value,
+}
+
+/// Why a token was refused. `reason()` is the metric label; `client_message()` is what the
+/// client is told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token")]
+    Missing,
+    #[error("token expired")]
+    Expired,
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    #[error("bad signature")]
+    BadSignature,
+    #[error("algorithm not accepted (only {0:?} is)")]
+    WrongAlgorithm(Algorithm),
+    #[error("wrong issuer or audience")]
+    WrongIssuerOrAudience,
+    #[error("claim {claim}: {problem}")]
+    BadClaim {
+        claim: &'static str,
+        problem: String,
+    },
+}
+
+impl AuthError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing_token",
+            Self::Expired => "expired",
+            Self::Malformed(_) => "malformed",
+            Self::BadSignature => "bad_signature",
+            Self::WrongAlgorithm(_) => "wrong_algorithm",
+            Self::WrongIssuerOrAudience => "wrong_issuer_or_audience",
+            Self::BadClaim { .. } => "bad_claims",
+        }
+    }
+
+    pub fn client_message(&self) -> &'static str {
+        match self {
+            Self::Missing => "Authentication required",
+            _ => "Invalid or expired token",
+        }
+    }
+
+    fn claim(claim: &'static str, problem: InvalidId) -> Self {
+        Self::BadClaim {
+            claim,
+            problem: problem.to_string(),
+        }
+    }
+}
+
+/// The key material a verifier checks signatures with.
+pub enum VerifyKey {
+    /// `JWT_SECRET`, for the HS* algorithms.
+    Secret(Vec<u8>),
+    /// `JWT_PUBLIC_KEY` as PEM text, for RS*, PS*, ES* and EdDSA.
+    PublicPem(String),
+}
+
+/// Verifies tokens with one key and one algorithm.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+    algorithm: Algorithm,
+    /// Kept only for HS*, so that dev mode and `fanout token` can mint with the same secret.
+    signing: Option<EncodingKey>,
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+/// What the token must contain. Everything else in it is ignored.
+#[derive(Deserialize)]
+struct RawClaims {
+    #[serde(rename = "userId", default)]
+    user_id: serde_json::Value,
+    #[serde(rename = "organizationId", default)]
+    organization_id: serde_json::Value,
+    #[serde(default)]
+    role: serde_json::Value,
+    exp: u64,
+}
+
+#[derive(Serialize)]
+struct MintClaims<'a> {
+    #[serde(rename = "userId")]
+    user_id: &'a str,
+    #[serde(rename = "organizationId")]
+    organization_id: &'a str,
+    role: &'a str,
+    iat: u64,
+    exp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
+}
+
+/// Settings of a [`Verifier`], as read from the configuration.
+pub struct VerifierConfig {
+    pub key: VerifyKey,
+    pub algorithm: Algorithm,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway_seconds: u64,
+}
+
+impl Verifier {
+    /// Builds a verifier, or says which setting is wrong and why.
+    pub fn new(cfg: VerifierConfig) -> Result<Self, String> {
+        use jsonwebtoken::Algorithm::*;
+        let alg = cfg.algorithm;
+        let (key, signing) = match (&cfg.key, alg) {
+            (VerifyKey::Secret(secret), HS256 | HS384 | HS512) => {
+                if secret.is_empty() {
+                    return Err("JWT_SECRET is empty".into());
+                }
+                (
+                    DecodingKey::from_secret(secret),
+                    Some(EncodingKey::from_secret(secret)),
+                )
+            }
+            (VerifyKey::Secret(_), _) => {
+                return Err(format!(
+                    "JWT_ALGORITHM={alg:?} needs JWT_PUBLIC_KEY, not JWT_SECRET (JWT_SECRET is for HS256/HS384/HS512)"
+                ));
+            }
+            (VerifyKey::PublicPem(_), HS256 | HS384 | HS512) => {
+                return Err(format!(
+                    "JWT_ALGORITHM={alg:?} is an HMAC algorithm: set JWT_SECRET instead of JWT_PUBLIC_KEY, or choose RS256/ES256/EdDSA"
+                ));
+            }
+            (VerifyKey::PublicPem(pem), _) => {
+                let bytes = pem.as_bytes();
+                let parsed = match alg {
+                    RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => {
+                        DecodingKey::from_rsa_pem(bytes)
+                    }
+                    ES256 | ES384 => DecodingKey::from_ec_pem(bytes),
+                    EdDSA => DecodingKey::from_ed_pem(bytes),
+                    _ => unreachable!("HMAC handled above"),
+                };
+                let key = parsed.map_err(|e| {
+                    format!(
+                        "JWT_PUBLIC_KEY is not a valid public key for JWT_ALGORITHM={alg:?} ({e}); expected a PEM block starting with \"-----BEGIN PUBLIC KEY-----\""
+                    )
+                })?;
+                (key, None)
+            }
+        };
+        let mut validation = Validation::new(alg);
+        validation.leeway = cfg.leeway_seconds;
+        validation.validate_exp = true;
+        validation.set_required_spec_claims(&["exp"]);
+        match &cfg.issuer {
+            Some(iss) => {
+                validation.set_issuer(&[iss]);
+                validation.required_spec_claims.insert("iss".into());
+            }
+            None => validation.iss = None,
+        }
+        match &cfg.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.required_spec_claims.insert("aud".into());
+            }
+            // Like the Node backend's jsonwebtoken: an `aud` claim is ignored when no
+            // audience is configured.
+            None => validation.validate_aud = false,
+        }
+        Ok(Self {
+            key,
+            validation,
+            algorithm: alg,
+            signing,
+            issuer: cfg.issuer,
+            audience: cfg.audience,
+        })
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// Verifies `token` (the `auth.token` value a client sent, any JSON).
+    pub fn verify(&self, token: Option<&serde_json::Value>) -> Result<Identity, AuthError> {
+        let token = match token {
+            None | Some(serde_json::Value::Null) => return Err(AuthError::Missing),
+            Some(serde_json::Value::String(s)) if s.trim().is_empty() => {
+                return Err(AuthError::Missing);
+            }
+            Some(serde_json::Value::String(s)) => s.trim(),
+            Some(_) => return Err(AuthError::Malformed("token is not a string".into())),
+        };
+        // Tolerate the "Bearer " prefix some clients copy from HTTP headers.
+        let token = token.strip_prefix("Bearer ").unwrap_or(token);
+        self.verify_str(token)
+    }
+
+    fn verify_str(&self, token: &str) -> Result<Identity, AuthError> {
+        // Check the header's algorithm ourselves first, so `alg: none` and HS/RS confusion
+        // are refused by name whatever the library would do with them.
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthError::Malformed(e.to_string()))?;
+        if header.alg != self.algorithm {
+            return Err(AuthError::WrongAlgorithm(self.algorithm));
+        }
+        let data = jsonwebtoken::decode::<RawClaims>(token, &self.key, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::InvalidAlgorithm => AuthError::WrongAlgorithm(self.algorithm),
+                ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => {
+                    AuthError::WrongIssuerOrAudience
+                }
+                ErrorKind::MissingRequiredClaim(c) => AuthError::BadClaim {
+                    claim: if c == "exp" { "exp" } else { "iss/aud" },
+                    problem: "is missing".into(),
+                },
+                ErrorKind::Json(j) if j.to_string().contains("exp") => AuthError::BadClaim {
+                    claim: "exp",
+                    problem: "is missing or not a number".into(),
+                },
+                other => AuthError::Malformed(format!("{other:?}")),
+            })?;
+        let claims = data.claims;
+        let org = OrgId::from_json(&claims.organization_id)
+            .map_err(|e| AuthError::claim("organizationId", e))?;
+        let user =
+            UserId::from_json(&claims.user_id).map_err(|e| AuthError::claim("userId", e))?;
+        let role = match claims.role {
+            serde_json::Value::String(r) if !r.is_empty() => r,
+            serde_json::Value::Null => {
+                return Err(AuthError::claim("role", InvalidId::Missing));
+            }
+            _ => return Err(AuthError::claim("role", InvalidId::WrongType)),
+        };
+        Ok(Identity {
+            org,
+            user,
+            role,
+            exp: claims.exp,
+            raw_org: claims.organization_id,
+            raw_user: claims.user_id,
+        })
+    }
+
+    /// Mints a token with the configured secret. Only possible with an HS* algorithm.
+    pub fn mint(
+        &self,
+        org: &OrgId,
+        user: &UserId,
+        role: &str,
+        ttl: std::time::Duration,
+    ) -> Result<String, String> {
+        let key = self.signing.as_ref().ok_or_else(|| {
+            format!(
+                "cannot mint tokens with JWT_ALGORITHM={:?}: fanout only holds a public key; mint with JWT_SECRET (HS256)",
+                self.algorithm
+            )
+        })?;
+        let now = crate::protocol::now_ms() / 1000;
+        let claims = MintClaims {
+            user_id: user.as_str(),
+            organization_id: org.as_str(),
+            role,
+            iat: now,
+            exp: now + ttl.as_secs().max(1),
+            iss: self.issuer.as_deref(),
+            aud: self.audience.as_deref(),
+        };
+        jsonwebtoken::encode(&Header::new(self.algorithm), &claims, key).map_err(|e| e.to_string())
+    }
+}
+
+/// Checks ingest bearer keys in constant time (per key), so timing reveals nothing about
+/// how much of a guessed key was right.
+pub struct IngestKeys {
+    keys: Vec<Vec<u8>>,
+}
+
+impl IngestKeys {
+    pub fn new(keys: impl IntoIterator<Item = String>) -> Self {
+        let keys: HashSet<String> = keys.into_iter().filter(|k| !k.is_empty()).collect();
+        Self {
+            keys: keys.into_iter().map(String::into_bytes).collect(),
+        }
+    }
+
+    /// Accepts an `Authorization` header value of the form `Bearer <key>`.
+    pub fn check_header(&self, header: Option<&str>) -> bool {
+        let Some(presented) = header.and_then(|h| {
+            let (scheme, rest) = h.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        }) else {
+            return false;
+        };
+        use subtle::ConstantTimeEq;
+        // Check every key (no early return) so the time taken does not say which matched.
+        self.keys.iter().fold(false, |found, key| {
+            found | bool::from(key.as_slice().ct_eq(presented.as_bytes()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const SECRET: &[u8] = b"test-secret-that-is-long-enough-for-hs256";
+
+    fn hs_verifier() -> Verifier {
+        Verifier::new(VerifierConfig {
+            key: VerifyKey::Secret(SECRET.to_vec()),
+            algorithm: Algorithm::HS256,
+            issuer: None,
+            audience: None,
+            leeway_seconds: 0,
+        })
+        .unwrap()
+    }
+
+    fn now() -> u64 {
+        crate::protocol::now_ms() / 1000
+    }
+
+    fn sign(claims: serde_json::Value, alg: Algorithm, secret: &[u8]) -> String {
+        jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret))
+            .unwrap()
+    }
+
+    fn good_claims() -> serde_json::Value {
+        json!({"userId": "u1", "organizationId": "acme", "role": "admin", "exp": now() + 600})
+    }
+
+    fn verify(v: &Verifier, token: &str) -> Result<Identity, AuthError> {
+        v.verify(Some(&json!(token)))
+    }
+
+    #[test]
+    fn accepts_valid_token() {
+        let v = hs_verifier();
+        let id = verify(&v, &sign(good_claims(), Algorithm::HS256, SECRET)).unwrap();
+        assert_eq!(id.org.as_str(), "acme");
+        assert_eq!(id.user.as_str(), "u1");
+        assert_eq!(id.role, "admin");
+        let bearer = format!("Bearer {}", sign(good_claims(), Algorithm::HS256, SECRET));
+        assert!(verify(&v, &bearer).is_ok());
+    }
+
+    #[test]
+    fn numeric_ids_are_accepted_and_echoed_raw() {
+        let v = hs_verifier();
+        let claims = json!({"userId": 7, "organizationId": 42, "role": "viewer", "exp": now() + 60});
+        let id = verify(&v, &sign(claims, Algorithm::HS256, SECRET)).unwrap();
+        assert_eq!(id.org.as_str(), "42");
+        assert_eq!(id.raw_org, json!(42));
+        assert_eq!(id.raw_user, json!(7));
+    }
+
+    #[test]
+    fn missing_token() {
+        let v = hs_verifier();
+        for t in [None, Some(json!(null)), Some(json!("")), Some(json!("  "))] {
+            let err = v.verify(t.as_ref()).unwrap_err();
+            assert_eq!(err, AuthError::Missing);
+            assert_eq!(err.client_message(), "Authentication required");
+        }
+        let err = v.verify(Some(&json!(12))).unwrap_err();
+        assert_eq!(err.reason(), "malformed");
+        assert_eq!(err.client_message(), "Invalid or expired token");
+    }
+
+    #[test]
+    fn rejects_expired() {
+        let v = hs_verifier();
+        let mut c = good_claims();
+        c["exp"] = json!(now() - 5);
+        assert_eq!(verify(&v, &sign(c, Algorithm::HS256, SECRET)), Err(AuthError::Expired));
+    }
+
+    #[test]
+    fn leeway_accepts_recently_expired() {
+        let v = Verifier::new(VerifierConfig {
+            key: VerifyKey::Secret(SECRET.to_vec()),
+            algorithm: Algorithm::HS256,
+            issuer: None,
+            audience: None,
+            leeway_seconds: 30,
+        })
+        .unwrap();
+        let mut c = good_claims();
+        c["exp"] = json!(now() - 5);
+        assert!(verify(&v, &sign(c, Algorithm::HS256, SECRET)).is_ok());
+    }
+
+    #[test]
+    fn rejects_other_key_and_garbage() {
+        let v = hs_verifier();
+        let t = sign(good_claims(), Algorithm::HS256, b"some-other-secret-entirely-0000000");
+        assert_eq!(verify(&v, &t), Err(AuthError::BadSignature));
+        assert_eq!(verify(&v, "not.a.jwt").unwrap_err().reason(), "malformed");
+        assert_eq!(verify(&v, "garbage").unwrap_err().reason(), "malformed");
+    }
+
+    #[test]
+    fn rejects_other_algorithms() {
+        let v = hs_verifier();
+        let t = sign(good_claims(), Algorithm::HS512, SECRET);
+        assert_eq!(verify(&v, &t), Err(AuthError::WrongAlgorithm(Algorithm::HS256)));
+        // alg: none, unsigned.
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let body = b64.encode(good_claims().to_string().as_bytes());
+        let none = format!("{header}.{body}.");
+        assert!(verify(&v, &none).is_err());
+    }
+
+    #[test]
+    fn rejects_missing_or_bad_claims() {
+        let v = hs_verifier();
+        for (field, reason) in [
+            ("userId", "bad_claims"),
+            ("organizationId", "bad_claims"),
+            ("role", "bad_claims"),
+            ("exp", "bad_claims"),
+        ] {
+            let mut c = good_claims();
+            c.as_object_mut().unwrap().remove(field);
+            let err = verify(&v, &sign(c, Algorithm::HS256, SECRET)).unwrap_err();
+            assert_eq!(err.reason(), reason, "without {field}: {err}");
+            assert_eq!(err.client_message(), "Invalid or expired token");
+        }
+        let mut c = good_claims();
+        c["organizationId"] = json!("has:colon");
+        assert_eq!(
+            verify(&v, &sign(c, Algorithm::HS256, SECRET)).unwrap_err().reason(),
+            "bad_claims"
+        );
+        let mut c = good_claims();
+        c["role"] = json!(3);
+        assert_eq!(
+            verify(&v, &sign(c, Algorithm::HS256, SECRET)).unwrap_err().reason(),
+            "bad_claims"
+        );
+    }
+
+    #[test]
+    fn issuer_and_audience() {
+        let v = Verifier::new(VerifierConfig {
+            key: VerifyKey::Secret(SECRET.to_vec()),
+            algorithm: Algorithm::HS256,
+            issuer: Some("backend".into()),
+            audience: Some("dashboards".into()),
+            leeway_seconds: 0,
+        })
+        .unwrap();
+        let mut c = good_claims();
+        c["iss"] = json!("backend");
+        c["aud"] = json!("dashboards");
+        assert!(verify(&v, &sign(c.clone(), Algorithm::HS256, SECRET)).is_ok());
+        c["iss"] = json!("someone-else");
+        assert_eq!(
+            verify(&v, &sign(c, Algorithm::HS256, SECRET)),
+            Err(AuthError::WrongIssuerOrAudience)
+        );
+        let err = verify(&v, &sign(good_claims(), Algorithm::HS256, SECRET)).unwrap_err();
+        assert_eq!(err.reason(), "bad_claims");
+        // Minting carries iss and aud, so minted tokens verify.
+        let t = v
+            .mint(
+                &OrgId::parse("o").unwrap(),
+                &UserId::parse("u").unwrap(),
+                "r",
+                std::time::Duration::from_secs(60),
+            )
+            .unwrap();
+        assert!(verify(&v, &t).is_ok());
+    }
+
+    const RSA_PUBLIC: &str = include_str!("../tests/keys/rsa_public.pem");
+    const RSA_PRIVATE: &str = include_str!("../tests/keys/rsa_private.pem");
+    const ED_PUBLIC: &str = include_str!("../tests/keys/ed25519_public.pem");
+    const ED_PRIVATE: &str = include_str!("../tests/keys/ed25519_private.pem");
+
+    fn pem_verifier(pem: &str, alg: Algorithm) -> Verifier {
+        Verifier::new(VerifierConfig {
+            key: VerifyKey::PublicPem(pem.into()),
+            algorithm: alg,
+            issuer: None,
+            audience: None,
+            leeway_seconds: 0,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn asymmetric_keys() {
+        let rs = pem_verifier(RSA_PUBLIC, Algorithm::RS256);
+        let key = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap();
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &good_claims(), &key).unwrap();
+        assert!(verify(&rs, &t).is_ok());
+
+        // HS/RS confusion: an HS256 token signed with the public key's text as the secret.
+        let forged = sign(good_claims(), Algorithm::HS256, RSA_PUBLIC.as_bytes());
+        assert_eq!(verify(&rs, &forged), Err(AuthError::WrongAlgorithm(Algorithm::RS256)));
+
+        let ed = pem_verifier(ED_PUBLIC, Algorithm::EdDSA);
+        let key = EncodingKey::from_ed_pem(ED_PRIVATE.as_bytes()).unwrap();
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &good_claims(), &key).unwrap();
+        assert!(verify(&ed, &t).is_ok());
+        // An RS256 token against the EdDSA verifier.
+        let rsa_key = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap();
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &good_claims(), &rsa_key)
+            .unwrap();
+        assert!(verify(&ed, &t).is_err());
+        assert!(ed.mint(&OrgId::parse("o").unwrap(), &UserId::parse("u").unwrap(), "r", std::time::Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn key_and_algorithm_mismatch_is_a_config_error() {
+        let err = |cfg| Verifier::new(cfg).err().unwrap();
+        let e = err(VerifierConfig {
+            key: VerifyKey::PublicPem("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n".into()),
+            algorithm: Algorithm::RS256,
+            issuer: None,
+            audience: None,
+            leeway_seconds: 0,
+        });
+        assert!(e.contains("JWT_PUBLIC_KEY"), "{e}");
+        let e = err(VerifierConfig {
+            key: VerifyKey::PublicPem(RSA_PUBLIC.into()),
+            algorithm: Algorithm::HS256,
+            issuer: None,
+            audience: None,
+            leeway_seconds: 0,
+        });
+        assert!(e.contains("JWT_SECRET"), "{e}");
+        let e = err(VerifierConfig {
+            key: VerifyKey::Secret(b"s".to_vec()),
+            algorithm: Algorithm::RS256,
+            issuer: None,
+            audience: None,
+            leeway_seconds: 0,
+        });
+        assert!(e.contains("JWT_PUBLIC_KEY"), "{e}");
+        let e = err(VerifierConfig {
+            key: VerifyKey::PublicPem(RSA_PUBLIC.into()),
+            algorithm: Algorithm::ES256,
+            issuer: None,
+            audience: None,
+            leeway_seconds: 0,
+        });
+        assert!(e.contains("ES256"), "{e}");
+    }
+
+    #[test]
+    fn ingest_keys() {
+        let keys = IngestKeys::new(["k1".to_string(), "k2".to_string(), String::new()]);
+        assert!(keys.check_header(Some("Bearer k1")));
+        assert!(keys.check_header(Some("bearer k2")));
+        assert!(!keys.check_header(Some("Bearer k3")));
+        assert!(!keys.check_header(Some("Bearer ")));
+        assert!(!keys.check_header(Some("k1")));
+        assert!(!keys.check_header(Some("Basic k1")));
+        assert!(!keys.check_header(None));
+    }
+}

@@ -1,0 +1,100 @@
+//! The message bus between publishers and the replicas that hold sockets.
+//!
+//! Two implementations behind one small type: an in-process bus for a single replica (the
+//! default, nothing to run), and Redis pub/sub for a fleet. With Redis, a published message
+//! is *only* sent to Redis, and every replica (including the publishing one) delivers what
+//! arrives on its subscriptions: that is what makes delivery exactly-once per socket.
+//!
+//! Subscriptions follow presence: a replica is subscribed to `{prefix}org:{id}` exactly
+//! while it holds a socket of that organization (see `redis.rs` for how races are closed).
+
+mod memory;
+mod redis;
+
+use std::sync::Arc;
+
+use crate::delivery::Delivery;
+use crate::ops::shutdown::Shutdown;
+use crate::presence::Presence;
+use crate::protocol::{Message, OrgId};
+
+/// Why a message could not be handed to the bus. The ingest API answers 503 with it.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("Redis is unreachable ({0}); the message was not published, retry later")]
+    Unavailable(String),
+}
+
+pub struct Bus {
+    inner: Inner,
+}
+
+enum Inner {
+    Memory(memory::MemoryBus),
+    Redis(redis::RedisBus),
+}
+
+/// Settings of the Redis bus.
+pub struct RedisSettings {
+    pub url: String,
+    pub prefix: String,
+    pub max_payload_bytes: usize,
+}
+
+impl Bus {
+    /// The in-process bus: publishing delivers straight to this replica's sockets.
+    pub fn memory(delivery: Arc<Delivery>) -> Self {
+        Self {
+            inner: Inner::Memory(memory::MemoryBus::new(delivery)),
+        }
+    }
+
+    /// The Redis bus. Starts the subscriber task, which connects (and reconnects) by itself:
+    /// a Redis that is down at start is not an error, only "not ready".
+    pub fn redis(
+        settings: RedisSettings,
+        presence: Arc<Presence>,
+        delivery: Arc<Delivery>,
+        shutdown: Shutdown,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            inner: Inner::Redis(redis::RedisBus::start(settings, presence, delivery, shutdown)?),
+        })
+    }
+
+    /// Publishes to every replica holding sockets of `msg.org`. `Ok` means the bus has
+    /// the message (Redis acknowledged the PUBLISH), not that any socket was there for it.
+    pub async fn publish(&self, msg: Message) -> Result<(), BusError> {
+        match &self.inner {
+            Inner::Memory(m) => {
+                m.publish(msg).await;
+                Ok(())
+            }
+            Inner::Redis(r) => r.publish(msg).await,
+        }
+    }
+
+    /// Called after a socket of `org` was counted in presence: resolves once this replica
+    /// receives `org`'s messages (at once with the memory bus, or when Redis is down, in
+    /// which case the subscription is made on reconnect).
+    pub async fn joined(&self, org: &OrgId) {
+        if let Inner::Redis(r) = &self.inner {
+            r.joined(org).await;
+        }
+    }
+
+    /// Called after the last socket of `org` left presence.
+    pub fn left(&self, org: &OrgId) {
+        if let Inner::Redis(r) = &self.inner {
+            r.left(org);
+        }
+    }
+
+    /// False while the Redis subscriber is disconnected.
+    pub fn is_up(&self) -> bool {
+        match &self.inner {
+            Inner::Memory(_) => true,
+            Inner::Redis(r) => r.is_up(),
+        }
+    }
+}

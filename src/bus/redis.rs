@@ -1,0 +1,461 @@
+//! Redis pub/sub: one channel per organization, subscribed only while needed.
+//!
+//! Publishing goes through a small connection pool. Subscribing is owned by a single task
+//! (the *subscriber*) that holds the one pub/sub connection and is the only code that sends
+//! SUBSCRIBE or UNSUBSCRIBE. Gateways never subscribe themselves; they update presence and
+//! then send the org id to the subscriber, which decides from the *current* presence count
+//! what the subscription must be. Because every decision reads presence after the change
+//! that triggered it, and requests are handled in order, no interleaving of joins and
+//! leaves can leave the replica unsubscribed from an org it holds sockets of. A join
+//! carries a reply channel, answered only after the batch that contains it is applied, so a
+//! socket is told `auth-success` only once its organization's messages reach this replica.
+//!
+//! On connection loss the subscriber reconnects with capped exponential backoff and jitter
+//! and re-subscribes every organization presence still holds (a full resync, so requests
+//! lost while down do not matter).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use deadpool_redis::{PoolConfig, Runtime, Timeouts};
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::{PubSubSink, PubSubStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::{BusError, RedisSettings};
+use crate::delivery::Delivery;
+use crate::ops::metrics;
+use crate::ops::shutdown::Shutdown;
+use crate::presence::Presence;
+use crate::protocol::{Message, OrgId};
+
+/// How long a joining socket waits for its organization's subscription before it is told
+/// `auth-success` anyway (Redis slow but up; the subscription still happens).
+const JOIN_WAIT: Duration = Duration::from_secs(5);
+/// Bound on any single Redis command, so a half-open connection is noticed.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Liveness check of the pub/sub connection.
+const PING_EVERY: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Channels per SUBSCRIBE command when re-subscribing or applying a batch.
+const CHUNK: usize = 1000;
+
+pub struct RedisBus {
+    pool: deadpool_redis::Pool,
+    prefix: String,
+    up: Arc<AtomicBool>,
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+/// "Look at this org again", optionally with a reply once the answer is applied.
+struct Request {
+    org: OrgId,
+    applied: Option<oneshot::Sender<()>>,
+}
+
+fn channel(prefix: &str, org: &OrgId) -> String {
+    format!("{prefix}org:{org}")
+}
+
+impl RedisBus {
+    pub fn start(
+        settings: RedisSettings,
+        presence: Arc<Presence>,
+        delivery: Arc<Delivery>,
+        shutdown: Shutdown,
+    ) -> Result<Self, String> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| format!("invalid REDIS_URL: {e}"))?;
+        let mut cfg = deadpool_redis::Config::from_url(settings.url.clone());
+        cfg.pool = Some(PoolConfig {
+            max_size: 32,
+            timeouts: Timeouts {
+                wait: Some(COMMAND_TIMEOUT),
+                create: Some(CONNECT_TIMEOUT),
+                recycle: Some(COMMAND_TIMEOUT),
+            },
+            ..PoolConfig::default()
+        });
+        let pool = cfg
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| format!("invalid REDIS_URL: {e}"))?;
+        let up = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::unbounded_channel();
+        ::metrics::gauge!(metrics::REDIS_UP).set(0.0);
+        ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(0.0);
+        let subscriber = Subscriber {
+            client,
+            prefix: settings.prefix.clone(),
+            max_payload: settings.max_payload_bytes,
+            presence,
+            delivery,
+            up: up.clone(),
+            shutdown,
+            subscribed: HashSet::new(),
+        };
+        tokio::spawn(subscriber.run(rx));
+        Ok(Self {
+            pool,
+            prefix: settings.prefix,
+            up,
+            requests: tx,
+        })
+    }
+
+    pub async fn publish(&self, msg: Message) -> Result<(), BusError> {
+        let channel = channel(&self.prefix, &msg.org);
+        let payload = msg.to_envelope();
+        let mut conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        match tokio::time::timeout(COMMAND_TIMEOUT, conn.publish::<_, _, i64>(channel, payload))
+            .await
+        {
+            Ok(Ok(_receivers)) => Ok(()),
+            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
+            Err(_) => Err(BusError::Unavailable(format!(
+                "PUBLISH took longer than {COMMAND_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    pub async fn joined(&self, org: &OrgId) {
+        if !self.is_up() {
+            // Subscribed by the full resync on reconnect; nothing to wait for now.
+            let _ = self.requests.send(Request {
+                org: org.clone(),
+                applied: None,
+            });
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        let _ = self.requests.send(Request {
+            org: org.clone(),
+            applied: Some(tx),
+        });
+        if tokio::time::timeout(JOIN_WAIT, rx).await.is_err() {
+            tracing::warn!(%org, "subscription not confirmed within {JOIN_WAIT:?}; continuing");
+        }
+    }
+
+    pub fn left(&self, org: &OrgId) {
+        let _ = self.requests.send(Request {
+            org: org.clone(),
+            applied: None,
+        });
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+}
+
+struct Subscriber {
+    client: redis::Client,
+    prefix: String,
+    max_payload: usize,
+    presence: Arc<Presence>,
+    delivery: Arc<Delivery>,
+    up: Arc<AtomicBool>,
+    shutdown: Shutdown,
+    /// Channels Redis has confirmed, as org ids. Only this task touches it.
+    subscribed: HashSet<OrgId>,
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+impl Subscriber {
+    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
+        let mut backoff = Backoff::new();
+        let mut sessions = 0u64;
+        loop {
+            let connect = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub());
+            let pubsub = tokio::select! {
+                _ = self.shutdown.wait() => return,
+                res = connect => match res {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => { self.wait_retry(&mut backoff, &e.to_string()).await; continue; }
+                    Err(_) => { self.wait_retry(&mut backoff, "connect timed out").await; continue; }
+                },
+            };
+            let (mut sink, stream) = pubsub.split();
+            let reader = tokio::spawn(read_loop(
+                stream,
+                format!("{}org:", self.prefix),
+                self.max_payload,
+                self.delivery.clone(),
+            ));
+            let end = self.session(&mut sink, &mut requests, reader, &mut sessions, &mut backoff).await;
+            self.up.store(false, Ordering::Release);
+            self.subscribed.clear();
+            ::metrics::gauge!(metrics::REDIS_UP).set(0.0);
+            ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(0.0);
+            match end {
+                SessionEnd::Shutdown => return,
+                SessionEnd::Lost(why) => {
+                    tracing::error!("redis subscriber connection lost ({why}); reconnecting");
+                    self.wait_retry(&mut backoff, &why).await;
+                }
+            }
+        }
+    }
+
+    async fn wait_retry(&self, backoff: &mut Backoff, why: &str) {
+        let delay = backoff.next_delay();
+        if backoff.attempt <= 1 || backoff.attempt % 20 == 0 {
+            tracing::warn!(
+                attempt = backoff.attempt,
+                "cannot connect the redis subscriber ({why}); retrying in {delay:?}"
+            );
+        }
+        tokio::select! {
+            _ = self.shutdown.wait() => {}
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+
+    async fn session(
+        &mut self,
+        sink: &mut PubSubSink,
+        requests: &mut mpsc::UnboundedReceiver<Request>,
+        mut reader: JoinHandle<()>,
+        sessions: &mut u64,
+        backoff: &mut Backoff,
+    ) -> SessionEnd {
+        // Full resync: whatever was requested while down, presence says what is needed now.
+        let mut waiting = Vec::new();
+        while let Ok(req) = requests.try_recv() {
+            waiting.extend(req.applied);
+        }
+        let wanted = self.presence.orgs();
+        for chunk in wanted.chunks(CHUNK) {
+            let chans: Vec<String> = chunk.iter().map(|o| channel(&self.prefix, o)).collect();
+            if let Err(e) = with_timeout(sink.subscribe(chans)).await {
+                reader.abort();
+                return SessionEnd::Lost(e);
+            }
+            self.subscribed.extend(chunk.iter().cloned());
+        }
+        self.up.store(true, Ordering::Release);
+        ::metrics::gauge!(metrics::REDIS_UP).set(1.0);
+        ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(self.subscribed.len() as f64);
+        if *sessions > 0 {
+            ::metrics::counter!(metrics::REDIS_RECONNECTS).increment(1);
+        }
+        *sessions += 1;
+        backoff.reset();
+        tracing::info!(channels = self.subscribed.len(), "redis subscriber connected");
+        for w in waiting {
+            let _ = w.send(());
+        }
+
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        let end = loop {
+            tokio::select! {
+                _ = self.shutdown.wait() => break SessionEnd::Shutdown,
+                _ = &mut reader => break SessionEnd::Lost("connection closed".into()),
+                req = requests.recv() => {
+                    let Some(first) = req else { break SessionEnd::Shutdown };
+                    let mut batch = vec![first];
+                    while batch.len() < CHUNK {
+                        match requests.try_recv() {
+                            Ok(r) => batch.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = self.apply(sink, batch).await {
+                        break SessionEnd::Lost(e);
+                    }
+                }
+                _ = ping.tick() => {
+                    if let Err(e) = with_timeout(sink.ping::<String>()).await {
+                        break SessionEnd::Lost(format!("ping failed: {e}"));
+                    }
+                }
+            }
+        };
+        reader.abort();
+        end
+    }
+
+    /// Brings the subscription of every org in `batch` in line with presence, in at most
+    /// one SUBSCRIBE and one UNSUBSCRIBE, then answers the batch's waiters.
+    async fn apply(&mut self, sink: &mut PubSubSink, batch: Vec<Request>) -> Result<(), String> {
+        let orgs: HashSet<&OrgId> = batch.iter().map(|r| &r.org).collect();
+        let mut subscribe = Vec::new();
+        let mut unsubscribe = Vec::new();
+        for org in orgs {
+            let wanted = self.presence.org_sockets(org) > 0;
+            let have = self.subscribed.contains(org);
+            if wanted && !have {
+                subscribe.push(org.clone());
+            } else if !wanted && have {
+                unsubscribe.push(org.clone());
+            }
+        }
+        if !subscribe.is_empty() {
+            let chans: Vec<String> = subscribe.iter().map(|o| channel(&self.prefix, o)).collect();
+            with_timeout(sink.subscribe(chans)).await?;
+            self.subscribed.extend(subscribe);
+        }
+        if !unsubscribe.is_empty() {
+            let chans: Vec<String> = unsubscribe.iter().map(|o| channel(&self.prefix, o)).collect();
+            with_timeout(sink.unsubscribe(chans)).await?;
+            for org in &unsubscribe {
+                self.subscribed.remove(org);
+            }
+        }
+        ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(self.subscribed.len() as f64);
+        for req in batch {
+            if let Some(tx) = req.applied {
+                let _ = tx.send(());
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn with_timeout<T>(
+    fut: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {COMMAND_TIMEOUT:?}")),
+    }
+}
+
+/// Delivers what arrives on the subscriptions. Runs until the connection closes.
+async fn read_loop(
+    mut stream: PubSubStream,
+    org_prefix: String,
+    max_payload: usize,
+    delivery: Arc<Delivery>,
+) {
+    let mut warn = RateLimitedWarn::new(Duration::from_secs(10));
+    while let Some(msg) = stream.next().await {
+        let name = msg.get_channel_name();
+        let Some(org) = name
+            .strip_prefix(org_prefix.as_str())
+            .and_then(|id| OrgId::parse(id).ok())
+        else {
+            ::metrics::counter!(metrics::MALFORMED, "reason" => "bad_channel").increment(1);
+            warn.warn(|| format!("message on unexpected channel {name:?} dropped"));
+            continue;
+        };
+        match Message::from_envelope(org, msg.get_payload_bytes(), max_payload) {
+            Ok(message) => {
+                if !message.via_ingest {
+                    ::metrics::counter!(metrics::PUBLISHED, "source" => "redis").increment(1);
+                }
+                delivery.deliver(&message).await;
+            }
+            Err(e) => {
+                ::metrics::counter!(metrics::MALFORMED, "reason" => e.reason()).increment(1);
+                warn.warn(|| format!("malformed message on {name:?} dropped: {e}"));
+            }
+        }
+    }
+}
+
+/// Logs at most one warning per period, with the count of those it held back, so a
+/// misbehaving publisher cannot flood the logs.
+struct RateLimitedWarn {
+    period: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedWarn {
+    fn new(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    fn warn(&mut self, message: impl FnOnce() -> String) {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < self.period) {
+            self.suppressed += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut self.suppressed);
+        self.last = Some(now);
+        tracing::warn!(suppressed_since_last = suppressed, "{}", message());
+    }
+}
+
+/// Capped exponential backoff with "equal jitter": half the step fixed, half random, so
+/// replicas that lost Redis together do not reconnect in lockstep.
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self { attempt: 0 }
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        use rand::Rng;
+        let step = BACKOFF_MIN
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(BACKOFF_MAX);
+        self.attempt += 1;
+        let half = step / 2;
+        half + half.mul_f64(rand::rng().random::<f64>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let mut b = Backoff::new();
+        let first = b.next_delay();
+        assert!(first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN, "{first:?}");
+        for _ in 0..30 {
+            let d = b.next_delay();
+            assert!(d <= BACKOFF_MAX, "{d:?}");
+        }
+        let late: Vec<Duration> = (0..20).map(|_| b.next_delay()).collect();
+        assert!(late.iter().all(|d| *d >= BACKOFF_MAX / 2));
+        assert!(late.iter().any(|d| *d != late[0]), "jitter varies the delay");
+        b.reset();
+        assert!(b.next_delay() <= BACKOFF_MIN);
+    }
+
+    #[test]
+    fn warnings_are_rate_limited() {
+        let mut w = RateLimitedWarn::new(Duration::from_secs(60));
+        let mut logged = 0;
+        for _ in 0..100 {
+            w.warn(|| {
+                logged += 1;
+                String::new()
+            });
+        }
+        assert_eq!(logged, 1);
+        assert_eq!(w.suppressed, 99);
+    }
+}

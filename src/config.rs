@@ -1,0 +1,636 @@
+//! Command line and environment, validated into a [`Config`].
+//!
+//! Every setting is a flag with an environment variable as fallback (clap does both). Values
+//! are checked here, once, so that an invalid setting stops the program at start with one
+//! line naming the setting, instead of failing later in a request. The README's
+//! configuration table mirrors [`ServeArgs`]; keep them in step.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use jsonwebtoken::Algorithm;
+
+use crate::auth::{VerifierConfig, VerifyKey};
+use crate::protocol::{OrgId, UserId};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fanout",
+    version,
+    about = "Realtime Socket.IO fan-out for dashboards, scaled through Redis",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a replica (the default when no command is given).
+    Serve(ServeArgs),
+    /// Mint a token signed with JWT_SECRET, for testing and demos.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct JwtArgs {
+    /// HMAC secret the backend signs tokens with (HS256 unless JWT_ALGORITHM says otherwise).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Public key for RS*/PS*/ES*/EdDSA tokens: a PEM file path or the PEM text itself.
+    #[arg(long, env = "JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<String>,
+    /// The one accepted algorithm. Default HS256 with JWT_SECRET, RS256 with JWT_PUBLIC_KEY.
+    #[arg(long, env = "JWT_ALGORITHM")]
+    pub jwt_algorithm: Option<String>,
+    /// Required `iss` claim.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Clock skew tolerated on `exp`, in seconds.
+    #[arg(long, env = "JWT_LEEWAY_SECONDS", default_value = "0")]
+    pub jwt_leeway_seconds: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Public listener: Socket.IO under /socket.io/ only.
+    #[arg(long, env = "FANOUT_LISTEN", default_value = "0.0.0.0:3000")]
+    pub listen: String,
+    /// Internal listener: ingest API, /metrics, /healthz, /readyz.
+    #[arg(long, env = "FANOUT_INTERNAL_LISTEN", default_value = "0.0.0.0:3001")]
+    pub internal_listen: String,
+    /// Redis for fan-out across replicas; without it, an in-process bus (one replica).
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of the Redis channels (`{prefix}org:{organizationId}`).
+    #[arg(long, env = "FANOUT_REDIS_PREFIX", default_value = "fanout:")]
+    pub redis_prefix: String,
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+    /// Comma-separated bearer keys accepted by the ingest API (several, for rotation).
+    #[arg(long, env = "FANOUT_INGEST_KEYS", hide_env_values = true)]
+    pub ingest_keys: Option<String>,
+    /// Origins allowed by CORS: `*` or a comma-separated list of origins.
+    #[arg(long, env = "FANOUT_CORS_ORIGINS", default_value = "*")]
+    pub cors_origins: String,
+    /// Largest accepted ingest body or bus envelope, in bytes.
+    #[arg(long, env = "FANOUT_MAX_PAYLOAD_BYTES", default_value = "65536")]
+    pub max_payload_bytes: String,
+    /// Messages queued for one socket before it counts as a slow consumer and is dropped.
+    #[arg(long, env = "FANOUT_SOCKET_BUFFER", default_value = "1024")]
+    pub socket_buffer: String,
+    /// Time allowed for a graceful shutdown (e.g. 10s, 500ms, 1m).
+    #[arg(long, env = "FANOUT_SHUTDOWN_TIMEOUT", default_value = "10s")]
+    pub shutdown_timeout: String,
+    /// Engine.IO ping interval.
+    #[arg(long, env = "FANOUT_PING_INTERVAL", default_value = "25s")]
+    pub ping_interval: String,
+    /// Engine.IO ping timeout.
+    #[arg(long, env = "FANOUT_PING_TIMEOUT", default_value = "20s")]
+    pub ping_timeout: String,
+    /// Log format: `text` or `json` (level from RUST_LOG).
+    #[arg(long, env = "FANOUT_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// organizationId claim.
+    #[arg(long)]
+    pub org: String,
+    /// userId claim.
+    #[arg(long)]
+    pub user: String,
+    /// role claim.
+    #[arg(long, default_value = "member")]
+    pub role: String,
+    /// Lifetime (e.g. 1h, 30m, 90s).
+    #[arg(long, default_value = "1h")]
+    pub ttl: String,
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+}
+
+/// An invalid setting: which one, the value, and what was expected.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {setting}: {message}")]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub message: String,
+}
+
+fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    Any,
+    List(Vec<String>),
+}
+
+/// Settings the operator did not give, generated for a local demo.
+#[derive(Debug, Clone)]
+pub struct DevMode {
+    pub secret: String,
+    pub ingest_key: String,
+}
+
+/// A validated configuration of `fanout serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub internal_listen: SocketAddr,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub jwt: JwtSettings,
+    pub ingest_keys: Vec<String>,
+    pub cors_origins: CorsOrigins,
+    pub max_payload_bytes: usize,
+    pub socket_buffer: usize,
+    pub shutdown_timeout: Duration,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub log_format: LogFormat,
+    /// Set when no JWT key was configured and fanout generated a secret and an ingest key.
+    pub dev_mode: Option<DevMode>,
+}
+
+/// JWT settings in a form that can build a verifier (and be cloned, unlike the verifier).
+#[derive(Debug, Clone)]
+pub struct JwtSettings {
+    pub secret: Option<String>,
+    pub public_pem: Option<String>,
+    pub algorithm: Algorithm,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway_seconds: u64,
+}
+
+impl JwtSettings {
+    pub fn verifier_config(&self) -> VerifierConfig {
+        VerifierConfig {
+            key: match (&self.secret, &self.public_pem) {
+                (_, Some(pem)) => VerifyKey::PublicPem(pem.clone()),
+                (Some(secret), None) => VerifyKey::Secret(secret.clone().into_bytes()),
+                (None, None) => unreachable!("validated: one key is always set"),
+            },
+            algorithm: self.algorithm,
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            leeway_seconds: self.leeway_seconds,
+        }
+    }
+
+    /// Validates the JWT flags. `None` when neither a secret nor a public key is set.
+    fn from_args(args: &JwtArgs) -> Result<Option<Self>, ConfigError> {
+        let secret = args.jwt_secret.clone().filter(|s| !s.is_empty());
+        let public = args.jwt_public_key.clone().filter(|s| !s.trim().is_empty());
+        let public_pem = match public {
+            None => None,
+            Some(value) if value.trim_start().starts_with("-----BEGIN") => Some(value),
+            Some(path) => Some(std::fs::read_to_string(&path).map_err(|e| {
+                invalid(
+                    "JWT_PUBLIC_KEY",
+                    format!(
+                        "cannot read {path:?} ({e}); expected a PEM file path or inline PEM text starting with \"-----BEGIN PUBLIC KEY-----\""
+                    ),
+                )
+            })?),
+        };
+        if secret.is_some() && public_pem.is_some() {
+            return Err(invalid(
+                "JWT_SECRET",
+                "both JWT_SECRET and JWT_PUBLIC_KEY are set; set only the one your backend signs with",
+            ));
+        }
+        if secret.is_none() && public_pem.is_none() {
+            if let Some(alg) = &args.jwt_algorithm {
+                return Err(invalid(
+                    "JWT_ALGORITHM",
+                    format!("{alg:?} is set but neither JWT_SECRET nor JWT_PUBLIC_KEY is"),
+                ));
+            }
+            return Ok(None);
+        }
+        let algorithm = match &args.jwt_algorithm {
+            Some(name) => name.trim().parse::<Algorithm>().map_err(|_| {
+                invalid(
+                    "JWT_ALGORITHM",
+                    format!(
+                        "{name:?} is not an algorithm; expected one of HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"
+                    ),
+                )
+            })?,
+            None if secret.is_some() => Algorithm::HS256,
+            None => Algorithm::RS256,
+        };
+        let leeway_seconds = args.jwt_leeway_seconds.trim().parse::<u64>().map_err(|_| {
+            invalid(
+                "JWT_LEEWAY_SECONDS",
+                format!("{:?} is not a whole number of seconds", args.jwt_leeway_seconds),
+            )
+        })?;
+        let settings = Self {
+            secret,
+            public_pem,
+            algorithm,
+            issuer: args.jwt_issuer.clone().filter(|s| !s.is_empty()),
+            audience: args.jwt_audience.clone().filter(|s| !s.is_empty()),
+            leeway_seconds,
+        };
+        // Build a verifier once so that a bad key or a key/algorithm mismatch stops start-up.
+        crate::auth::Verifier::new(settings.verifier_config()).map_err(|message| ConfigError {
+            setting: if settings.public_pem.is_some() {
+                "JWT_PUBLIC_KEY"
+            } else {
+                "JWT_ALGORITHM"
+            },
+            message: message
+                .trim_start_matches("JWT_PUBLIC_KEY ")
+                .trim_start_matches("JWT_ALGORITHM=")
+                .to_string(),
+        })?;
+        Ok(Some(settings))
+    }
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(setting: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| {
+        invalid(
+            setting,
+            format!("{text:?} is not a duration; expected e.g. 500ms, 10s, 5m, 1h"),
+        )
+    })?;
+    let secs = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86400.0,
+        other => {
+            return Err(invalid(
+                setting,
+                format!("unknown unit {other:?} in {text:?}; expected ms, s, m, h or d"),
+            ));
+        }
+    };
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(invalid(setting, format!("{text:?} is out of range")));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_addr(setting: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.trim().parse().map_err(|_| {
+        invalid(
+            setting,
+            format!("{text:?} is not an address; expected IP:PORT such as 0.0.0.0:3000 or [::]:3000"),
+        )
+    })
+}
+
+fn parse_count(setting: &'static str, text: &str, min: usize, max: usize) -> Result<usize, ConfigError> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(invalid(
+            setting,
+            format!("{text:?} is not a whole number from {min} to {max}"),
+        )),
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..bytes).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+}
+
+impl Config {
+    pub fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let listen = parse_addr("FANOUT_LISTEN", &args.listen)?;
+        let internal_listen = parse_addr("FANOUT_INTERNAL_LISTEN", &args.internal_listen)?;
+        if listen == internal_listen {
+            return Err(invalid(
+                "FANOUT_INTERNAL_LISTEN",
+                format!("{internal_listen} is also FANOUT_LISTEN; the internal port must differ from the public one"),
+            ));
+        }
+        let redis_url = match args.redis_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(url) => {
+                redis::Client::open(url).map_err(|e| {
+                    invalid(
+                        "REDIS_URL",
+                        format!("{url:?} is not a Redis URL ({e}); expected redis://HOST:PORT[/DB]"),
+                    )
+                })?;
+                Some(url.to_string())
+            }
+        };
+        if args.redis_prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid(
+                "FANOUT_REDIS_PREFIX",
+                format!("{:?} contains whitespace", args.redis_prefix),
+            ));
+        }
+        let mut ingest_keys: Vec<String> = args
+            .ingest_keys
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(String::from)
+            .collect();
+        let (jwt, dev_mode) = match JwtSettings::from_args(&args.jwt)? {
+            Some(jwt) => {
+                if ingest_keys.is_empty() {
+                    return Err(invalid(
+                        "FANOUT_INGEST_KEYS",
+                        "is empty; with a JWT key configured, set at least one ingest key (comma-separated) for workers",
+                    ));
+                }
+                (jwt, None)
+            }
+            None => {
+                let dev = DevMode {
+                    secret: random_hex(32),
+                    ingest_key: ingest_keys
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| random_hex(16)),
+                };
+                if ingest_keys.is_empty() {
+                    ingest_keys.push(dev.ingest_key.clone());
+                }
+                let jwt = JwtSettings {
+                    secret: Some(dev.secret.clone()),
+                    public_pem: None,
+                    algorithm: Algorithm::HS256,
+                    issuer: None,
+                    audience: None,
+                    leeway_seconds: 0,
+                };
+                (jwt, Some(dev))
+            }
+        };
+        let cors_origins = match args.cors_origins.trim() {
+            "*" => CorsOrigins::Any,
+            list => {
+                let origins: Vec<String> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|o| !o.is_empty())
+                    .map(String::from)
+                    .collect();
+                if origins.is_empty() {
+                    return Err(invalid("FANOUT_CORS_ORIGINS", "is empty; use * or a list of origins"));
+                }
+                for o in &origins {
+                    let ok = (o.starts_with("http://") || o.starts_with("https://"))
+                        && !o.ends_with('/')
+                        && o.parse::<axum::http::HeaderValue>().is_ok();
+                    if !ok {
+                        return Err(invalid(
+                            "FANOUT_CORS_ORIGINS",
+                            format!("{o:?} is not an origin; expected scheme://host[:port] with no path, e.g. https://app.example.com"),
+                        ));
+                    }
+                }
+                CorsOrigins::List(origins)
+            }
+        };
+        let max_payload_bytes =
+            parse_count("FANOUT_MAX_PAYLOAD_BYTES", &args.max_payload_bytes, 256, 64 << 20)?;
+        let socket_buffer = parse_count("FANOUT_SOCKET_BUFFER", &args.socket_buffer, 8, 1 << 20)?;
+        let shutdown_timeout = parse_duration("FANOUT_SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?;
+        let ping_interval = parse_duration("FANOUT_PING_INTERVAL", &args.ping_interval)?;
+        let ping_timeout = parse_duration("FANOUT_PING_TIMEOUT", &args.ping_timeout)?;
+        for (setting, d) in [
+            ("FANOUT_PING_INTERVAL", ping_interval),
+            ("FANOUT_PING_TIMEOUT", ping_timeout),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(invalid(setting, "must be at least 100ms"));
+            }
+        }
+        let log_format = match args.log_format.trim() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "FANOUT_LOG_FORMAT",
+                    format!("{other:?} is not a log format; expected text or json"),
+                ));
+            }
+        };
+        Ok(Self {
+            listen,
+            internal_listen,
+            redis_url,
+            redis_prefix: args.redis_prefix.clone(),
+            jwt,
+            ingest_keys,
+            cors_origins,
+            max_payload_bytes,
+            socket_buffer,
+            shutdown_timeout,
+            ping_interval,
+            ping_timeout,
+            log_format,
+            dev_mode,
+        })
+    }
+}
+
+/// Validated arguments of `fanout token`.
+pub struct TokenRequest {
+    pub jwt: JwtSettings,
+    pub org: OrgId,
+    pub user: UserId,
+    pub role: String,
+    pub ttl: Duration,
+}
+
+impl TokenRequest {
+    pub fn from_args(args: &TokenArgs) -> Result<Self, ConfigError> {
+        let jwt = JwtSettings::from_args(&args.jwt)?.ok_or_else(|| {
+            invalid("JWT_SECRET", "is not set; `fanout token` signs with the same JWT_SECRET the replicas verify with")
+        })?;
+        let org = OrgId::parse(&args.org).map_err(|e| invalid("--org", format!("{:?} {e}", args.org)))?;
+        let user =
+            UserId::parse(&args.user).map_err(|e| invalid("--user", format!("{:?} {e}", args.user)))?;
+        if args.role.trim().is_empty() {
+            return Err(invalid("--role", "is empty"));
+        }
+        let ttl = parse_duration("--ttl", &args.ttl)?;
+        if ttl < Duration::from_secs(1) {
+            return Err(invalid("--ttl", "must be at least 1s"));
+        }
+        Ok(Self {
+            jwt,
+            org,
+            user,
+            role: args.role.clone(),
+            ttl,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["fanout", "serve"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).expect("clap accepts the flags");
+        match cli.command {
+            Some(Command::Serve(a)) => Config::from_args(&a),
+            _ => unreachable!(),
+        }
+    }
+
+    fn setting_of(args: &[&str]) -> &'static str {
+        serve(args).expect_err("must be refused").setting
+    }
+
+    const KEYS: [&str; 4] = ["--jwt-secret", "s3cret", "--ingest-keys", "k1, k2 ,"];
+
+    #[test]
+    fn defaults_are_dev_mode() {
+        let c = serve(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:3000");
+        assert_eq!(c.internal_listen.to_string(), "0.0.0.0:3001");
+        assert!(c.redis_url.is_none());
+        assert_eq!(c.redis_prefix, "fanout:");
+        assert_eq!(c.max_payload_bytes, 65536);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(c.cors_origins, CorsOrigins::Any);
+        let dev = c.dev_mode.expect("no JWT config means dev mode");
+        assert_eq!(c.ingest_keys, vec![dev.ingest_key.clone()]);
+        assert_eq!(c.jwt.secret.as_deref(), Some(dev.secret.as_str()));
+    }
+
+    #[test]
+    fn configured() {
+        let mut args = KEYS.to_vec();
+        args.extend([
+            "--redis-url",
+            "redis://127.0.0.1:6390/0",
+            "--cors-origins",
+            "https://a.example.com, http://localhost:5173",
+            "--shutdown-timeout",
+            "1500ms",
+        ]);
+        let c = serve(&args).unwrap();
+        assert!(c.dev_mode.is_none());
+        assert_eq!(c.ingest_keys, vec!["k1", "k2"]);
+        assert_eq!(c.jwt.algorithm, Algorithm::HS256);
+        assert_eq!(c.shutdown_timeout, Duration::from_millis(1500));
+        assert_eq!(
+            c.cors_origins,
+            CorsOrigins::List(vec!["https://a.example.com".into(), "http://localhost:5173".into()])
+        );
+    }
+
+    #[test]
+    fn each_bad_setting_is_named() {
+        let with = |extra: &[&'static str]| {
+            let mut a = KEYS.to_vec();
+            a.extend_from_slice(extra);
+            setting_of(&a)
+        };
+        assert_eq!(with(&["--listen", "nope"]), "FANOUT_LISTEN");
+        assert_eq!(with(&["--internal-listen", "1.2.3.4"]), "FANOUT_INTERNAL_LISTEN");
+        assert_eq!(
+            with(&["--listen", "127.0.0.1:9", "--internal-listen", "127.0.0.1:9"]),
+            "FANOUT_INTERNAL_LISTEN"
+        );
+        assert_eq!(with(&["--redis-url", "http://x"]), "REDIS_URL");
+        assert_eq!(with(&["--redis-prefix", "a b"]), "FANOUT_REDIS_PREFIX");
+        assert_eq!(with(&["--cors-origins", "example.com"]), "FANOUT_CORS_ORIGINS");
+        assert_eq!(with(&["--cors-origins", "https://a.com/"]), "FANOUT_CORS_ORIGINS");
+        assert_eq!(with(&["--max-payload-bytes", "abc"]), "FANOUT_MAX_PAYLOAD_BYTES");
+        assert_eq!(with(&["--max-payload-bytes", "10"]), "FANOUT_MAX_PAYLOAD_BYTES");
+        assert_eq!(with(&["--socket-buffer", "0"]), "FANOUT_SOCKET_BUFFER");
+        assert_eq!(with(&["--shutdown-timeout", "soon"]), "FANOUT_SHUTDOWN_TIMEOUT");
+        assert_eq!(with(&["--shutdown-timeout", "5 parsecs"]), "FANOUT_SHUTDOWN_TIMEOUT");
+        assert_eq!(with(&["--ping-interval", "1ms"]), "FANOUT_PING_INTERVAL");
+        assert_eq!(with(&["--log-format", "xml"]), "FANOUT_LOG_FORMAT");
+        assert_eq!(with(&["--jwt-algorithm", "HS257"]), "JWT_ALGORITHM");
+        assert_eq!(with(&["--jwt-algorithm", "RS256"]), "JWT_ALGORITHM");
+        assert_eq!(with(&["--jwt-leeway-seconds", "-1"]), "JWT_LEEWAY_SECONDS");
+        assert_eq!(with(&["--jwt-public-key", "/nonexistent.pem"]), "JWT_PUBLIC_KEY");
+        assert_eq!(setting_of(&["--jwt-secret", "s"]), "FANOUT_INGEST_KEYS");
+        assert_eq!(setting_of(&["--jwt-algorithm", "RS256"]), "JWT_ALGORITHM");
+        let err = serve(&["--jwt-public-key", "-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----", "--ingest-keys", "k"]).unwrap_err();
+        assert_eq!(err.setting, "JWT_PUBLIC_KEY");
+        assert!(err.to_string().starts_with("invalid JWT_PUBLIC_KEY: "), "{err}");
+    }
+
+    #[test]
+    fn public_key_from_file_or_inline() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/rsa_public.pem");
+        let c = serve(&["--jwt-public-key", path, "--ingest-keys", "k"]).unwrap();
+        assert_eq!(c.jwt.algorithm, Algorithm::RS256);
+        let inline = std::fs::read_to_string(path).unwrap();
+        let c = serve(&["--jwt-public-key", &inline, "--ingest-keys", "k"]).unwrap();
+        assert!(c.jwt.public_pem.is_some());
+    }
+
+    #[test]
+    fn durations() {
+        let d = |t| parse_duration("X", t).unwrap();
+        assert_eq!(d("10s"), Duration::from_secs(10));
+        assert_eq!(d("10"), Duration::from_secs(10));
+        assert_eq!(d("250ms"), Duration::from_millis(250));
+        assert_eq!(d("2m"), Duration::from_secs(120));
+        assert_eq!(d("1h"), Duration::from_secs(3600));
+        assert_eq!(d("1.5s"), Duration::from_millis(1500));
+        assert!(parse_duration("X", "").is_err());
+        assert!(parse_duration("X", "s").is_err());
+        assert!(parse_duration("X", "3 weeks").is_err());
+    }
+
+    #[test]
+    fn token_request() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["fanout", "token"];
+            argv.extend_from_slice(args);
+            match Cli::try_parse_from(argv).unwrap().command {
+                Some(Command::Token(t)) => TokenRequest::from_args(&t),
+                _ => unreachable!(),
+            }
+        };
+        let ok = parse(&["--org", "acme", "--user", "u1", "--jwt-secret", "s", "--ttl", "2h"]).unwrap();
+        assert_eq!(ok.ttl, Duration::from_secs(7200));
+        assert_eq!(ok.role, "member");
+        assert_eq!(parse(&["--org", "acme", "--user", "u1"]).err().unwrap().setting, "JWT_SECRET");
+        assert_eq!(
+            parse(&["--org", "a:b", "--user", "u", "--jwt-secret", "s"]).err().unwrap().setting,
+            "--org"
+        );
+    }
+}

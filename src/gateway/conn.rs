@@ -1,0 +1,312 @@
+//! TCP connections that fanout can close on purpose.
+//!
+//! socketioxide can disconnect a socket only at the Socket.IO level, and a client told "io
+//! server disconnect" does not reconnect by itself. A slow consumer must instead lose its
+//! *transport*, so that socket.io-client reconnects and resumes. So the public listener
+//! wraps every TCP stream with a kill switch, and a middleware remembers which connection
+//! currently carries each Engine.IO session (`?sid=` on every poll and on the WebSocket
+//! upgrade; the socket.io socket id is the same sid). Killing makes the next read and write
+//! of that stream fail, and hyper closes it.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::serve::IncomingStream;
+use futures_util::task::AtomicWaker;
+use socketioxide::extract::SocketRef;
+use socketioxide::socket::Sid;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Default)]
+struct KillSwitch {
+    killed: AtomicBool,
+    closed: AtomicBool,
+    read: AtomicWaker,
+    write: AtomicWaker,
+}
+
+impl KillSwitch {
+    fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        self.read.wake();
+        self.write.wake();
+    }
+
+    fn check(&self, waker: &AtomicWaker, cx: &Context<'_>) -> io::Result<()> {
+        waker.register(cx.waker());
+        if self.killed.load(Ordering::Acquire) {
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed by fanout",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The connect info of a public connection: its peer and its kill switch.
+#[derive(Clone)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    switch: Arc<KillSwitch>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Conn({})", self.peer)
+    }
+}
+
+impl Conn {
+    pub fn kill(&self) {
+        self.switch.kill();
+    }
+}
+
+impl axum::extract::connect_info::Connected<IncomingStream<'_, Listener>> for Conn {
+    fn connect_info(stream: IncomingStream<'_, Listener>) -> Self {
+        stream.remote_addr().clone()
+    }
+}
+
+/// A TCP stream with a kill switch.
+pub struct Stream {
+    tcp: TcpStream,
+    switch: Arc<KillSwitch>,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.switch.closed.store(true, Ordering::Release);
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        this.switch.check(&this.switch.read, cx)?;
+        Pin::new(&mut this.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        this.switch.check(&this.switch.write, cx)?;
+        Pin::new(&mut this.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        this.switch.check(&this.switch.write, cx)?;
+        Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        this.switch.check(&this.switch.write, cx)?;
+        Pin::new(&mut this.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// The public listener: accepts TCP with `TCP_NODELAY` (deliveries are small and latency
+/// matters more than segment count) and hands each stream a kill switch.
+pub struct Listener {
+    tcp: TcpListener,
+}
+
+impl Listener {
+    pub fn new(tcp: TcpListener) -> Self {
+        Self { tcp }
+    }
+}
+
+impl axum::serve::Listener for Listener {
+    type Io = Stream;
+    type Addr = Conn;
+
+    async fn accept(&mut self) -> (Stream, Conn) {
+        loop {
+            match self.tcp.accept().await {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    let switch = Arc::new(KillSwitch::default());
+                    let conn = Conn {
+                        peer,
+                        switch: switch.clone(),
+                    };
+                    return (Stream { tcp, switch }, conn);
+                }
+                Err(e) if is_per_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait for some to be released.
+                    tracing::error!("accept failed: {e}; retrying in 1s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Conn> {
+        Ok(Conn {
+            peer: self.tcp.local_addr()?,
+            switch: Arc::default(),
+        })
+    }
+}
+
+fn is_per_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Which connection last carried each Engine.IO session.
+#[derive(Clone, Default)]
+pub struct Transports {
+    by_sid: Arc<Mutex<HashMap<Sid, Weak<KillSwitch>>>>,
+}
+
+impl Transports {
+    fn record(&self, sid: Sid, conn: &Conn) {
+        self.by_sid
+            .lock()
+            .unwrap()
+            .insert(sid, Arc::downgrade(&conn.switch));
+    }
+
+    pub fn forget(&self, sid: Sid) {
+        self.by_sid.lock().unwrap().remove(&sid);
+    }
+
+    /// Drops entries whose connection is gone (sessions that never authenticated).
+    pub fn sweep(&self) {
+        self.by_sid.lock().unwrap().retain(|_, w| {
+            w.upgrade()
+                .is_some_and(|s| !s.closed.load(Ordering::Acquire))
+        });
+    }
+
+    /// Closes the transport of `socket` so that its client reconnects. Falls back to the
+    /// connection of the handshake request (a WebSocket-only client's only connection).
+    pub fn close(&self, socket: &SocketRef) -> bool {
+        let recorded = self
+            .by_sid
+            .lock()
+            .unwrap()
+            .get(&socket.id)
+            .and_then(Weak::upgrade);
+        let switch = recorded.or_else(|| {
+            socket
+                .req_parts()
+                .extensions
+                .get::<ConnectInfo<Conn>>()
+                .map(|c| c.0.switch.clone())
+        });
+        match switch {
+            Some(s) => {
+                s.kill();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Middleware on the public router: remembers the connection of every request that names
+/// an Engine.IO session.
+pub async fn track(State(transports): State<Transports>, req: Request, next: Next) -> Response {
+    if let Some(sid) = session_id(req.uri().query())
+        && let Some(ConnectInfo(conn)) = req.extensions().get::<ConnectInfo<Conn>>()
+    {
+        transports.record(sid, conn);
+    }
+    next.run(req).await
+}
+
+fn session_id(query: Option<&str>) -> Option<Sid> {
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("sid="))
+        .and_then(|s| s.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn finds_the_session_id() {
+        let sid = Sid::new();
+        let q = format!("EIO=4&transport=websocket&sid={sid}");
+        assert_eq!(session_id(Some(&q)), Some(sid));
+        assert_eq!(session_id(Some("EIO=4&transport=polling")), None);
+        assert_eq!(session_id(Some("sid=bad")), None);
+        assert_eq!(session_id(None), None);
+    }
+
+    #[tokio::test]
+    async fn killing_fails_pending_reads_and_closes_the_peer() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = Listener::new(tcp);
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            let mut buf = [0u8; 1];
+            c.read(&mut buf).await
+        });
+        let (mut stream, conn) = axum::serve::Listener::accept(&mut listener).await;
+        let server = tokio::spawn(async move {
+            let mut buf = [0u8; 1];
+            let res = stream.read(&mut buf).await;
+            drop(stream);
+            res
+        });
+        tokio::task::yield_now().await;
+        conn.kill();
+        let read = server.await.unwrap();
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
+        // The peer sees the connection end.
+        assert!(matches!(client.await.unwrap(), Ok(0) | Err(_)));
+        let mut writer = TcpStream::connect(addr).await.unwrap();
+        let (mut s2, c2) = axum::serve::Listener::accept(&mut listener).await;
+        c2.kill();
+        assert!(s2.write_all(b"x").await.is_err());
+        writer.shutdown().await.ok();
+    }
+}

@@ -1,0 +1,99 @@
+//! Ends sessions whose token expires.
+//!
+//! One task and one ordered set for the whole replica rather than a timer task per socket:
+//! an idle connection then costs an entry in a map (tens of bytes), and refreshing a token
+//! is a map update. The task holds socket ids, not sockets, so a disconnected socket is
+//! never kept alive by its timer.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use serde_json::json;
+use socketioxide::SocketIo;
+use socketioxide::socket::Sid;
+use tokio::sync::mpsc;
+
+use super::conn::Transports;
+use crate::ops::metrics;
+use crate::ops::shutdown::Shutdown;
+use crate::protocol::now_ms;
+
+enum Command {
+    /// The session of `Sid` ends at this time (ms since the epoch).
+    Set(Sid, u64),
+    Remove(Sid),
+}
+
+#[derive(Clone)]
+pub struct Expiry {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl Expiry {
+    pub fn start(io: SocketIo, transports: Transports, shutdown: Shutdown) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(io, transports, rx, shutdown));
+        Self { tx }
+    }
+
+    /// Schedules (or moves) the end of `sid`'s session to `deadline_ms`.
+    pub fn set(&self, sid: Sid, deadline_ms: u64) {
+        let _ = self.tx.send(Command::Set(sid, deadline_ms));
+    }
+
+    pub fn remove(&self, sid: Sid) {
+        let _ = self.tx.send(Command::Remove(sid));
+    }
+}
+
+async fn run(
+    io: SocketIo,
+    transports: Transports,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    shutdown: Shutdown,
+) {
+    let mut queue: BTreeSet<(u64, Sid)> = BTreeSet::new();
+    let mut deadline_of: HashMap<Sid, u64> = HashMap::new();
+    loop {
+        let wait = match queue.first() {
+            Some(&(at, _)) => Duration::from_millis(at.saturating_sub(now_ms())),
+            // Nothing scheduled: wake now and then anyway, harmlessly.
+            None => Duration::from_secs(3600),
+        };
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            cmd = rx.recv() => match cmd {
+                None => return,
+                Some(Command::Set(sid, at)) => {
+                    if let Some(old) = deadline_of.insert(sid, at) {
+                        queue.remove(&(old, sid));
+                    }
+                    queue.insert((at, sid));
+                }
+                Some(Command::Remove(sid)) => {
+                    if let Some(old) = deadline_of.remove(&sid) {
+                        queue.remove(&(old, sid));
+                    }
+                }
+            },
+            _ = tokio::time::sleep(wait) => {
+                let now = now_ms();
+                while let Some(&(at, sid)) = queue.first() {
+                    if at > now {
+                        break;
+                    }
+                    queue.pop_first();
+                    deadline_of.remove(&sid);
+                    if let Some(socket) = io.get_socket(sid) {
+                        ::metrics::counter!(metrics::AUTH_FAILURES, "reason" => "session_expired").increment(1);
+                        tracing::info!(%sid, "token expired without refresh; disconnecting");
+                        let _ = socket.emit("auth-error", &json!({"error": "Token expired"}));
+                        if socket.clone().disconnect().is_err() {
+                            transports.close(&socket);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

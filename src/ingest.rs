@@ -1,0 +1,237 @@
+//! The ingest API for workers, on the internal listener.
+//!
+//! Every answer is definite: 200 means the bus has the message; anything else is a JSON
+//! `{ "error" }` saying what to fix (4xx) or that the bus is unreachable and nothing was
+//! published (503), so a worker can always tell whether to retry.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::post;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+
+use crate::auth::IngestKeys;
+use crate::bus::{Bus, BusError};
+use crate::ops::metrics;
+use crate::protocol::{EventName, InvalidId, Message, OrgId, UserId, now_ms};
+
+#[derive(Clone)]
+pub struct IngestState {
+    pub bus: Arc<Bus>,
+    pub keys: Arc<IngestKeys>,
+    pub max_payload_bytes: usize,
+}
+
+pub fn router(state: IngestState) -> Router {
+    Router::new()
+        .route("/executions/update", post(execution_update))
+        .route("/executions/log", post(execution_log))
+        .route("/v1/publish", post(publish))
+        .layer(DefaultBodyLimit::max(state.max_payload_bytes))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_key))
+        .with_state(state)
+}
+
+/// A refused or failed ingest request.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("missing or unknown ingest key: send \"Authorization: Bearer <key>\" with a key from FANOUT_INGEST_KEYS")]
+    Unauthorized,
+    #[error("request body is larger than {limit} bytes (FANOUT_MAX_PAYLOAD_BYTES)")]
+    TooLarge { limit: usize },
+    #[error("cannot read the request body: {0}")]
+    Body(String),
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("request body must be a JSON object")]
+    NotAnObject,
+    #[error("\"{field}\" {problem}")]
+    Field {
+        field: &'static str,
+        problem: String,
+    },
+    #[error(transparent)]
+    Unavailable(#[from] BusError),
+}
+
+impl IngestError {
+    fn field(field: &'static str, problem: InvalidId) -> Self {
+        Self::Field {
+            field,
+            problem: problem.to_string(),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let Self::Unavailable(e) = &self {
+            tracing::warn!("ingest refused a message: {e}");
+        }
+        let mut resp = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
+        }
+        resp
+    }
+}
+
+async fn require_key(State(s): State<IngestState>, req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if s.keys.check_header(header) {
+        next.run(req).await
+    } else {
+        IngestError::Unauthorized.into_response()
+    }
+}
+
+/// The body as text, with its top-level fields, or the reason it is refused.
+struct Body {
+    text: String,
+    fields: Map<String, Value>,
+}
+
+fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Body, IngestError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            IngestError::TooLarge { limit }
+        } else {
+            IngestError::Body(e.body_text())
+        }
+    })?;
+    let text = String::from_utf8(bytes.to_vec())
+        .map_err(|_| IngestError::InvalidJson("not UTF-8".into()))?;
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(fields)) => Ok(Body { text, fields }),
+        Ok(_) => Err(IngestError::NotAnObject),
+        Err(e) => Err(IngestError::InvalidJson(e.to_string())),
+    }
+}
+
+fn org_of(fields: &Map<String, Value>) -> Result<OrgId, IngestError> {
+    OrgId::from_json(fields.get("organizationId").unwrap_or(&Value::Null))
+        .map_err(|e| IngestError::field("organizationId", e))
+}
+
+fn require(fields: &Map<String, Value>, field: &'static str) -> Result<(), IngestError> {
+    match fields.get(field) {
+        None | Some(Value::Null) => Err(IngestError::field(field, InvalidId::Missing)),
+        Some(Value::String(s)) if s.is_empty() => Err(IngestError::field(field, InvalidId::Empty)),
+        Some(_) => Ok(()),
+    }
+}
+
+async fn send(state: &IngestState, msg: Message) -> Result<(), IngestError> {
+    state.bus.publish(msg).await?;
+    ::metrics::counter!(metrics::PUBLISHED, "source" => "http").increment(1);
+    Ok(())
+}
+
+/// The body itself becomes the event's data, byte for byte.
+async fn broadcast_body(
+    state: &IngestState,
+    body: Body,
+    event: &'static str,
+    required: &[&'static str],
+) -> Result<Json<Value>, IngestError> {
+    let org = org_of(&body.fields)?;
+    for field in required {
+        require(&body.fields, field)?;
+    }
+    let data = RawValue::from_string(body.text).map_err(|e| IngestError::InvalidJson(e.to_string()))?;
+    send(
+        state,
+        Message {
+            org,
+            event: EventName::parse(event).expect("built-in event names are valid"),
+            data,
+            ts_ms: Some(now_ms()),
+            user: None,
+            via_ingest: true,
+        },
+    )
+    .await?;
+    Ok(Json(json!({"status": "broadcasted"})))
+}
+
+/// `POST /executions/update`: the body is broadcast as `execution-updated`.
+async fn execution_update(
+    State(s): State<IngestState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, IngestError> {
+    let body = read_body(body, s.max_payload_bytes)?;
+    broadcast_body(&s, body, "execution-updated", &["taskId", "status"]).await
+}
+
+/// `POST /executions/log`: the body is broadcast as `execution-log`.
+async fn execution_log(
+    State(s): State<IngestState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, IngestError> {
+    let body = read_body(body, s.max_payload_bytes)?;
+    broadcast_body(&s, body, "execution-log", &["taskId", "log"]).await
+}
+
+/// `POST /v1/publish`: `{ organizationId, event, data, userId? }`.
+async fn publish(
+    State(s): State<IngestState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, IngestError> {
+    let Body { fields, .. } = read_body(body, s.max_payload_bytes)?;
+    let org = org_of(&fields)?;
+    let event = match fields.get("event") {
+        Some(Value::String(name)) => {
+            EventName::parse(name).map_err(|e| IngestError::field("event", e))?
+        }
+        None | Some(Value::Null) => return Err(IngestError::field("event", InvalidId::Missing)),
+        Some(_) => {
+            return Err(IngestError::Field {
+                field: "event",
+                problem: "must be a string".into(),
+            });
+        }
+    };
+    let data = fields
+        .get("data")
+        .ok_or(IngestError::field("data", InvalidId::Missing))?;
+    let data = serde_json::value::to_raw_value(data)
+        .map_err(|e| IngestError::InvalidJson(e.to_string()))?;
+    let user = match fields.get("userId") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(UserId::from_json(v).map_err(|e| IngestError::field("userId", e))?),
+    };
+    send(
+        &s,
+        Message {
+            org,
+            event,
+            data,
+            ts_ms: Some(now_ms()),
+            user,
+            via_ingest: true,
+        },
+    )
+    .await?;
+    Ok(Json(json!({"status": "published"})))
+}

@@ -1,0 +1,14 @@
+//! fanout: realtime Socket.IO fan-out for dashboards, scaled through Redis.
+//!
+//! See `ARCHITECTURE.md` for the map of these modules and the invariants they keep.
+
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod delivery;
+pub mod gateway;
+pub mod ingest;
+pub mod ops;
+pub mod presence;
+pub mod protocol;
+pub mod server;

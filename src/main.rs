@@ -1,0 +1,132 @@
+//! The `fanout` binary: parses arguments, sets up logging and metrics, and calls the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use fanout::auth::Verifier;
+use fanout::config::{Cli, Command, Config, DevMode, LogFormat, TokenRequest};
+use fanout::ops::shutdown::{self, Shutdown};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Token(args)) => mint(&args),
+        Some(Command::Serve(args)) => serve(&args),
+        None => serve(&cli.serve),
+    }
+}
+
+/// Exit code of an invalid setting.
+const BAD_CONFIG: u8 = 2;
+
+fn mint(args: &fanout::config::TokenArgs) -> ExitCode {
+    let result = TokenRequest::from_args(args)
+        .map_err(|e| e.to_string())
+        .and_then(|req| {
+            let verifier = Verifier::new(req.jwt.verifier_config())?;
+            verifier.mint(&req.org, &req.user, &req.role, req.ttl)
+        });
+    match result {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fanout: {e}");
+            ExitCode::from(BAD_CONFIG)
+        }
+    }
+}
+
+fn serve(args: &fanout::config::ServeArgs) -> ExitCode {
+    let config = match Config::from_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fanout: {e}");
+            return ExitCode::from(BAD_CONFIG);
+        }
+    };
+    init_logging(config.log_format);
+    let metrics = match fanout::ops::metrics::install() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("fanout: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(dev) = &config.dev_mode {
+        print_dev_banner(&config, dev);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let result = runtime.block_on(async {
+        let stop = Shutdown::new();
+        tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                shutdown::signal().await;
+                stop.trigger();
+            }
+        });
+        fanout::server::run(config, metrics, stop).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fanout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Dev mode: everything needed to try fanout, on stdout, with a warning that this is
+/// not a production configuration.
+fn print_dev_banner(config: &Config, dev: &DevMode) {
+    let verifier = Verifier::new(config.jwt.verifier_config()).expect("dev secret is valid");
+    let org = fanout::protocol::OrgId::parse("demo").unwrap();
+    let user = fanout::protocol::UserId::parse("dev").unwrap();
+    let token = verifier
+        .mint(&org, &user, "admin", std::time::Duration::from_secs(24 * 3600))
+        .expect("HS256 can mint");
+    let host = |addr: std::net::SocketAddr| {
+        if addr.ip().is_unspecified() {
+            format!("localhost:{}", addr.port())
+        } else {
+            addr.to_string()
+        }
+    };
+    let public = host(config.listen);
+    let internal = host(config.internal_listen);
+    tracing::warn!("DEV MODE: no JWT_SECRET or JWT_PUBLIC_KEY set; using a random secret and ingest key. Do not run this in production.");
+    println!(
+        r#"
+=== fanout dev mode: NOT FOR PRODUCTION (set JWT_SECRET and FANOUT_INGEST_KEYS) ===
+JWT secret (this run only): {secret}
+Dev token (org "demo", user "dev", 24h):
+{token}
+
+Dashboard:  io("http://{public}", {{ auth: {{ token: "<dev token>" }} }})
+Ingest key: {key}
+Publish an update:
+curl -sS -X POST http://{internal}/executions/update \
+  -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \
+  -d '{{"organizationId":"demo","taskId":"task-1","status":"RUNNING"}}'
+"#,
+        secret = dev.secret,
+        key = dev.ingest_key,
+    );
+}

@@ -1,0 +1,53 @@
+//! Metric names and the Prometheus recorder.
+//!
+//! Names follow Prometheus conventions (`_total` counters, base units) and every label has a
+//! small fixed set of values: organization and user ids never become labels, so the number
+//! of series stays bounded however many tenants there are.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS: &str = "fanout_connections";
+pub const CONNECTIONS_TOTAL: &str = "fanout_connections_total";
+pub const AUTH_FAILURES: &str = "fanout_auth_failures_total";
+pub const PUBLISHED: &str = "fanout_messages_published_total";
+pub const DELIVERED: &str = "fanout_messages_delivered_total";
+pub const DROPPED: &str = "fanout_messages_dropped_total";
+pub const LATENCY: &str = "fanout_delivery_latency_seconds";
+pub const REDIS_SUBSCRIPTIONS: &str = "fanout_redis_subscriptions";
+pub const REDIS_UP: &str = "fanout_redis_up";
+pub const REDIS_RECONNECTS: &str = "fanout_redis_reconnects_total";
+pub const MALFORMED: &str = "fanout_malformed_messages_total";
+pub const SLOW_CONSUMERS: &str = "fanout_slow_consumer_disconnects_total";
+pub const HTTP_REQUESTS: &str = "fanout_http_requests_total";
+
+/// Installs the process-wide recorder. Call once, before any metric is touched.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(LATENCY.into()),
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ],
+        )
+        .and_then(|b| b.install_recorder())
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    describe_gauge!(CONNECTIONS, "Authenticated Socket.IO connections held by this replica.");
+    describe_counter!(CONNECTIONS_TOTAL, "Socket.IO connection attempts, by result (accepted, rejected).");
+    describe_counter!(AUTH_FAILURES, "Rejected tokens and ended sessions, by reason.");
+    describe_counter!(PUBLISHED, "Messages accepted for publishing, by source (http: ingest API; redis: direct PUBLISH, counted by each replica that receives it).");
+    describe_counter!(DELIVERED, "Messages handed to sockets (one per socket per message).");
+    describe_counter!(DROPPED, "Deliveries that could not be made, by reason.");
+    describe_histogram!(LATENCY, metrics::Unit::Seconds, "From the publish time (`ts`) to the hand-off to sockets.");
+    describe_gauge!(REDIS_SUBSCRIPTIONS, "Organization channels this replica is subscribed to.");
+    describe_gauge!(REDIS_UP, "1 while the Redis subscriber connection is up, else 0.");
+    describe_counter!(REDIS_RECONNECTS, "Times the Redis subscriber connection was re-established.");
+    describe_counter!(MALFORMED, "Bus messages dropped as malformed, by reason.");
+    describe_counter!(SLOW_CONSUMERS, "Sockets disconnected because their send buffer overflowed.");
+    describe_counter!(HTTP_REQUESTS, "Internal HTTP requests, by route and status code.");
+}

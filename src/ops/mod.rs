@@ -1,0 +1,80 @@
+//! Operations: health, readiness, metrics and shutdown.
+//!
+//! These routes live on the internal listener with the ingest API, never on the public one:
+//! dashboards on the internet must not reach `/metrics` or the publish endpoints.
+
+pub mod metrics;
+pub mod shutdown;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+
+use crate::bus::Bus;
+use shutdown::Shutdown;
+
+/// What `/readyz` and `/metrics` need to answer.
+#[derive(Clone)]
+pub struct OpsState {
+    pub bus: Arc<Bus>,
+    pub shutdown: Shutdown,
+    pub metrics: PrometheusHandle,
+}
+
+pub fn router(state: OpsState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<OpsState>) -> Response {
+    if s.shutdown.is_triggered() {
+        return not_ready("shutting down");
+    }
+    if !s.bus.is_up() {
+        return not_ready("redis subscriber is down; reconnecting");
+    }
+    Json(json!({"status": "ready"})).into_response()
+}
+
+fn not_ready(reason: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": "not ready", "reason": reason})),
+    )
+        .into_response()
+}
+
+async fn render_metrics(State(s): State<OpsState>) -> impl IntoResponse {
+    s.metrics.run_upkeep();
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+}
+
+/// Counts every internal request by matched route (never the raw path: bounded labels).
+pub async fn count_requests(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(req).await;
+    ::metrics::counter!(
+        metrics::HTTP_REQUESTS,
+        "route" => route,
+        "status" => response.status().as_u16().to_string()
+    )
+    .increment(1);
+    response
+}

@@ -1,0 +1,109 @@
+//! Which organizations and users this replica holds authenticated sockets of.
+//!
+//! This is the single source of truth for "should this replica be subscribed to org X":
+//! the Redis bus reads it whenever it reconciles a channel, so a subscription decision is
+//! always made on the current count, never on a stale event. One mutex over one map: joins
+//! and leaves are rare next to deliveries, and deliveries only take it for a lookup.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::protocol::{OrgId, UserId};
+
+#[derive(Default)]
+pub struct Presence {
+    orgs: Mutex<HashMap<OrgId, OrgPresence>>,
+}
+
+#[derive(Default)]
+struct OrgPresence {
+    sockets: usize,
+    users: HashMap<UserId, usize>,
+}
+
+impl Presence {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts a socket in. Returns true when it is the organization's first on this replica.
+    pub fn add(&self, org: &OrgId, user: &UserId) -> bool {
+        let mut orgs = self.orgs.lock().unwrap();
+        let entry = orgs.entry(org.clone()).or_default();
+        entry.sockets += 1;
+        *entry.users.entry(user.clone()).or_default() += 1;
+        entry.sockets == 1
+    }
+
+    /// Counts a socket out. Returns true when it was the organization's last on this replica.
+    pub fn remove(&self, org: &OrgId, user: &UserId) -> bool {
+        let mut orgs = self.orgs.lock().unwrap();
+        let Some(entry) = orgs.get_mut(org) else {
+            debug_assert!(false, "remove without add for {org}");
+            return false;
+        };
+        entry.sockets -= 1;
+        if let Some(n) = entry.users.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                entry.users.remove(user);
+            }
+        }
+        if entry.sockets == 0 {
+            orgs.remove(org);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn org_sockets(&self, org: &OrgId) -> usize {
+        self.orgs.lock().unwrap().get(org).map_or(0, |e| e.sockets)
+    }
+
+    pub fn user_sockets(&self, org: &OrgId, user: &UserId) -> usize {
+        self.orgs
+            .lock()
+            .unwrap()
+            .get(org)
+            .and_then(|e| e.users.get(user).copied())
+            .unwrap_or(0)
+    }
+
+    /// Every organization with at least one socket here.
+    pub fn orgs(&self) -> Vec<OrgId> {
+        self.orgs.lock().unwrap().keys().cloned().collect()
+    }
+
+    pub fn total_sockets(&self) -> usize {
+        self.orgs.lock().unwrap().values().map(|e| e.sockets).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_first_and_last() {
+        let p = Presence::new();
+        let (a, b) = (OrgId::parse("a").unwrap(), OrgId::parse("b").unwrap());
+        let (u1, u2) = (UserId::parse("1").unwrap(), UserId::parse("2").unwrap());
+        assert!(p.add(&a, &u1));
+        assert!(!p.add(&a, &u1));
+        assert!(!p.add(&a, &u2));
+        assert!(p.add(&b, &u1));
+        assert_eq!(p.org_sockets(&a), 3);
+        assert_eq!(p.user_sockets(&a, &u1), 2);
+        assert_eq!(p.user_sockets(&b, &u2), 0);
+        assert_eq!(p.total_sockets(), 4);
+        assert!(!p.remove(&a, &u1));
+        assert!(!p.remove(&a, &u2));
+        assert_eq!(p.user_sockets(&a, &u2), 0);
+        assert!(p.remove(&a, &u1));
+        assert_eq!(p.org_sockets(&a), 0);
+        let mut orgs = p.orgs();
+        orgs.sort();
+        assert_eq!(orgs, vec![b]);
+    }
+}

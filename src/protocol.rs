@@ -1,0 +1,424 @@
+//! The wire contract: identifiers, event names and the bus envelope.
+//!
+//! Everything that crosses a boundary (a JWT claim, an ingest body, a Redis message) is
+//! validated here into a small typed value, so the rest of the code never handles a raw
+//! string that could name the wrong room. `docs/protocol.md` is the prose version of this
+//! module; keep the two in step.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// Longest organization id accepted.
+pub const MAX_ORG_ID_LEN: usize = 128;
+/// Longest user id accepted.
+pub const MAX_USER_ID_LEN: usize = 256;
+/// Longest event name accepted.
+pub const MAX_EVENT_LEN: usize = 64;
+
+/// Event names that Socket.IO or its clients reserve: emitting them would confuse the client.
+const RESERVED_EVENTS: &[&str] = &[
+    "connect",
+    "connect_error",
+    "disconnect",
+    "disconnecting",
+    "newListener",
+    "removeListener",
+];
+
+/// Why an identifier or event name was refused. The message names the rule that was broken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidId {
+    #[error("is missing")]
+    Missing,
+    #[error("must be a string or a non-negative integer")]
+    WrongType,
+    #[error("must not be empty")]
+    Empty,
+    #[error("is longer than {0} characters")]
+    TooLong(usize),
+    #[error("may only contain {0}")]
+    BadChars(&'static str),
+    #[error("is reserved ({0})")]
+    Reserved(&'static str),
+}
+
+/// An organization id: 1-128 characters of `[A-Za-z0-9._-]`.
+///
+/// The colon is excluded on purpose: room and channel names are built as `org:{id}` and
+/// `user:{org}:{user}`, and a colon in the org id would let two pairs share a room name.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OrgId(Arc<str>);
+
+/// A user id: 1-256 characters, no control characters. Unique only within its organization.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct UserId(Arc<str>);
+
+/// A server-to-client event name: 1-64 characters of `[A-Za-z0-9._:-]`, not reserved.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct EventName(Arc<str>);
+
+/// Ids arrive as JSON strings or integers (some backends use numeric ids); both normalise
+/// to the decimal string form.
+fn id_text(value: &serde_json::Value) -> Result<String, InvalidId> {
+    match value {
+        serde_json::Value::String(s) => Ok(s.clone()),
+        serde_json::Value::Number(n) if n.is_u64() => Ok(n.to_string()),
+        serde_json::Value::Null => Err(InvalidId::Missing),
+        _ => Err(InvalidId::WrongType),
+    }
+}
+
+impl OrgId {
+    pub fn parse(s: &str) -> Result<Self, InvalidId> {
+        if s.is_empty() {
+            return Err(InvalidId::Empty);
+        }
+        if s.len() > MAX_ORG_ID_LEN {
+            return Err(InvalidId::TooLong(MAX_ORG_ID_LEN));
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(InvalidId::BadChars("letters, digits, '.', '_' and '-'"));
+        }
+        Ok(Self(s.into()))
+    }
+
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, InvalidId> {
+        Self::parse(&id_text(value)?)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The Socket.IO room every authenticated socket of this organization joins.
+    pub fn room(&self) -> String {
+        format!("org:{}", self.0)
+    }
+}
+
+impl UserId {
+    pub fn parse(s: &str) -> Result<Self, InvalidId> {
+        if s.is_empty() {
+            return Err(InvalidId::Empty);
+        }
+        if s.chars().count() > MAX_USER_ID_LEN {
+            return Err(InvalidId::TooLong(MAX_USER_ID_LEN));
+        }
+        if s.chars().any(char::is_control) {
+            return Err(InvalidId::BadChars("printable characters"));
+        }
+        Ok(Self(s.into()))
+    }
+
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, InvalidId> {
+        Self::parse(&id_text(value)?)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The room of one user's sockets within one organization.
+pub fn user_room(org: &OrgId, user: &UserId) -> String {
+    format!("user:{}:{}", org.0, user.0)
+}
+
+impl EventName {
+    pub fn parse(s: &str) -> Result<Self, InvalidId> {
+        if s.is_empty() {
+            return Err(InvalidId::Empty);
+        }
+        if s.len() > MAX_EVENT_LEN {
+            return Err(InvalidId::TooLong(MAX_EVENT_LEN));
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        {
+            return Err(InvalidId::BadChars(
+                "letters, digits, '.', '_', ':' and '-'",
+            ));
+        }
+        if RESERVED_EVENTS.contains(&s) {
+            return Err(InvalidId::Reserved("a Socket.IO event"));
+        }
+        if s.starts_with("auth-") {
+            return Err(InvalidId::Reserved("auth-* events come from fanout only"));
+        }
+        Ok(Self(s.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+macro_rules! display_as_str {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&*self.0, f)
+            }
+        }
+    )*};
+}
+display_as_str!(OrgId, UserId, EventName);
+
+/// One message for the sockets of an organization (or of one user in it).
+///
+/// `data` stays raw JSON from the moment it is accepted until Socket.IO encodes it, so a
+/// message is parsed once and never re-serialised on its way through the bus.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub org: OrgId,
+    pub event: EventName,
+    pub data: Box<RawValue>,
+    /// Publish time in milliseconds since the Unix epoch, for the latency metric.
+    pub ts_ms: Option<u64>,
+    /// When set, only this user's sockets in `org` receive the message.
+    pub user: Option<UserId>,
+    /// Whether the message entered through this service's HTTP ingest (vs. a direct
+    /// Redis PUBLISH by a worker). Only used to label metrics.
+    pub via_ingest: bool,
+}
+
+/// Why a bus envelope was refused; the label of `fanout_malformed_messages_total`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("envelope is {size} bytes, over the {limit}-byte limit")]
+    TooLarge { size: usize, limit: usize },
+    #[error("envelope is not a JSON object with \"event\" and \"data\": {0}")]
+    Json(String),
+    #[error("bad \"event\": {0}")]
+    Event(InvalidId),
+    #[error("bad \"userId\": {0}")]
+    User(InvalidId),
+}
+
+impl EnvelopeError {
+    /// A bounded label value for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "too_large",
+            Self::Json(_) => "invalid_json",
+            Self::Event(_) => "bad_event",
+            Self::User(_) => "bad_user_id",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn<'a> {
+    #[serde(borrow)]
+    event: &'a RawValue,
+    data: Box<RawValue>,
+    #[serde(default)]
+    ts: Option<f64>,
+    #[serde(default, rename = "userId")]
+    user_id: Option<serde_json::Value>,
+    #[serde(default)]
+    src: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a> {
+    event: &'a str,
+    data: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ts: Option<u64>,
+    #[serde(rename = "userId", skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    src: Option<&'static str>,
+}
+
+/// Marks envelopes written by fanout's own ingest, so that metrics can tell them from
+/// workers' direct publishes.
+const SRC_INGEST: &str = "http";
+
+impl Message {
+    /// Decodes a bus envelope (`{"event", "data", "ts"?, "userId"?}`) received on `org`'s
+    /// channel. The organization comes from the channel, never from the payload.
+    pub fn from_envelope(org: OrgId, payload: &[u8], limit: usize) -> Result<Self, EnvelopeError> {
+        if payload.len() > limit {
+            return Err(EnvelopeError::TooLarge {
+                size: payload.len(),
+                limit,
+            });
+        }
+        let env: EnvelopeIn<'_> =
+            serde_json::from_slice(payload).map_err(|e| EnvelopeError::Json(e.to_string()))?;
+        let event: String = serde_json::from_str(env.event.get())
+            .map_err(|_| EnvelopeError::Event(InvalidId::WrongType))?;
+        let event = EventName::parse(&event).map_err(EnvelopeError::Event)?;
+        let user = match env.user_id {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(UserId::from_json(&v).map_err(EnvelopeError::User)?),
+        };
+        // A negative, fractional or absurd `ts` is only a latency hint: ignore it.
+        let ts_ms = env
+            .ts
+            .filter(|t| t.is_finite() && *t > 0.0 && *t < 1e15)
+            .map(|t| t as u64);
+        Ok(Self {
+            org,
+            event,
+            data: env.data,
+            ts_ms,
+            user,
+            via_ingest: env.src == Some(SRC_INGEST),
+        })
+    }
+
+    /// Encodes the envelope published on the organization's Redis channel.
+    pub fn to_envelope(&self) -> Vec<u8> {
+        let out = EnvelopeOut {
+            event: self.event.as_str(),
+            data: &self.data,
+            ts: self.ts_ms,
+            user_id: self.user.as_ref().map(UserId::as_str),
+            src: self.via_ingest.then_some(SRC_INGEST),
+        };
+        serde_json::to_vec(&out).expect("serialising an envelope of valid parts cannot fail")
+    }
+
+    /// The Socket.IO room this message is delivered to.
+    pub fn room(&self) -> String {
+        match &self.user {
+            Some(user) => user_room(&self.org, user),
+            None => self.org.room(),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn org_ids() {
+        assert!(OrgId::parse("acme-1_2.x").is_ok());
+        assert_eq!(OrgId::parse(""), Err(InvalidId::Empty));
+        assert!(matches!(OrgId::parse("a:b"), Err(InvalidId::BadChars(_))));
+        assert!(matches!(OrgId::parse("a b"), Err(InvalidId::BadChars(_))));
+        assert!(matches!(OrgId::parse("é"), Err(InvalidId::BadChars(_))));
+        assert!(OrgId::parse(&"a".repeat(128)).is_ok());
+        assert_eq!(OrgId::parse(&"a".repeat(129)), Err(InvalidId::TooLong(128)));
+        assert_eq!(OrgId::from_json(&json!(42)).unwrap().as_str(), "42");
+        assert_eq!(OrgId::from_json(&json!(-1)), Err(InvalidId::WrongType));
+        assert_eq!(OrgId::from_json(&json!(1.5)), Err(InvalidId::WrongType));
+        assert_eq!(OrgId::from_json(&json!(null)), Err(InvalidId::Missing));
+        assert_eq!(OrgId::from_json(&json!(["a"])), Err(InvalidId::WrongType));
+        assert_eq!(OrgId::parse("acme").unwrap().room(), "org:acme");
+    }
+
+    #[test]
+    fn user_ids() {
+        assert!(UserId::parse("alice@example.com").is_ok());
+        assert!(UserId::parse("a:b c").is_ok());
+        assert_eq!(UserId::parse(""), Err(InvalidId::Empty));
+        assert!(matches!(UserId::parse("a\nb"), Err(InvalidId::BadChars(_))));
+        assert_eq!(UserId::parse(&"u".repeat(257)), Err(InvalidId::TooLong(256)));
+        let org = OrgId::parse("o1").unwrap();
+        assert_eq!(user_room(&org, &UserId::parse("u:1").unwrap()), "user:o1:u:1");
+    }
+
+    #[test]
+    fn event_names() {
+        for ok in ["execution-updated", "execution-log", "a", "ns:evt.v1_x"] {
+            assert!(EventName::parse(ok).is_ok(), "{ok}");
+        }
+        assert!(EventName::parse(&"e".repeat(64)).is_ok());
+        assert_eq!(EventName::parse(&"e".repeat(65)), Err(InvalidId::TooLong(64)));
+        assert_eq!(EventName::parse(""), Err(InvalidId::Empty));
+        for bad in ["a b", "a/b", "évent", "a\"b"] {
+            assert!(matches!(EventName::parse(bad), Err(InvalidId::BadChars(_))), "{bad}");
+        }
+        for reserved in ["connect", "disconnect", "connect_error", "disconnecting", "newListener"] {
+            assert!(matches!(EventName::parse(reserved), Err(InvalidId::Reserved(_))));
+        }
+        for auth in ["auth-success", "auth-error", "auth-refresh", "auth-x"] {
+            assert!(matches!(EventName::parse(auth), Err(InvalidId::Reserved(_))));
+        }
+    }
+
+    fn org() -> OrgId {
+        OrgId::parse("acme").unwrap()
+    }
+
+    #[test]
+    fn envelope_round_trip() {
+        let raw = br#"{"event":"execution-log","data":{"taskId":"t1","log":"hi"},"ts":1700000000000,"userId":"u1"}"#;
+        let msg = Message::from_envelope(org(), raw, 65536).unwrap();
+        assert_eq!(msg.event.as_str(), "execution-log");
+        assert_eq!(msg.data.get(), r#"{"taskId":"t1","log":"hi"}"#);
+        assert_eq!(msg.ts_ms, Some(1_700_000_000_000));
+        assert_eq!(msg.user.as_ref().unwrap().as_str(), "u1");
+        assert!(!msg.via_ingest);
+        assert_eq!(msg.room(), "user:acme:u1");
+
+        let mut ingest = msg.clone();
+        ingest.via_ingest = true;
+        let again = Message::from_envelope(org(), &ingest.to_envelope(), 65536).unwrap();
+        assert!(again.via_ingest);
+        assert_eq!(again.data.get(), msg.data.get());
+        assert_eq!(again.user, msg.user);
+    }
+
+    #[test]
+    fn envelope_minimal_and_ignored_fields() {
+        let msg =
+            Message::from_envelope(org(), br#"{"event":"e","data":null,"other":1}"#, 1000).unwrap();
+        assert_eq!(msg.data.get(), "null");
+        assert_eq!(msg.ts_ms, None);
+        assert_eq!(msg.user, None);
+        assert_eq!(msg.room(), "org:acme");
+        // A nonsensical ts is a hint, not an error.
+        let msg = Message::from_envelope(org(), br#"{"event":"e","data":1,"ts":-5}"#, 1000).unwrap();
+        assert_eq!(msg.ts_ms, None);
+    }
+
+    #[test]
+    fn envelope_rejections() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"not json", "invalid_json"),
+            (b"[1,2]", "invalid_json"),
+            (br#"{"data":1}"#, "invalid_json"),
+            (br#"{"event":"e"}"#, "invalid_json"),
+            (br#"{"event":5,"data":1}"#, "bad_event"),
+            (br#"{"event":"connect","data":1}"#, "bad_event"),
+            (br#"{"event":"auth-success","data":1}"#, "bad_event"),
+            (br#"{"event":"bad name","data":1}"#, "bad_event"),
+            (br#"{"event":"e","data":1,"userId":""}"#, "bad_user_id"),
+            (br#"{"event":"e","data":1,"userId":{}}"#, "bad_user_id"),
+        ];
+        for (raw, reason) in cases {
+            let err = Message::from_envelope(org(), raw, 1000).unwrap_err();
+            assert_eq!(err.reason(), *reason, "{}", String::from_utf8_lossy(raw));
+        }
+        let big = format!(r#"{{"event":"e","data":"{}"}}"#, "x".repeat(100));
+        let err = Message::from_envelope(org(), big.as_bytes(), 50).unwrap_err();
+        assert_eq!(err.reason(), "too_large");
+    }
+}

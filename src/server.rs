@@ -1,0 +1,194 @@
+//! Wires the parts into a running replica and runs it until shutdown.
+//!
+//! Start-up binds both listeners before serving anything, so a taken port fails fast.
+//! Shutdown (SIGTERM/SIGINT): `/readyz` turns 503, the public listener stops accepting,
+//! every Socket.IO transport is closed (clients reconnect through the load balancer to
+//! another replica), and the internal listener stays up until the end so the drain can
+//! be watched; all within `FANOUT_SHUTDOWN_TIMEOUT`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware;
+use axum::response::{IntoResponse, Json};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use socketioxide::SocketIo;
+use tokio::net::TcpListener;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::auth::{IngestKeys, Verifier};
+use crate::bus::{Bus, RedisSettings};
+use crate::config::{Config, CorsOrigins};
+use crate::delivery::Delivery;
+use crate::gateway::conn::{self, Conn, Listener, Transports};
+use crate::gateway::{Expiry, Gateway};
+use crate::ingest::{self, IngestState};
+use crate::ops::shutdown::Shutdown;
+use crate::ops::{self, OpsState};
+use crate::presence::Presence;
+
+/// Why a replica could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {setting}={addr}: {source}")]
+    Bind {
+        setting: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Runs a replica until `shutdown` is triggered (the binary triggers it on SIGTERM/SIGINT),
+/// then drains it.
+pub async fn run(
+    config: Config,
+    metrics: PrometheusHandle,
+    shutdown: Shutdown,
+) -> Result<(), StartError> {
+    let public = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            setting: "FANOUT_LISTEN",
+            addr: config.listen,
+            source,
+        })?;
+    let internal = TcpListener::bind(config.internal_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            setting: "FANOUT_INTERNAL_LISTEN",
+            addr: config.internal_listen,
+            source,
+        })?;
+
+    let (sio_layer, io) = SocketIo::builder()
+        .ping_interval(config.ping_interval)
+        .ping_timeout(config.ping_timeout)
+        .max_buffer_size(config.socket_buffer)
+        .max_payload(config.max_payload_bytes as u64)
+        .build_layer();
+    let presence = Arc::new(Presence::new());
+    let transports = Transports::default();
+    let delivery = Arc::new(Delivery::new(io.clone(), presence.clone(), transports.clone()));
+    let bus = Arc::new(match &config.redis_url {
+        Some(url) => Bus::redis(
+            RedisSettings {
+                url: url.clone(),
+                prefix: config.redis_prefix.clone(),
+                max_payload_bytes: config.max_payload_bytes,
+            },
+            presence.clone(),
+            delivery.clone(),
+            shutdown.clone(),
+        )
+        .map_err(StartError::Setup)?,
+        None => Bus::memory(delivery.clone()),
+    });
+    let verifier = Verifier::new(config.jwt.verifier_config()).map_err(StartError::Setup)?;
+    let expiry = Expiry::start(io.clone(), transports.clone(), shutdown.clone());
+    Gateway::new(
+        verifier,
+        config.jwt.leeway_seconds,
+        bus.clone(),
+        presence.clone(),
+        expiry,
+        transports.clone(),
+        shutdown.clone(),
+    )
+    .attach(&io);
+
+    let public_app = Router::new()
+        .fallback(not_found)
+        .layer(sio_layer)
+        .layer(cors(&config.cors_origins))
+        .layer(middleware::from_fn_with_state(transports.clone(), conn::track));
+    let internal_app = ingest::router(IngestState {
+        bus: bus.clone(),
+        keys: Arc::new(IngestKeys::new(config.ingest_keys.clone())),
+        max_payload_bytes: config.max_payload_bytes,
+    })
+    .merge(ops::router(OpsState {
+        bus: bus.clone(),
+        shutdown: shutdown.clone(),
+        metrics,
+    }))
+    .fallback(not_found)
+    .layer(middleware::from_fn(ops::count_requests));
+
+    tracing::info!(
+        public = %config.listen,
+        internal = %config.internal_listen,
+        bus = if config.redis_url.is_some() { "redis" } else { "memory" },
+        "fanout is listening"
+    );
+
+    let internal_stop = Shutdown::new();
+    let internal_task = tokio::spawn({
+        let stop = internal_stop.clone();
+        async move {
+            axum::serve(internal, internal_app)
+                .with_graceful_shutdown(async move { stop.wait().await })
+                .await
+        }
+    });
+    let public_task = tokio::spawn({
+        let stop = shutdown.clone();
+        axum::serve(
+            Listener::new(public),
+            public_app.into_make_service_with_connect_info::<Conn>(),
+        )
+        .with_graceful_shutdown(async move { stop.wait().await })
+        .into_future()
+    });
+    let sweeper = tokio::spawn({
+        let transports = transports.clone();
+        async move {
+            let mut every = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                every.tick().await;
+                transports.sweep();
+            }
+        }
+    });
+
+    shutdown.wait().await;
+    tracing::info!(
+        connections = presence.total_sockets(),
+        timeout = ?config.shutdown_timeout,
+        "shutting down: not ready, closing every connection"
+    );
+    let drain = async {
+        io.close().await;
+        let _ = public_task.await;
+    };
+    if tokio::time::timeout(config.shutdown_timeout, drain).await.is_err() {
+        tracing::warn!("FANOUT_SHUTDOWN_TIMEOUT reached with connections still open; exiting anyway");
+    }
+    sweeper.abort();
+    internal_stop.trigger();
+    let _ = tokio::time::timeout(Duration::from_secs(1), internal_task).await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+fn cors(origins: &CorsOrigins) -> CorsLayer {
+    let layer = CorsLayer::new()
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers([axum::http::header::CONTENT_TYPE]);
+    match origins {
+        CorsOrigins::Any => layer.allow_origin(AllowOrigin::any()),
+        CorsOrigins::List(list) => layer
+            .allow_origin(AllowOrigin::list(
+                list.iter().filter_map(|o| HeaderValue::from_str(o).ok()),
+            ))
+            .allow_credentials(true),
+    }
+}
+
+async fn not_found() -> impl IntoResponse {
+    (StatusCode::NOT_FOUND, Json(json!({"error": "not found"})))
+}
