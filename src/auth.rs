@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::protocol::{InvalidId, OrgId, UserId};
 
 /// The verified identity of a connection. The organization comes from here and nowhere else.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Identity {
     pub org: OrgId,
     pub user: UserId,
@@ -227,34 +227,35 @@ impl Verifier {
     fn verify_str(&self, token: &str) -> Result<Identity, AuthError> {
         // Check the header's algorithm ourselves first, so `alg: none` and HS/RS confusion
         // are refused by name whatever the library would do with them.
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| AuthError::Malformed(e.to_string()))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
         if header.alg != self.algorithm {
             return Err(AuthError::WrongAlgorithm(self.algorithm));
         }
-        let data = jsonwebtoken::decode::<RawClaims>(token, &self.key, &self.validation)
-            .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::InvalidSignature => AuthError::BadSignature,
-                ErrorKind::InvalidAlgorithm => AuthError::WrongAlgorithm(self.algorithm),
-                ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => {
-                    AuthError::WrongIssuerOrAudience
+        let data =
+            jsonwebtoken::decode::<RawClaims>(token, &self.key, &self.validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::InvalidSignature => AuthError::BadSignature,
+                    ErrorKind::InvalidAlgorithm => AuthError::WrongAlgorithm(self.algorithm),
+                    ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => {
+                        AuthError::WrongIssuerOrAudience
+                    }
+                    ErrorKind::MissingRequiredClaim(c) => AuthError::BadClaim {
+                        claim: if c == "exp" { "exp" } else { "iss/aud" },
+                        problem: "is missing".into(),
+                    },
+                    ErrorKind::Json(j) if j.to_string().contains("exp") => AuthError::BadClaim {
+                        claim: "exp",
+                        problem: "is missing or not a number".into(),
+                    },
+                    other => AuthError::Malformed(format!("{other:?}")),
                 }
-                ErrorKind::MissingRequiredClaim(c) => AuthError::BadClaim {
-                    claim: if c == "exp" { "exp" } else { "iss/aud" },
-                    problem: "is missing".into(),
-                },
-                ErrorKind::Json(j) if j.to_string().contains("exp") => AuthError::BadClaim {
-                    claim: "exp",
-                    problem: "is missing or not a number".into(),
-                },
-                other => AuthError::Malformed(format!("{other:?}")),
             })?;
         let claims = data.claims;
         let org = OrgId::from_json(&claims.organization_id)
             .map_err(|e| AuthError::claim("organizationId", e))?;
-        let user =
-            UserId::from_json(&claims.user_id).map_err(|e| AuthError::claim("userId", e))?;
+        let user = UserId::from_json(&claims.user_id).map_err(|e| AuthError::claim("userId", e))?;
         let role = match claims.role {
             serde_json::Value::String(r) if !r.is_empty() => r,
             serde_json::Value::Null => {
@@ -353,8 +354,12 @@ mod tests {
     }
 
     fn sign(claims: serde_json::Value, alg: Algorithm, secret: &[u8]) -> String {
-        jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret))
-            .unwrap()
+        jsonwebtoken::encode(
+            &Header::new(alg),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
     }
 
     fn good_claims() -> serde_json::Value {
@@ -379,7 +384,8 @@ mod tests {
     #[test]
     fn numeric_ids_are_accepted_and_echoed_raw() {
         let v = hs_verifier();
-        let claims = json!({"userId": 7, "organizationId": 42, "role": "viewer", "exp": now() + 60});
+        let claims =
+            json!({"userId": 7, "organizationId": 42, "role": "viewer", "exp": now() + 60});
         let id = verify(&v, &sign(claims, Algorithm::HS256, SECRET)).unwrap();
         assert_eq!(id.org.as_str(), "42");
         assert_eq!(id.raw_org, json!(42));
@@ -404,7 +410,10 @@ mod tests {
         let v = hs_verifier();
         let mut c = good_claims();
         c["exp"] = json!(now() - 5);
-        assert_eq!(verify(&v, &sign(c, Algorithm::HS256, SECRET)), Err(AuthError::Expired));
+        assert_eq!(
+            verify(&v, &sign(c, Algorithm::HS256, SECRET)),
+            Err(AuthError::Expired)
+        );
     }
 
     #[test]
@@ -425,7 +434,11 @@ mod tests {
     #[test]
     fn rejects_other_key_and_garbage() {
         let v = hs_verifier();
-        let t = sign(good_claims(), Algorithm::HS256, b"some-other-secret-entirely-0000000");
+        let t = sign(
+            good_claims(),
+            Algorithm::HS256,
+            b"some-other-secret-entirely-0000000",
+        );
         assert_eq!(verify(&v, &t), Err(AuthError::BadSignature));
         assert_eq!(verify(&v, "not.a.jwt").unwrap_err().reason(), "malformed");
         assert_eq!(verify(&v, "garbage").unwrap_err().reason(), "malformed");
@@ -435,7 +448,10 @@ mod tests {
     fn rejects_other_algorithms() {
         let v = hs_verifier();
         let t = sign(good_claims(), Algorithm::HS512, SECRET);
-        assert_eq!(verify(&v, &t), Err(AuthError::WrongAlgorithm(Algorithm::HS256)));
+        assert_eq!(
+            verify(&v, &t),
+            Err(AuthError::WrongAlgorithm(Algorithm::HS256))
+        );
         // alg: none, unsigned.
         use base64::Engine;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -463,13 +479,17 @@ mod tests {
         let mut c = good_claims();
         c["organizationId"] = json!("has:colon");
         assert_eq!(
-            verify(&v, &sign(c, Algorithm::HS256, SECRET)).unwrap_err().reason(),
+            verify(&v, &sign(c, Algorithm::HS256, SECRET))
+                .unwrap_err()
+                .reason(),
             "bad_claims"
         );
         let mut c = good_claims();
         c["role"] = json!(3);
         assert_eq!(
-            verify(&v, &sign(c, Algorithm::HS256, SECRET)).unwrap_err().reason(),
+            verify(&v, &sign(c, Algorithm::HS256, SECRET))
+                .unwrap_err()
+                .reason(),
             "bad_claims"
         );
     }
@@ -532,7 +552,10 @@ mod tests {
 
         // HS/RS confusion: an HS256 token signed with the public key's text as the secret.
         let forged = sign(good_claims(), Algorithm::HS256, RSA_PUBLIC.as_bytes());
-        assert_eq!(verify(&rs, &forged), Err(AuthError::WrongAlgorithm(Algorithm::RS256)));
+        assert_eq!(
+            verify(&rs, &forged),
+            Err(AuthError::WrongAlgorithm(Algorithm::RS256))
+        );
 
         let ed = pem_verifier(ED_PUBLIC, Algorithm::EdDSA);
         let key = EncodingKey::from_ed_pem(ED_PRIVATE.as_bytes()).unwrap();
@@ -540,17 +563,27 @@ mod tests {
         assert!(verify(&ed, &t).is_ok());
         // An RS256 token against the EdDSA verifier.
         let rsa_key = EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap();
-        let t = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &good_claims(), &rsa_key)
-            .unwrap();
+        let t =
+            jsonwebtoken::encode(&Header::new(Algorithm::RS256), &good_claims(), &rsa_key).unwrap();
         assert!(verify(&ed, &t).is_err());
-        assert!(ed.mint(&OrgId::parse("o").unwrap(), &UserId::parse("u").unwrap(), "r", std::time::Duration::from_secs(1)).is_err());
+        assert!(
+            ed.mint(
+                &OrgId::parse("o").unwrap(),
+                &UserId::parse("u").unwrap(),
+                "r",
+                std::time::Duration::from_secs(1)
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn key_and_algorithm_mismatch_is_a_config_error() {
         let err = |cfg| Verifier::new(cfg).err().unwrap();
         let e = err(VerifierConfig {
-            key: VerifyKey::PublicPem("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n".into()),
+            key: VerifyKey::PublicPem(
+                "-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n".into(),
+            ),
             algorithm: Algorithm::RS256,
             issuer: None,
             audience: None,

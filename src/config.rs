@@ -42,7 +42,7 @@ pub struct JwtArgs {
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// Public key for RS*/PS*/ES*/EdDSA tokens: a PEM file path or the PEM text itself.
-    #[arg(long, env = "JWT_PUBLIC_KEY")]
+    #[arg(long, env = "JWT_PUBLIC_KEY", allow_hyphen_values = true)]
     pub jwt_public_key: Option<String>,
     /// The one accepted algorithm. Default HS256 with JWT_SECRET, RS256 with JWT_PUBLIC_KEY.
     #[arg(long, env = "JWT_ALGORITHM")]
@@ -54,7 +54,12 @@ pub struct JwtArgs {
     #[arg(long, env = "JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
     /// Clock skew tolerated on `exp`, in seconds.
-    #[arg(long, env = "JWT_LEEWAY_SECONDS", default_value = "0")]
+    #[arg(
+        long,
+        env = "JWT_LEEWAY_SECONDS",
+        default_value = "0",
+        allow_hyphen_values = true
+    )]
     pub jwt_leeway_seconds: String,
 }
 
@@ -244,7 +249,10 @@ impl JwtSettings {
         let leeway_seconds = args.jwt_leeway_seconds.trim().parse::<u64>().map_err(|_| {
             invalid(
                 "JWT_LEEWAY_SECONDS",
-                format!("{:?} is not a whole number of seconds", args.jwt_leeway_seconds),
+                format!(
+                    "{:?} is not a whole number of seconds",
+                    args.jwt_leeway_seconds
+                ),
             )
         })?;
         let settings = Self {
@@ -274,7 +282,9 @@ impl JwtSettings {
 /// Parses `10s`, `500ms`, `2m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(setting: &'static str, text: &str) -> Result<Duration, ConfigError> {
     let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let value: f64 = num.parse().map_err(|_| {
         invalid(
@@ -305,12 +315,19 @@ fn parse_addr(setting: &'static str, text: &str) -> Result<SocketAddr, ConfigErr
     text.trim().parse().map_err(|_| {
         invalid(
             setting,
-            format!("{text:?} is not an address; expected IP:PORT such as 0.0.0.0:3000 or [::]:3000"),
+            format!(
+                "{text:?} is not an address; expected IP:PORT such as 0.0.0.0:3000 or [::]:3000"
+            ),
         )
     })
 }
 
-fn parse_count(setting: &'static str, text: &str, min: usize, max: usize) -> Result<usize, ConfigError> {
+fn parse_count(
+    setting: &'static str,
+    text: &str,
+    min: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
     match text.trim().parse::<usize>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
         _ => Err(invalid(
@@ -323,7 +340,9 @@ fn parse_count(setting: &'static str, text: &str, min: usize, max: usize) -> Res
 fn random_hex(bytes: usize) -> String {
     use rand::Rng;
     let mut rng = rand::rng();
-    (0..bytes).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.random::<u8>()))
+        .collect()
 }
 
 impl Config {
@@ -333,7 +352,9 @@ impl Config {
         if listen == internal_listen {
             return Err(invalid(
                 "FANOUT_INTERNAL_LISTEN",
-                format!("{internal_listen} is also FANOUT_LISTEN; the internal port must differ from the public one"),
+                format!(
+                    "{internal_listen} is also FANOUT_LISTEN; the internal port must differ from the public one"
+                ),
             ));
         }
         let redis_url = match args.redis_url.as_deref().map(str::trim) {
@@ -342,13 +363,19 @@ impl Config {
                 redis::Client::open(url).map_err(|e| {
                     invalid(
                         "REDIS_URL",
-                        format!("{url:?} is not a Redis URL ({e}); expected redis://HOST:PORT[/DB]"),
+                        format!(
+                            "{url:?} is not a Redis URL ({e}); expected redis://HOST:PORT[/DB]"
+                        ),
                     )
                 })?;
                 Some(url.to_string())
             }
         };
-        if args.redis_prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if args
+            .redis_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(invalid(
                 "FANOUT_REDIS_PREFIX",
                 format!("{:?} contains whitespace", args.redis_prefix),
@@ -405,7 +432,10 @@ impl Config {
                     .map(String::from)
                     .collect();
                 if origins.is_empty() {
-                    return Err(invalid("FANOUT_CORS_ORIGINS", "is empty; use * or a list of origins"));
+                    return Err(invalid(
+                        "FANOUT_CORS_ORIGINS",
+                        "is empty; use * or a list of origins",
+                    ));
                 }
                 for o in &origins {
                     let ok = (o.starts_with("http://") || o.starts_with("https://"))
@@ -414,15 +444,21 @@ impl Config {
                     if !ok {
                         return Err(invalid(
                             "FANOUT_CORS_ORIGINS",
-                            format!("{o:?} is not an origin; expected scheme://host[:port] with no path, e.g. https://app.example.com"),
+                            format!(
+                                "{o:?} is not an origin; expected scheme://host[:port] with no path, e.g. https://app.example.com"
+                            ),
                         ));
                     }
                 }
                 CorsOrigins::List(origins)
             }
         };
-        let max_payload_bytes =
-            parse_count("FANOUT_MAX_PAYLOAD_BYTES", &args.max_payload_bytes, 256, 64 << 20)?;
+        let max_payload_bytes = parse_count(
+            "FANOUT_MAX_PAYLOAD_BYTES",
+            &args.max_payload_bytes,
+            256,
+            64 << 20,
+        )?;
         let socket_buffer = parse_count("FANOUT_SOCKET_BUFFER", &args.socket_buffer, 8, 1 << 20)?;
         let shutdown_timeout = parse_duration("FANOUT_SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?;
         let ping_interval = parse_duration("FANOUT_PING_INTERVAL", &args.ping_interval)?;
@@ -478,9 +514,10 @@ impl TokenRequest {
         let jwt = JwtSettings::from_args(&args.jwt)?.ok_or_else(|| {
             invalid("JWT_SECRET", "is not set; `fanout token` signs with the same JWT_SECRET the replicas verify with")
         })?;
-        let org = OrgId::parse(&args.org).map_err(|e| invalid("--org", format!("{:?} {e}", args.org)))?;
-        let user =
-            UserId::parse(&args.user).map_err(|e| invalid("--user", format!("{:?} {e}", args.user)))?;
+        let org =
+            OrgId::parse(&args.org).map_err(|e| invalid("--org", format!("{:?} {e}", args.org)))?;
+        let user = UserId::parse(&args.user)
+            .map_err(|e| invalid("--user", format!("{:?} {e}", args.user)))?;
         if args.role.trim().is_empty() {
             return Err(invalid("--role", "is empty"));
         }
@@ -551,7 +588,10 @@ mod tests {
         assert_eq!(c.shutdown_timeout, Duration::from_millis(1500));
         assert_eq!(
             c.cors_origins,
-            CorsOrigins::List(vec!["https://a.example.com".into(), "http://localhost:5173".into()])
+            CorsOrigins::List(vec![
+                "https://a.example.com".into(),
+                "http://localhost:5173".into()
+            ])
         );
     }
 
@@ -563,31 +603,69 @@ mod tests {
             setting_of(&a)
         };
         assert_eq!(with(&["--listen", "nope"]), "FANOUT_LISTEN");
-        assert_eq!(with(&["--internal-listen", "1.2.3.4"]), "FANOUT_INTERNAL_LISTEN");
         assert_eq!(
-            with(&["--listen", "127.0.0.1:9", "--internal-listen", "127.0.0.1:9"]),
+            with(&["--internal-listen", "1.2.3.4"]),
+            "FANOUT_INTERNAL_LISTEN"
+        );
+        assert_eq!(
+            with(&[
+                "--listen",
+                "127.0.0.1:9",
+                "--internal-listen",
+                "127.0.0.1:9"
+            ]),
             "FANOUT_INTERNAL_LISTEN"
         );
         assert_eq!(with(&["--redis-url", "http://x"]), "REDIS_URL");
         assert_eq!(with(&["--redis-prefix", "a b"]), "FANOUT_REDIS_PREFIX");
-        assert_eq!(with(&["--cors-origins", "example.com"]), "FANOUT_CORS_ORIGINS");
-        assert_eq!(with(&["--cors-origins", "https://a.com/"]), "FANOUT_CORS_ORIGINS");
-        assert_eq!(with(&["--max-payload-bytes", "abc"]), "FANOUT_MAX_PAYLOAD_BYTES");
-        assert_eq!(with(&["--max-payload-bytes", "10"]), "FANOUT_MAX_PAYLOAD_BYTES");
+        assert_eq!(
+            with(&["--cors-origins", "example.com"]),
+            "FANOUT_CORS_ORIGINS"
+        );
+        assert_eq!(
+            with(&["--cors-origins", "https://a.com/"]),
+            "FANOUT_CORS_ORIGINS"
+        );
+        assert_eq!(
+            with(&["--max-payload-bytes", "abc"]),
+            "FANOUT_MAX_PAYLOAD_BYTES"
+        );
+        assert_eq!(
+            with(&["--max-payload-bytes", "10"]),
+            "FANOUT_MAX_PAYLOAD_BYTES"
+        );
         assert_eq!(with(&["--socket-buffer", "0"]), "FANOUT_SOCKET_BUFFER");
-        assert_eq!(with(&["--shutdown-timeout", "soon"]), "FANOUT_SHUTDOWN_TIMEOUT");
-        assert_eq!(with(&["--shutdown-timeout", "5 parsecs"]), "FANOUT_SHUTDOWN_TIMEOUT");
+        assert_eq!(
+            with(&["--shutdown-timeout", "soon"]),
+            "FANOUT_SHUTDOWN_TIMEOUT"
+        );
+        assert_eq!(
+            with(&["--shutdown-timeout", "5 parsecs"]),
+            "FANOUT_SHUTDOWN_TIMEOUT"
+        );
         assert_eq!(with(&["--ping-interval", "1ms"]), "FANOUT_PING_INTERVAL");
         assert_eq!(with(&["--log-format", "xml"]), "FANOUT_LOG_FORMAT");
         assert_eq!(with(&["--jwt-algorithm", "HS257"]), "JWT_ALGORITHM");
         assert_eq!(with(&["--jwt-algorithm", "RS256"]), "JWT_ALGORITHM");
         assert_eq!(with(&["--jwt-leeway-seconds", "-1"]), "JWT_LEEWAY_SECONDS");
-        assert_eq!(with(&["--jwt-public-key", "/nonexistent.pem"]), "JWT_PUBLIC_KEY");
+        assert_eq!(
+            with(&["--jwt-public-key", "/nonexistent.pem"]),
+            "JWT_PUBLIC_KEY"
+        );
         assert_eq!(setting_of(&["--jwt-secret", "s"]), "FANOUT_INGEST_KEYS");
         assert_eq!(setting_of(&["--jwt-algorithm", "RS256"]), "JWT_ALGORITHM");
-        let err = serve(&["--jwt-public-key", "-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----", "--ingest-keys", "k"]).unwrap_err();
+        let err = serve(&[
+            "--jwt-public-key",
+            "-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----",
+            "--ingest-keys",
+            "k",
+        ])
+        .unwrap_err();
         assert_eq!(err.setting, "JWT_PUBLIC_KEY");
-        assert!(err.to_string().starts_with("invalid JWT_PUBLIC_KEY: "), "{err}");
+        assert!(
+            err.to_string().starts_with("invalid JWT_PUBLIC_KEY: "),
+            "{err}"
+        );
     }
 
     #[test]
@@ -624,12 +702,31 @@ mod tests {
                 _ => unreachable!(),
             }
         };
-        let ok = parse(&["--org", "acme", "--user", "u1", "--jwt-secret", "s", "--ttl", "2h"]).unwrap();
+        let ok = parse(&[
+            "--org",
+            "acme",
+            "--user",
+            "u1",
+            "--jwt-secret",
+            "s",
+            "--ttl",
+            "2h",
+        ])
+        .unwrap();
         assert_eq!(ok.ttl, Duration::from_secs(7200));
         assert_eq!(ok.role, "member");
-        assert_eq!(parse(&["--org", "acme", "--user", "u1"]).err().unwrap().setting, "JWT_SECRET");
         assert_eq!(
-            parse(&["--org", "a:b", "--user", "u", "--jwt-secret", "s"]).err().unwrap().setting,
+            parse(&["--org", "acme", "--user", "u1"])
+                .err()
+                .unwrap()
+                .setting,
+            "JWT_SECRET"
+        );
+        assert_eq!(
+            parse(&["--org", "a:b", "--user", "u", "--jwt-secret", "s"])
+                .err()
+                .unwrap()
+                .setting,
             "--org"
         );
     }

@@ -65,7 +65,8 @@ impl Delivery {
                 errors.len()
             }
             Err(e) => {
-                ::metrics::counter!(metrics::DROPPED, "reason" => "encode").increment(targets as u64);
+                ::metrics::counter!(metrics::DROPPED, "reason" => "encode")
+                    .increment(targets as u64);
                 tracing::error!(org = %msg.org, event = %msg.event, "broadcast failed: {e}");
                 targets
             }

@@ -42,7 +42,9 @@ pub fn router(state: IngestState) -> Router {
 /// A refused or failed ingest request.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("missing or unknown ingest key: send \"Authorization: Bearer <key>\" with a key from FANOUT_INGEST_KEYS")]
+    #[error(
+        "missing or unknown ingest key: send \"Authorization: Bearer <key>\" with a key from FANOUT_INGEST_KEYS"
+    )]
     Unauthorized,
     #[error("request body is larger than {limit} bytes (FANOUT_MAX_PAYLOAD_BYTES)")]
     TooLarge { limit: usize },
@@ -159,7 +161,8 @@ async fn broadcast_body(
     for field in required {
         require(&body.fields, field)?;
     }
-    let data = RawValue::from_string(body.text).map_err(|e| IngestError::InvalidJson(e.to_string()))?;
+    let data =
+        RawValue::from_string(body.text).map_err(|e| IngestError::InvalidJson(e.to_string()))?;
     send(
         state,
         Message {

@@ -100,7 +100,12 @@ fn print_dev_banner(config: &Config, dev: &DevMode) {
     let org = fanout::protocol::OrgId::parse("demo").unwrap();
     let user = fanout::protocol::UserId::parse("dev").unwrap();
     let token = verifier
-        .mint(&org, &user, "admin", std::time::Duration::from_secs(24 * 3600))
+        .mint(
+            &org,
+            &user,
+            "admin",
+            std::time::Duration::from_secs(24 * 3600),
+        )
         .expect("HS256 can mint");
     let host = |addr: std::net::SocketAddr| {
         if addr.ip().is_unspecified() {
@@ -111,7 +116,9 @@ fn print_dev_banner(config: &Config, dev: &DevMode) {
     };
     let public = host(config.listen);
     let internal = host(config.internal_listen);
-    tracing::warn!("DEV MODE: no JWT_SECRET or JWT_PUBLIC_KEY set; using a random secret and ingest key. Do not run this in production.");
+    tracing::warn!(
+        "DEV MODE: no JWT_SECRET or JWT_PUBLIC_KEY set; using a random secret and ingest key. Do not run this in production."
+    );
     println!(
         r#"
 === fanout dev mode: NOT FOR PRODUCTION (set JWT_SECRET and FANOUT_INGEST_KEYS) ===

@@ -258,6 +258,10 @@ impl Message {
                 limit,
             });
         }
+        // serde would also accept a JSON array as a struct, positionally: refuse it here.
+        if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(EnvelopeError::Json("not a JSON object".into()));
+        }
         let env: EnvelopeIn<'_> =
             serde_json::from_slice(payload).map_err(|e| EnvelopeError::Json(e.to_string()))?;
         let event: String = serde_json::from_str(env.event.get())
@@ -339,9 +343,15 @@ mod tests {
         assert!(UserId::parse("a:b c").is_ok());
         assert_eq!(UserId::parse(""), Err(InvalidId::Empty));
         assert!(matches!(UserId::parse("a\nb"), Err(InvalidId::BadChars(_))));
-        assert_eq!(UserId::parse(&"u".repeat(257)), Err(InvalidId::TooLong(256)));
+        assert_eq!(
+            UserId::parse(&"u".repeat(257)),
+            Err(InvalidId::TooLong(256))
+        );
         let org = OrgId::parse("o1").unwrap();
-        assert_eq!(user_room(&org, &UserId::parse("u:1").unwrap()), "user:o1:u:1");
+        assert_eq!(
+            user_room(&org, &UserId::parse("u:1").unwrap()),
+            "user:o1:u:1"
+        );
     }
 
     #[test]
@@ -350,16 +360,34 @@ mod tests {
             assert!(EventName::parse(ok).is_ok(), "{ok}");
         }
         assert!(EventName::parse(&"e".repeat(64)).is_ok());
-        assert_eq!(EventName::parse(&"e".repeat(65)), Err(InvalidId::TooLong(64)));
+        assert_eq!(
+            EventName::parse(&"e".repeat(65)),
+            Err(InvalidId::TooLong(64))
+        );
         assert_eq!(EventName::parse(""), Err(InvalidId::Empty));
         for bad in ["a b", "a/b", "évent", "a\"b"] {
-            assert!(matches!(EventName::parse(bad), Err(InvalidId::BadChars(_))), "{bad}");
+            assert!(
+                matches!(EventName::parse(bad), Err(InvalidId::BadChars(_))),
+                "{bad}"
+            );
         }
-        for reserved in ["connect", "disconnect", "connect_error", "disconnecting", "newListener"] {
-            assert!(matches!(EventName::parse(reserved), Err(InvalidId::Reserved(_))));
+        for reserved in [
+            "connect",
+            "disconnect",
+            "connect_error",
+            "disconnecting",
+            "newListener",
+        ] {
+            assert!(matches!(
+                EventName::parse(reserved),
+                Err(InvalidId::Reserved(_))
+            ));
         }
         for auth in ["auth-success", "auth-error", "auth-refresh", "auth-x"] {
-            assert!(matches!(EventName::parse(auth), Err(InvalidId::Reserved(_))));
+            assert!(matches!(
+                EventName::parse(auth),
+                Err(InvalidId::Reserved(_))
+            ));
         }
     }
 
@@ -395,7 +423,8 @@ mod tests {
         assert_eq!(msg.user, None);
         assert_eq!(msg.room(), "org:acme");
         // A nonsensical ts is a hint, not an error.
-        let msg = Message::from_envelope(org(), br#"{"event":"e","data":1,"ts":-5}"#, 1000).unwrap();
+        let msg =
+            Message::from_envelope(org(), br#"{"event":"e","data":1,"ts":-5}"#, 1000).unwrap();
         assert_eq!(msg.ts_ms, None);
     }
 

@@ -73,7 +73,11 @@ pub async fn run(
         .build_layer();
     let presence = Arc::new(Presence::new());
     let transports = Transports::default();
-    let delivery = Arc::new(Delivery::new(io.clone(), presence.clone(), transports.clone()));
+    let delivery = Arc::new(Delivery::new(
+        io.clone(),
+        presence.clone(),
+        transports.clone(),
+    ));
     let bus = Arc::new(match &config.redis_url {
         Some(url) => Bus::redis(
             RedisSettings {
@@ -105,7 +109,10 @@ pub async fn run(
         .fallback(not_found)
         .layer(sio_layer)
         .layer(cors(&config.cors_origins))
-        .layer(middleware::from_fn_with_state(transports.clone(), conn::track));
+        .layer(middleware::from_fn_with_state(
+            transports.clone(),
+            conn::track,
+        ));
     let internal_app = ingest::router(IngestState {
         bus: bus.clone(),
         keys: Arc::new(IngestKeys::new(config.ingest_keys.clone())),
@@ -165,8 +172,13 @@ pub async fn run(
         io.close().await;
         let _ = public_task.await;
     };
-    if tokio::time::timeout(config.shutdown_timeout, drain).await.is_err() {
-        tracing::warn!("FANOUT_SHUTDOWN_TIMEOUT reached with connections still open; exiting anyway");
+    if tokio::time::timeout(config.shutdown_timeout, drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "FANOUT_SHUTDOWN_TIMEOUT reached with connections still open; exiting anyway"
+        );
     }
     sweeper.abort();
     internal_stop.trigger();

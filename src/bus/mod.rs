@@ -58,7 +58,9 @@ impl Bus {
         shutdown: Shutdown,
     ) -> Result<Self, String> {
         Ok(Self {
-            inner: Inner::Redis(redis::RedisBus::start(settings, presence, delivery, shutdown)?),
+            inner: Inner::Redis(redis::RedisBus::start(
+                settings, presence, delivery, shutdown,
+            )?),
         })
     }
 

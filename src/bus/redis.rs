@@ -196,7 +196,15 @@ impl Subscriber {
                 self.max_payload,
                 self.delivery.clone(),
             ));
-            let end = self.session(&mut sink, &mut requests, reader, &mut sessions, &mut backoff).await;
+            let end = self
+                .session(
+                    &mut sink,
+                    &mut requests,
+                    reader,
+                    &mut sessions,
+                    &mut backoff,
+                )
+                .await;
             self.up.store(false, Ordering::Release);
             self.subscribed.clear();
             ::metrics::gauge!(metrics::REDIS_UP).set(0.0);
@@ -255,7 +263,10 @@ impl Subscriber {
         }
         *sessions += 1;
         backoff.reset();
-        tracing::info!(channels = self.subscribed.len(), "redis subscriber connected");
+        tracing::info!(
+            channels = self.subscribed.len(),
+            "redis subscriber connected"
+        );
         for w in waiting {
             let _ = w.send(());
         }
@@ -311,7 +322,10 @@ impl Subscriber {
             self.subscribed.extend(subscribe);
         }
         if !unsubscribe.is_empty() {
-            let chans: Vec<String> = unsubscribe.iter().map(|o| channel(&self.prefix, o)).collect();
+            let chans: Vec<String> = unsubscribe
+                .iter()
+                .map(|o| channel(&self.prefix, o))
+                .collect();
             with_timeout(sink.unsubscribe(chans)).await?;
             for org in &unsubscribe {
                 self.subscribed.remove(org);
@@ -327,9 +341,7 @@ impl Subscriber {
     }
 }
 
-async fn with_timeout<T>(
-    fut: impl Future<Output = redis::RedisResult<T>>,
-) -> Result<T, String> {
+async fn with_timeout<T>(fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
     match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(e.to_string()),
@@ -389,13 +401,17 @@ impl RateLimitedWarn {
 
     fn warn(&mut self, message: impl FnOnce() -> String) {
         let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < self.period) {
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.period)
+        {
             self.suppressed += 1;
             return;
         }
         let suppressed = std::mem::take(&mut self.suppressed);
         self.last = Some(now);
-        tracing::warn!(suppressed_since_last = suppressed, "{}", message());
+        let message = message();
+        tracing::warn!(suppressed_since_last = suppressed, "{message}");
     }
 }
 
@@ -433,14 +449,20 @@ mod tests {
     fn backoff_grows_caps_and_jitters() {
         let mut b = Backoff::new();
         let first = b.next_delay();
-        assert!(first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN, "{first:?}");
+        assert!(
+            first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN,
+            "{first:?}"
+        );
         for _ in 0..30 {
             let d = b.next_delay();
             assert!(d <= BACKOFF_MAX, "{d:?}");
         }
         let late: Vec<Duration> = (0..20).map(|_| b.next_delay()).collect();
         assert!(late.iter().all(|d| *d >= BACKOFF_MAX / 2));
-        assert!(late.iter().any(|d| *d != late[0]), "jitter varies the delay");
+        assert!(
+            late.iter().any(|d| *d != late[0]),
+            "jitter varies the delay"
+        );
         b.reset();
         assert!(b.next_delay() <= BACKOFF_MIN);
     }

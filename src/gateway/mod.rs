@@ -61,10 +61,13 @@ impl Gateway {
     /// Registers the handlers of the default namespace.
     pub fn attach(self: &Arc<Self>, io: &SocketIo) {
         let gw = self.clone();
-        io.ns("/", move |socket: SocketRef, TryData(auth): TryData<Value>| {
-            let gw = gw.clone();
-            async move { gw.on_connect(socket, auth.ok()).await }
-        });
+        io.ns(
+            "/",
+            move |socket: SocketRef, TryData(auth): TryData<Value>| {
+                let gw = gw.clone();
+                async move { gw.on_connect(socket, auth.ok()).await }
+            },
+        );
     }
 
     async fn on_connect(self: Arc<Self>, socket: SocketRef, auth: Option<Value>) {

@@ -37,17 +37,51 @@ pub fn install() -> Result<PrometheusHandle, String> {
 }
 
 fn describe() {
-    describe_gauge!(CONNECTIONS, "Authenticated Socket.IO connections held by this replica.");
-    describe_counter!(CONNECTIONS_TOTAL, "Socket.IO connection attempts, by result (accepted, rejected).");
-    describe_counter!(AUTH_FAILURES, "Rejected tokens and ended sessions, by reason.");
-    describe_counter!(PUBLISHED, "Messages accepted for publishing, by source (http: ingest API; redis: direct PUBLISH, counted by each replica that receives it).");
-    describe_counter!(DELIVERED, "Messages handed to sockets (one per socket per message).");
+    describe_gauge!(
+        CONNECTIONS,
+        "Authenticated Socket.IO connections held by this replica."
+    );
+    describe_counter!(
+        CONNECTIONS_TOTAL,
+        "Socket.IO connection attempts, by result (accepted, rejected)."
+    );
+    describe_counter!(
+        AUTH_FAILURES,
+        "Rejected tokens and ended sessions, by reason."
+    );
+    describe_counter!(
+        PUBLISHED,
+        "Messages accepted for publishing, by source (http: ingest API; redis: direct PUBLISH, counted by each replica that receives it)."
+    );
+    describe_counter!(
+        DELIVERED,
+        "Messages handed to sockets (one per socket per message)."
+    );
     describe_counter!(DROPPED, "Deliveries that could not be made, by reason.");
-    describe_histogram!(LATENCY, metrics::Unit::Seconds, "From the publish time (`ts`) to the hand-off to sockets.");
-    describe_gauge!(REDIS_SUBSCRIPTIONS, "Organization channels this replica is subscribed to.");
-    describe_gauge!(REDIS_UP, "1 while the Redis subscriber connection is up, else 0.");
-    describe_counter!(REDIS_RECONNECTS, "Times the Redis subscriber connection was re-established.");
+    describe_histogram!(
+        LATENCY,
+        metrics::Unit::Seconds,
+        "From the publish time (`ts`) to the hand-off to sockets."
+    );
+    describe_gauge!(
+        REDIS_SUBSCRIPTIONS,
+        "Organization channels this replica is subscribed to."
+    );
+    describe_gauge!(
+        REDIS_UP,
+        "1 while the Redis subscriber connection is up, else 0."
+    );
+    describe_counter!(
+        REDIS_RECONNECTS,
+        "Times the Redis subscriber connection was re-established."
+    );
     describe_counter!(MALFORMED, "Bus messages dropped as malformed, by reason.");
-    describe_counter!(SLOW_CONSUMERS, "Sockets disconnected because their send buffer overflowed.");
-    describe_counter!(HTTP_REQUESTS, "Internal HTTP requests, by route and status code.");
+    describe_counter!(
+        SLOW_CONSUMERS,
+        "Sockets disconnected because their send buffer overflowed."
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "Internal HTTP requests, by route and status code."
+    );
 }

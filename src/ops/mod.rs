@@ -57,7 +57,10 @@ fn not_ready(reason: &str) -> Response {
 async fn render_metrics(State(s): State<OpsState>) -> impl IntoResponse {
     s.metrics.run_upkeep();
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         s.metrics.render(),
     )
 }
