@@ -69,7 +69,9 @@ pub async fn run(
         .ping_interval(config.ping_interval)
         .ping_timeout(config.ping_timeout)
         .max_buffer_size(config.socket_buffer)
-        .max_payload(config.max_payload_bytes as u64)
+        // Also the size of one long-polling response: it must fit the largest message we
+        // accept, with its Socket.IO framing.
+        .max_payload((2 * config.max_payload_bytes as u64 + 4096).max(100_000))
         .build_layer();
     let presence = Arc::new(Presence::new());
     let transports = Transports::default();
