@@ -1,0 +1,715 @@
+// Shared harness of the contract tests: real fanout replicas, a real redis-server and the
+// stock socket.io-client, so that every test reads as the scenario it checks.
+//
+// A test wraps its body in `scenario(async (bed) => ...)`. The bed starts what the test asks
+// for (`bed.redis()`, `bed.replica()`, `bed.fleet(n)`, `bed.connect()`), prints the logs of
+// its processes if the test fails, and stops everything when the test ends, pass or fail.
+// Waiting is on a condition with a deadline (an event, a status), not on a sleep; proving
+// that something did not arrive uses `marker()`. The few timed waits left are part of their
+// scenario (token expiry) or documented where no marker can exist.
+
+import { spawn } from "node:child_process";
+import { randomUUID } from "node:crypto";
+import http from "node:http";
+import net from "node:net";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import jwt from "jsonwebtoken";
+import { io } from "socket.io-client";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+
+/** The fanout binary under test: `FANOUT_BIN`, or the debug build of this repository. */
+export const FANOUT_BIN = process.env.FANOUT_BIN ?? path.resolve(here, "../../target/debug/fanout");
+/** `redis-server` from PATH, unless `REDIS_SERVER` names another. */
+export const REDIS_SERVER = process.env.REDIS_SERVER ?? "redis-server";
+
+export const SECRET = "fanout-contract-tests-secret-0123456789";
+export const INGEST_KEYS = ["ingest-key-current", "ingest-key-next"];
+
+/** Default deadline of every await on the server, generous for a loaded 2-core machine. */
+export const WAIT_MS = 8000;
+
+// ---------------------------------------------------------------------------------------
+// Small utilities
+
+export const nowSeconds = () => Math.floor(Date.now() / 1000);
+
+export const delay = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Resolves `promise`, or rejects after `ms` with `what` in the message. */
+export function deadline(promise, ms, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms}ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/** Polls `check` (sync or async) until it returns a truthy value, which is returned. */
+export async function until(check, { timeout = WAIT_MS, every = 20, what = "a condition" } = {}) {
+  const end = Date.now() + timeout;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > end) throw new Error(`timed out after ${timeout}ms waiting for ${what}`);
+    await delay(every);
+  }
+}
+
+const handedOut = new Set();
+
+/** A TCP port that was free a moment ago (bound to port 0, then released). */
+export async function freePort() {
+  for (;;) {
+    const port = await new Promise((resolve, reject) => {
+      const srv = net.createServer();
+      srv.unref();
+      srv.on("error", reject);
+      srv.listen(0, "127.0.0.1", () => {
+        const { port } = srv.address();
+        srv.close(() => resolve(port));
+      });
+    });
+    // Never hand the same port to two processes of this run.
+    if (!handedOut.has(port)) {
+      handedOut.add(port);
+      return port;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tokens
+
+/**
+ * An HS256 token signed with the replicas' secret. `role` and `exp` (10 minutes) are filled
+ * in unless given; a claim set to `undefined` is left out of the token.
+ */
+export function token(claims, { secret = SECRET, algorithm = "HS256" } = {}) {
+  const body = { role: "viewer", exp: nowSeconds() + 600, ...claims };
+  for (const [k, v] of Object.entries(body)) if (v === undefined) delete body[k];
+  return jwt.sign(body, secret, { algorithm, noTimestamp: true });
+}
+
+/** An unsigned `alg: none` token. */
+export function unsignedToken(claims) {
+  const b64 = (v) => Buffer.from(JSON.stringify(v)).toString("base64url");
+  const body = { role: "viewer", exp: nowSeconds() + 600, ...claims };
+  return `${b64({ alg: "none", typ: "JWT" })}.${b64(body)}.`;
+}
+
+// ---------------------------------------------------------------------------------------
+// Child processes
+
+const live = new Set();
+// Last resort if the test process dies without running its cleanup: no orphans.
+process.on("exit", () => {
+  for (const child of live) {
+    try {
+      child.kill("SIGKILL");
+    } catch {}
+  }
+});
+
+/** A child process whose output is kept for the failure report. */
+class Proc {
+  constructor(name, command, args, env) {
+    this.name = name;
+    this.output = [];
+    this.child = spawn(command, args, { env, stdio: ["ignore", "pipe", "pipe"] });
+    live.add(this.child);
+    const keep = (stream) => {
+      let partial = "";
+      stream.setEncoding("utf8");
+      stream.on("data", (chunk) => {
+        const lines = (partial + chunk).split("\n");
+        partial = lines.pop();
+        this.output.push(...lines);
+      });
+      stream.on("end", () => partial && this.output.push(partial));
+    };
+    keep(this.child.stdout);
+    keep(this.child.stderr);
+    this.exit = null;
+    this.exited = new Promise((resolve) => {
+      this.child.on("error", (err) => {
+        this.output.push(`(could not start ${command}: ${err.message})`);
+        this.exit = { code: null, signal: null, error: err };
+        live.delete(this.child);
+        resolve(this.exit);
+      });
+      this.child.on("exit", (code, signal) => {
+        this.exit = { code, signal };
+        live.delete(this.child);
+        resolve(this.exit);
+      });
+    });
+  }
+
+  get running() {
+    return this.exit === null;
+  }
+
+  signal(sig) {
+    if (this.running) this.child.kill(sig);
+  }
+
+  async stop() {
+    if (this.running) {
+      this.child.kill("SIGKILL");
+      await this.exited;
+    }
+  }
+
+  log() {
+    return this.output.map((l) => `  [${this.name}] ${l}`).join("\n");
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// redis-server
+
+/** Parses one RESP reply at `at`: `[value, next offset]`, or `null` until it is complete. */
+function parseReply(buf, at = 0) {
+  const end = buf.indexOf("\r\n", at);
+  if (end < 0) return null;
+  const line = buf.subarray(at + 1, end).toString();
+  const after = end + 2;
+  switch (buf[at]) {
+    case 0x2b: // +
+      return [line, after];
+    case 0x2d: // -
+      return [new Error(`redis: ${line}`), after];
+    case 0x3a: // :
+      return [Number(line), after];
+    case 0x24: { // $
+      const len = Number(line);
+      if (len < 0) return [null, after];
+      if (buf.length < after + len + 2) return null;
+      return [buf.subarray(after, after + len).toString(), after + len + 2];
+    }
+    case 0x2a: { // *
+      const items = [];
+      let next = after;
+      for (let i = 0; i < Number(line); i++) {
+        const item = parseReply(buf, next);
+        if (!item) return null;
+        items.push(item[0]);
+        next = item[1];
+      }
+      return [items, next];
+    }
+    default:
+      return [new Error(`redis: unexpected reply ${JSON.stringify(buf.toString())}`), buf.length];
+  }
+}
+
+/** Sends one command over a fresh connection and resolves to its reply. */
+export function redisCommand(port, ...args) {
+  return new Promise((resolve, reject) => {
+    const sock = net.connect(port, "127.0.0.1");
+    let buf = Buffer.alloc(0);
+    sock.on("error", reject);
+    sock.on("connect", () => {
+      const parts = [Buffer.from(`*${args.length}\r\n`)];
+      for (const a of args) {
+        const b = Buffer.from(String(a));
+        parts.push(Buffer.from(`$${b.length}\r\n`), b, Buffer.from("\r\n"));
+      }
+      sock.write(Buffer.concat(parts));
+    });
+    sock.on("data", (d) => {
+      buf = Buffer.concat([buf, d]);
+      const reply = parseReply(buf);
+      if (!reply) return;
+      sock.end();
+      if (reply[0] instanceof Error) reject(reply[0]);
+      else resolve(reply[0]);
+    });
+  });
+}
+
+export class Redis {
+  constructor(port, proc) {
+    this.port = port;
+    this.url = `redis://127.0.0.1:${port}`;
+    this.proc = proc;
+  }
+
+  /** Kills the server (SIGKILL): an outage, as the replicas see it. */
+  stop() {
+    return this.proc.stop();
+  }
+
+  /** `PUBLISH channel message`; resolves to the number of subscribers that got it. */
+  publish(channel, message) {
+    return redisCommand(this.port, "PUBLISH", channel, typeof message === "string" ? message : JSON.stringify(message));
+  }
+
+  /** Number of subscribers of `channel` (`PUBSUB NUMSUB`). */
+  async subscribers(channel) {
+    const [, count] = await redisCommand(this.port, "PUBSUB", "NUMSUB", channel);
+    return count;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// fanout replicas
+
+export class Replica {
+  constructor(name, proc, publicPort, internalPort) {
+    this.name = name;
+    this.proc = proc;
+    this.url = `http://127.0.0.1:${publicPort}`;
+    this.internal = `http://127.0.0.1:${internalPort}`;
+  }
+
+  /** Status of `GET /readyz`, or `null` when nothing answers. */
+  async readyz() {
+    try {
+      const res = await fetch(`${this.internal}/readyz`, { signal: AbortSignal.timeout(2000) });
+      await res.arrayBuffer();
+      return res.status;
+    } catch {
+      return null;
+    }
+  }
+
+  /** POSTs `body` to the ingest API; resolves to `{ status, body }` (body parsed if JSON). */
+  async post(route, body, { key = INGEST_KEYS[0], headers = {} } = {}) {
+    const res = await fetch(`${this.internal}${route}`, {
+      method: "POST",
+      headers: {
+        "content-type": "application/json",
+        ...(key === null ? {} : { authorization: `Bearer ${key}` }),
+        ...headers,
+      },
+      body: typeof body === "string" ? body : JSON.stringify(body),
+    });
+    const text = await res.text();
+    let parsed = text;
+    try {
+      parsed = JSON.parse(text);
+    } catch {}
+    return { status: res.status, body: parsed };
+  }
+
+  async #accepted(route, body) {
+    const res = await this.post(route, body);
+    if (res.status !== 200) {
+      throw new Error(`${this.name} ${route} answered ${res.status} ${JSON.stringify(res.body)}`);
+    }
+    return res.body;
+  }
+
+  /** `POST /v1/publish { organizationId, event, data, userId? }`, which must answer 200. */
+  publish(message) {
+    return this.#accepted("/v1/publish", message);
+  }
+
+  /** `POST /executions/update`, which must answer 200. */
+  update(body) {
+    return this.#accepted("/executions/update", body);
+  }
+
+  /** `POST /executions/log`, which must answer 200. */
+  log(body) {
+    return this.#accepted("/executions/log", body);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients
+
+/**
+ * An http.Agent for a polling client that counts its long-poll GETs on the wire: handed to
+ * the operating system, not answered yet. The stock client accepts an `agent` option; this
+ * one changes nothing but what the test can observe.
+ */
+class PollWatcher extends http.Agent {
+  constructor() {
+    super();
+    this.inFlight = 0;
+    this.onChange = () => {};
+  }
+
+  addRequest(req, options) {
+    if (req.method === "GET" && /[?&]transport=polling/.test(req.path) && /[?&]sid=/.test(req.path)) {
+      let counted = false;
+      req.on("finish", () => {
+        counted = true;
+        this.inFlight++;
+        this.onChange();
+      });
+      const done = () => {
+        if (!counted) return;
+        counted = false;
+        this.inFlight--;
+        this.onChange();
+      };
+      req.on("response", done);
+      req.on("close", done);
+    }
+    return super.addRequest(req, options);
+  }
+}
+
+const LIFECYCLE = ["connect", "disconnect", "connect_error"];
+/** What the client itself reports, as opposed to events the server emitted. */
+const CLIENT_SIDE = new Set([...LIFECYCLE, "reconnect_attempt", "upgrade"]);
+
+/**
+ * A stock socket.io-client socket that records everything that happens to it, in order:
+ * server events, its lifecycle (`connect`, `disconnect`, `connect_error`), the manager's
+ * `reconnect_attempt` and the engine's `upgrade` (with the new transport's name).
+ */
+export class Client {
+  constructor(name, socket, polls) {
+    this.name = name;
+    this.socket = socket;
+    this.polls = polls;
+    /** `{ name, args, at }` in arrival order. */
+    this.log = [];
+    this.cursor = new Map();
+    this.waiters = new Set();
+    socket.onAny((event, ...args) => this.#record(event, args));
+    for (const event of LIFECYCLE) socket.on(event, (...args) => this.#record(event, args));
+    socket.io.on("reconnect_attempt", (n) => this.#record("reconnect_attempt", [n]));
+    socket.io.on("open", () => {
+      socket.io.engine.on("upgrade", (transport) => this.#record("upgrade", [transport.name]));
+    });
+  }
+
+  #record(name, args) {
+    this.log.push({ name, args, at: Date.now() });
+    this.notify();
+  }
+
+  /** Re-checks what is being waited for (after a change that is not an event). */
+  notify() {
+    for (const w of this.waiters) w();
+  }
+
+  /** Long-poll GETs on the wire (sent, not answered yet); needs `watchPolls` at connect. */
+  get pollsInFlight() {
+    return this.polls?.inFlight ?? 0;
+  }
+
+  /** Names of everything recorded, in order. */
+  names() {
+    return this.log.map((e) => e.name);
+  }
+
+  /** Names of the events the server emitted, in order. */
+  serverEvents() {
+    return this.log.filter((e) => !CLIENT_SIDE.has(e.name)).map((e) => e.name);
+  }
+
+  /** First argument of every `name` event so far. */
+  all(name) {
+    return this.log.filter((e) => e.name === name).map((e) => e.args[0]);
+  }
+
+  /**
+   * The first argument of the next `name` event not yet returned by `next`, waiting for it
+   * up to `timeout` ms.
+   */
+  async next(name, timeout = WAIT_MS) {
+    const seen = this.cursor.get(name) ?? 0;
+    const entry = await this.#wait(() => this.log.filter((e) => e.name === name)[seen], timeout, `"${name}" #${seen + 1}`);
+    this.cursor.set(name, seen + 1);
+    return entry.args[0];
+  }
+
+  /** Waits until `predicate(client)` holds. */
+  async until(predicate, what, timeout = WAIT_MS) {
+    return this.#wait(() => predicate(this), timeout, what);
+  }
+
+  /** Waits until some `name` event satisfies `match(data)`, and returns its data. */
+  async find(name, match, timeout = WAIT_MS) {
+    const entry = await this.#wait(
+      () => this.log.find((e) => e.name === name && match(e.args[0])),
+      timeout,
+      `a matching "${name}"`,
+    );
+    return entry.args[0];
+  }
+
+  #wait(check, timeout, what) {
+    const hit = check();
+    if (hit) return Promise.resolve(hit);
+    return new Promise((resolve, reject) => {
+      const waiter = () => {
+        const found = check();
+        if (found) {
+          cleanup();
+          resolve(found);
+        }
+      };
+      const timer = setTimeout(() => {
+        cleanup();
+        reject(new Error(`${this.name}: timed out after ${timeout}ms waiting for ${what}; got ${JSON.stringify(this.names())}`));
+      }, timeout);
+      const cleanup = () => {
+        clearTimeout(timer);
+        this.waiters.delete(waiter);
+      };
+      this.waiters.add(waiter);
+    });
+  }
+
+  /** When the first `name` was recorded (ms since the epoch), or undefined. */
+  timeOf(name) {
+    return this.log.find((e) => e.name === name)?.at;
+  }
+
+  /** Waits for `auth-success` and returns its payload. */
+  authenticated(timeout = WAIT_MS) {
+    return this.next("auth-success", timeout);
+  }
+
+  /** Emits with an acknowledgement, which must come within `timeout`. */
+  request(event, payload, timeout = WAIT_MS) {
+    return this.socket.timeout(timeout).emitWithAck(event, payload);
+  }
+
+  /** The Engine.IO transport in use (`websocket` or `polling`). */
+  get transport() {
+    return this.socket.io.engine?.transport?.name;
+  }
+
+  close() {
+    this.socket.disconnect();
+    this.socket.io.engine?.close();
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The test bed
+
+/** Base environment of a replica: nothing inherited but PATH, so ambient settings don't leak in. */
+function replicaEnv({ publicPort, internalPort, redis, env }) {
+  const base = {
+    PATH: process.env.PATH,
+    NO_COLOR: "1",
+    RUST_LOG: process.env.FANOUT_TEST_LOG ?? "info,fanout=debug",
+    FANOUT_LISTEN: `127.0.0.1:${publicPort}`,
+    FANOUT_INTERNAL_LISTEN: `127.0.0.1:${internalPort}`,
+    JWT_SECRET: SECRET,
+    FANOUT_INGEST_KEYS: INGEST_KEYS.join(","),
+    FANOUT_SHUTDOWN_TIMEOUT: "5s",
+  };
+  if (redis) base.REDIS_URL = redis.url;
+  return { ...base, ...env };
+}
+
+export class Testbed {
+  constructor() {
+    this.procs = [];
+    this.clients = [];
+    this.servers = [];
+    this.count = { replica: 0, client: 0 };
+  }
+
+  /**
+   * Starts a redis-server of this test (never the shared 6379), ready for commands; on
+   * `port` if given (to bring a stopped one back), else on a free port.
+   */
+  async redis({ port: wanted } = {}) {
+    for (let attempt = 1; ; attempt++) {
+      const port = wanted ?? (await freePort());
+      const proc = this.#spawn(`redis:${port}`, REDIS_SERVER, [
+        "--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+      ], { PATH: process.env.PATH });
+      try {
+        await until(
+          async () => {
+            if (!proc.running) throw new Error(`redis-server exited: ${JSON.stringify(proc.exit)}`);
+            return (await redisCommand(port, "PING").catch(() => null)) === "PONG";
+          },
+          { what: `redis-server on ${port}` },
+        );
+        return new Redis(port, proc);
+      } catch (err) {
+        await proc.stop();
+        if (wanted !== undefined || attempt >= 3) throw err;
+      }
+    }
+  }
+
+  /**
+   * Starts a replica. `redis`: a `Redis` (or any `{ url }`) for fleet mode, else the
+   * in-process bus; `env`: extra or overriding settings. Waits until `/readyz` answers 200,
+   * or with `ready: false` only until it answers at all.
+   */
+  async replica({ redis, env = {}, ready = true } = {}) {
+    const name = `fanout-${++this.count.replica}`;
+    for (let attempt = 1; ; attempt++) {
+      const [publicPort, internalPort] = [await freePort(), await freePort()];
+      const proc = this.#spawn(name, FANOUT_BIN, [], replicaEnv({ publicPort, internalPort, redis, env }));
+      const replica = new Replica(name, proc, publicPort, internalPort);
+      try {
+        await until(
+          async () => {
+            if (proc.exit?.error) {
+              throw new Error(`cannot run ${FANOUT_BIN} (${proc.exit.error.code}): build it with \`cargo build\` or set FANOUT_BIN`);
+            }
+            if (!proc.running) throw new Error(`${name} exited at start: ${JSON.stringify(proc.exit)}`);
+            const status = await replica.readyz();
+            return ready ? status === 200 : status !== null;
+          },
+          { what: `${name} /readyz ${ready ? "200" : "to answer"}` },
+        );
+        return replica;
+      } catch (err) {
+        await proc.stop();
+        // Another process took a port between freePort() and bind: try other ports.
+        const portTaken = proc.output.some((l) => l.includes("cannot listen"));
+        if (!portTaken || attempt >= 3) throw err;
+      }
+    }
+  }
+
+  /** A Redis and `n` replicas sharing it. */
+  async fleet(n, options = {}) {
+    const redis = await this.redis();
+    const replicas = [];
+    for (let i = 0; i < n; i++) replicas.push(await this.replica({ ...options, redis }));
+    return { redis, replicas };
+  }
+
+  /**
+   * Connects a stock client to `replica`. `token` becomes `auth: { token }`; `auth` is passed
+   * as is (omit both for a client without auth). Websocket only unless `transports` says
+   * otherwise. `watchPolls`: count the long-polls on the wire (`client.pollsInFlight`).
+   * Reconnection stays on (stock behaviour) with a short delay, so that a reconnection the
+   * contract forbids would show up quickly.
+   */
+  connect(replica, { token: tok, auth, name, watchPolls = false, ...options } = {}) {
+    const clientName = name ?? `client-${++this.count.client}`;
+    const opts = {
+      forceNew: true,
+      transports: ["websocket"],
+      reconnectionDelay: 100,
+      reconnectionDelayMax: 200,
+      timeout: WAIT_MS,
+      ...options,
+    };
+    if (tok !== undefined) opts.auth = { token: tok };
+    else if (auth !== undefined) opts.auth = auth;
+    const polls = watchPolls ? new PollWatcher() : undefined;
+    if (polls) opts.agent = polls;
+    const client = new Client(clientName, io(replica.url, opts), polls);
+    if (polls) polls.onChange = () => client.notify();
+    this.clients.push(client);
+    return client;
+  }
+
+  /** Connects with a token of `claims` and waits for (consumes) its `auth-success`. */
+  async join(replica, claims, options = {}) {
+    const client = this.connect(replica, { token: token(claims), ...options });
+    await client.authenticated();
+    return client;
+  }
+
+  /**
+   * A TCP load balancer in front of `replicas`: each new connection goes to the first
+   * replica that accepts it, so when one stops listening, clients reconnect to the next.
+   * Connect clients to it like to a replica. `awaitingReply()` counts the connections whose
+   * last request reached a replica and has no answer yet (a long-poll held there).
+   */
+  async balancer(replicas) {
+    const open = new Set();
+    const waiting = new Set();
+    const track = (sock) => {
+      open.add(sock);
+      sock.on("close", () => {
+        open.delete(sock);
+        waiting.delete(sock);
+      });
+    };
+    const server = net.createServer((down) => {
+      track(down);
+      down.pause();
+      down.on("error", () => {});
+      const tryFrom = (i) => {
+        if (i >= replicas.length || down.destroyed) return down.destroy();
+        const up = net.connect(Number(new URL(replicas[i].url).port), "127.0.0.1");
+        const next = () => tryFrom(i + 1);
+        up.once("error", next);
+        up.once("connect", () => {
+          up.off("error", next);
+          track(up);
+          // An orderly close is passed on after the data; a reset, as a reset.
+          up.on("error", () => down.destroy());
+          down.on("error", () => up.destroy());
+          down.on("data", (chunk) => up.write(chunk, () => waiting.add(up)));
+          down.on("end", () => up.end());
+          up.on("data", () => waiting.delete(up));
+          up.pipe(down);
+          down.resume();
+        });
+      };
+      tryFrom(0);
+    });
+    await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+    this.servers.push({ server, open });
+    return {
+      name: "balancer",
+      url: `http://127.0.0.1:${server.address().port}`,
+      awaitingReply: () => waiting.size,
+    };
+  }
+
+  #spawn(name, command, args, env) {
+    const proc = new Proc(name, command, args, env);
+    this.procs.push(proc);
+    return proc;
+  }
+
+  /** Everything the processes of this bed wrote. */
+  logs() {
+    return this.procs.map((p) => `--- ${p.name} (exit ${JSON.stringify(p.exit)}) ---\n${p.log()}`).join("\n");
+  }
+
+  async close() {
+    for (const c of this.clients) c.close();
+    for (const { server, open } of this.servers) {
+      server.close();
+      for (const sock of open) sock.destroy();
+    }
+    await Promise.all(this.procs.map((p) => p.stop()));
+  }
+}
+
+/**
+ * Publishes a `marker` event to `organizationId` through `replica` and waits until each of
+ * `clients` has it. Messages reach a socket in the order they were published through one
+ * bus, so once the marker is in, anything published before it that was going to arrive has
+ * arrived: this is how a test proves that something did *not* arrive, without a sleep.
+ */
+export async function marker(replica, organizationId, clients) {
+  const id = randomUUID();
+  await replica.publish({ organizationId, event: "marker", data: { id } });
+  await Promise.all(clients.map((c) => c.find("marker", (d) => d?.id === id)));
+}
+
+/**
+ * Wraps a test body: gives it a fresh bed, prints the bed's process logs if the body fails
+ * (or runs past `timeout` ms), and always stops the bed's processes and clients.
+ */
+export function scenario(body, { timeout = 60_000 } = {}) {
+  return async (t) => {
+    const bed = new Testbed();
+    try {
+      await deadline(body(bed, t), timeout, "the whole scenario");
+    } catch (err) {
+      process.stderr.write(`\n=== logs of "${t.name}" ===\n${bed.logs()}\n=== end of logs ===\n`);
+      throw err;
+    } finally {
+      await bed.close();
+    }
+  };
+}
