@@ -291,7 +291,8 @@ impl Subscriber {
                     }
                 }
                 _ = ping.tick() => {
-                    if let Err(e) = with_timeout(sink.ping::<String>()).await {
+                    // In subscribe mode Redis answers PING with ["pong", ""], not a string.
+                    if let Err(e) = with_timeout(sink.ping::<redis::Value>()).await {
                         break SessionEnd::Lost(format!("ping failed: {e}"));
                     }
                 }

@@ -13,17 +13,19 @@ pub mod conn;
 mod expiry;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{Value, json};
-use socketioxide::SocketIo;
 use socketioxide::extract::{AckSender, SocketRef, TryData};
+use socketioxide::socket::Sid;
+use socketioxide::{SendError, SocketError, SocketIo};
 
 use crate::auth::{AuthError, Identity, Verifier};
 use crate::bus::Bus;
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
-use crate::protocol::user_room;
+use crate::protocol::{OrgId, UserId, user_room};
 use conn::Transports;
 pub use expiry::Expiry;
 
@@ -84,38 +86,38 @@ impl Gateway {
         };
         let (org, user) = (identity.org.clone(), identity.user.clone());
 
-        // Presence first, disconnect handler next: from here on, a disconnect at any point
-        // undoes exactly what was done.
+        // Presence first, then the handler that undoes it: from here on, a disconnect at any
+        // point undoes exactly what was done, once.
         self.presence.add(&org, &user);
         ::metrics::gauge!(metrics::CONNECTIONS).increment(1.0);
+        let admission = Arc::new(Admission {
+            gw: self.clone(),
+            org: org.clone(),
+            user: user.clone(),
+            ended: AtomicBool::new(false),
+        });
         {
-            let gw = self.clone();
-            let (org, user) = (org.clone(), user.clone());
-            socket.on_disconnect(move |socket: SocketRef| async move {
-                gw.expiry.remove(socket.id);
-                gw.transports.forget(socket.id);
-                ::metrics::gauge!(metrics::CONNECTIONS).decrement(1.0);
-                if gw.presence.remove(&org, &user) {
-                    gw.bus.left(&org);
-                }
-            });
+            let admission = admission.clone();
+            socket.on_disconnect(move |socket: SocketRef| async move { admission.end(socket.id) });
+        }
+        // Closed before the handler existed: socketioxide will never call it.
+        if !socket.connected() {
+            return admission.end(socket.id);
         }
         self.bus.joined(&org).await;
         if !socket.connected() {
-            return;
+            return admission.end(socket.id);
         }
         socket.join([org.room(), user_room(&org, &user)]);
         if !socket.connected() {
             // Disconnected while joining: the adapter already forgot it, so must we.
             socket.leave_all();
-            return;
+            return admission.end(socket.id);
         }
         self.expiry
             .set(socket.id, identity.exp * 1000 + self.leeway_ms);
         self.listen_for_refresh(&socket, &identity);
-        ::metrics::counter!(metrics::CONNECTIONS_TOTAL, "result" => "accepted").increment(1);
-        tracing::debug!(sid = %socket.id, %org, %user, "authenticated");
-        let _ = socket.emit(
+        let sent = socket.emit(
             "auth-success",
             &json!({
                 "message": "Connected to organization channel",
@@ -124,6 +126,15 @@ impl Gateway {
                 "role": identity.role,
             }),
         );
+        // A transport that closed before socketioxide put the socket in its namespace
+        // leaves a socket that looks connected but will never be closed; only a send tells.
+        // Disconnecting it removes it from the namespace and runs the handler above.
+        if let Err(SendError::Socket(SocketError::Closed)) = sent {
+            let _ = socket.clone().disconnect();
+            return admission.end(socket.id);
+        }
+        ::metrics::counter!(metrics::CONNECTIONS_TOTAL, "result" => "accepted").increment(1);
+        tracing::debug!(sid = %socket.id, %org, %user, "authenticated");
     }
 
     /// `auth-refresh` `{ token }`: extends the session to the new token's `exp`, if the new
@@ -155,6 +166,31 @@ impl Gateway {
                 let _ = ack.send(&reply);
             },
         );
+    }
+}
+
+/// What an authenticated socket added to the replica's shared state. Ended exactly once,
+/// by whichever comes first: the disconnect handler, or the connect path noticing that
+/// socketioxide will never call that handler.
+struct Admission {
+    gw: Arc<Gateway>,
+    org: OrgId,
+    user: UserId,
+    ended: AtomicBool,
+}
+
+impl Admission {
+    fn end(&self, sid: Sid) {
+        if self.ended.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let gw = &self.gw;
+        gw.expiry.remove(sid);
+        gw.transports.forget(sid);
+        ::metrics::gauge!(metrics::CONNECTIONS).decrement(1.0);
+        if gw.presence.remove(&self.org, &self.user) {
+            gw.bus.left(&self.org);
+        }
     }
 }
 

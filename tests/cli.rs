@@ -1,0 +1,283 @@
+//! The command line: settings are checked before anything starts, `fanout token` mints
+//! tokens the replicas accept, and with no key configured fanout runs in a dev mode that
+//! prints everything needed to try it.
+
+mod support;
+
+use jsonwebtoken::{DecodingKey, Validation};
+use serde_json::{Value, json};
+use support::replica::run_to_end;
+use support::*;
+
+/// A valid environment for `fanout serve`, on ports nothing listens on.
+fn base_env() -> Vec<(String, String)> {
+    vec![
+        ("FANOUT_LISTEN".into(), format!("127.0.0.1:{}", free_port())),
+        (
+            "FANOUT_INTERNAL_LISTEN".into(),
+            format!("127.0.0.1:{}", free_port()),
+        ),
+        ("JWT_SECRET".into(), SECRET.into()),
+        ("FANOUT_INGEST_KEYS".into(), INGEST_KEY.into()),
+    ]
+}
+
+/// Runs `fanout` with `args` and the base environment changed by `changes` (an empty value
+/// removes the variable); checks that it refused to start naming `setting`.
+fn assert_refused(args: &[&str], changes: &[(&str, &str)], setting: &str) {
+    let mut env = base_env();
+    for (key, value) in changes {
+        env.retain(|(k, _)| k != key);
+        if !value.is_empty() {
+            env.push((key.to_string(), value.to_string()));
+        }
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let out = run_to_end(args, &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{changes:?} {args:?}: {}\n{stderr}",
+        out.status
+    );
+    let prefix = format!("fanout: invalid {setting}: ");
+    assert!(
+        stderr.starts_with(&prefix) && stderr.trim_end().lines().count() == 1,
+        "{changes:?} {args:?}: expected one line starting with {prefix:?}, got {stderr:?}"
+    );
+    assert!(out.stdout.is_empty(), "{changes:?}: nothing on stdout");
+}
+
+#[test]
+fn invalid_settings_stop_the_start_naming_the_setting() {
+    let same = format!("127.0.0.1:{}", free_port());
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("FANOUT_LISTEN", "nope")], "FANOUT_LISTEN"),
+        (
+            &[("FANOUT_LISTEN", &same), ("FANOUT_INTERNAL_LISTEN", &same)],
+            "FANOUT_INTERNAL_LISTEN",
+        ),
+        (&[("REDIS_URL", "http://localhost")], "REDIS_URL"),
+        (&[("FANOUT_REDIS_PREFIX", "a b")], "FANOUT_REDIS_PREFIX"),
+        (
+            &[("FANOUT_MAX_PAYLOAD_BYTES", "lots")],
+            "FANOUT_MAX_PAYLOAD_BYTES",
+        ),
+        (
+            &[("FANOUT_MAX_PAYLOAD_BYTES", "10")],
+            "FANOUT_MAX_PAYLOAD_BYTES",
+        ),
+        (&[("FANOUT_SOCKET_BUFFER", "4")], "FANOUT_SOCKET_BUFFER"),
+        (
+            &[("FANOUT_SHUTDOWN_TIMEOUT", "soon")],
+            "FANOUT_SHUTDOWN_TIMEOUT",
+        ),
+        (&[("FANOUT_PING_INTERVAL", "1ms")], "FANOUT_PING_INTERVAL"),
+        (&[("FANOUT_PING_TIMEOUT", "3 weeks")], "FANOUT_PING_TIMEOUT"),
+        (&[("FANOUT_LOG_FORMAT", "xml")], "FANOUT_LOG_FORMAT"),
+        (
+            &[("FANOUT_CORS_ORIGINS", "example.com")],
+            "FANOUT_CORS_ORIGINS",
+        ),
+        (&[("JWT_LEEWAY_SECONDS", "-1")], "JWT_LEEWAY_SECONDS"),
+        (&[("JWT_ALGORITHM", "HS257")], "JWT_ALGORITHM"),
+        (&[("FANOUT_INGEST_KEYS", "")], "FANOUT_INGEST_KEYS"),
+        (&[("FANOUT_INGEST_KEYS", " , ")], "FANOUT_INGEST_KEYS"),
+        (
+            &[
+                ("JWT_SECRET", ""),
+                ("JWT_PUBLIC_KEY", "/nonexistent/key.pem"),
+            ],
+            "JWT_PUBLIC_KEY",
+        ),
+        (
+            &[("JWT_PUBLIC_KEY", include_str!("keys/rsa_public.pem"))],
+            "JWT_SECRET",
+        ),
+    ];
+    for (changes, setting) in cases {
+        assert_refused(&[], changes, setting);
+    }
+    // Flags are checked like their environment variables, and named the same way.
+    assert_refused(
+        &["serve", "--socket-buffer", "0"],
+        &[],
+        "FANOUT_SOCKET_BUFFER",
+    );
+    assert_refused(&["--listen", "1.2.3.4"], &[], "FANOUT_LISTEN");
+}
+
+#[test]
+fn a_taken_port_stops_the_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut env = base_env();
+    env[0].1 = addr.clone();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let out = run_to_end(&[], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on FANOUT_LISTEN={addr}")),
+        "{stderr}"
+    );
+}
+
+#[derive(serde::Deserialize, Debug)]
+struct Claims {
+    #[serde(rename = "organizationId")]
+    organization_id: Value,
+    #[serde(rename = "userId")]
+    user_id: Value,
+    role: String,
+    iat: u64,
+    exp: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_command_mints_tokens_the_replicas_accept() {
+    let args = [
+        "token", "--org", "acme", "--user", "u1", "--role", "admin", "--ttl", "2h",
+    ];
+    let out = run_to_end(&args, &[("JWT_SECRET", SECRET)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "{stdout:?}");
+    let token = stdout.trim();
+
+    let claims = jsonwebtoken::decode::<Claims>(
+        token,
+        &DecodingKey::from_secret(SECRET.as_bytes()),
+        &Validation::new(jsonwebtoken::Algorithm::HS256),
+    )
+    .expect("the token verifies with JWT_SECRET")
+    .claims;
+    assert_eq!(
+        (&claims.organization_id, &claims.user_id),
+        (&json!("acme"), &json!("u1"))
+    );
+    assert_eq!(claims.role, "admin");
+    assert_eq!(claims.exp - claims.iat, 7200);
+    assert!(claims.exp.abs_diff(now_secs() + 7200) <= 5, "{claims:?}");
+
+    let r = Replica::builder().start().await;
+    let (_, hello) = Client::authenticated(r.public, token).await;
+    assert_eq!(hello["role"], json!("admin"));
+    let default_role = run_to_end(
+        &["token", "--org", "acme", "--user", "u2"],
+        &[("JWT_SECRET", SECRET)],
+    );
+    let (_, hello) = Client::authenticated(
+        r.public,
+        String::from_utf8_lossy(&default_role.stdout).trim(),
+    )
+    .await;
+    assert_eq!(hello["role"], json!("member"));
+}
+
+#[test]
+fn the_token_command_refuses_bad_input() {
+    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+        (&["--org", "acme", "--user", "u"], &[], "JWT_SECRET"),
+        (
+            &["--org", "a:b", "--user", "u"],
+            &[("JWT_SECRET", SECRET)],
+            "--org",
+        ),
+        (
+            &["--org", "acme", "--user", ""],
+            &[("JWT_SECRET", SECRET)],
+            "--user",
+        ),
+        (
+            &["--org", "acme", "--user", "u", "--ttl", "soon"],
+            &[("JWT_SECRET", SECRET)],
+            "--ttl",
+        ),
+        (
+            &["--org", "acme", "--user", "u", "--ttl", "0s"],
+            &[("JWT_SECRET", SECRET)],
+            "--ttl",
+        ),
+        (
+            &["--org", "acme", "--user", "u", "--role", " "],
+            &[("JWT_SECRET", SECRET)],
+            "--role",
+        ),
+    ];
+    for (args, env, setting) in cases {
+        let mut argv = vec!["token"];
+        argv.extend_from_slice(args);
+        let out = run_to_end(&argv, env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{argv:?}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("fanout: invalid {setting}: ")),
+            "{argv:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_prints_a_working_token_and_ingest_key() {
+    let r = Replica::builder()
+        .unset("JWT_SECRET")
+        .unset("FANOUT_INGEST_KEYS")
+        .start()
+        .await;
+    let banner = eventually("the dev banner", QUICK, || async {
+        let out = r.stdout();
+        out.contains("Ingest key: ").then_some(out)
+    })
+    .await;
+    assert!(banner.contains("NOT FOR PRODUCTION"), "{banner}");
+    assert!(r.stderr().contains("DEV MODE"), "a warning in the logs too");
+    let mut lines = banner.lines();
+    lines
+        .find(|l| l.starts_with("Dev token"))
+        .expect("a dev token line");
+    let token = lines
+        .next()
+        .expect("the token, on the next line")
+        .trim()
+        .to_string();
+    let key = banner
+        .lines()
+        .find_map(|l| l.strip_prefix("Ingest key: "))
+        .unwrap()
+        .trim()
+        .to_string();
+
+    let (mut client, hello) = Client::authenticated(r.public, &token).await;
+    assert_eq!(
+        hello,
+        json!({"message": "Connected to organization channel", "organizationId": "demo", "userId": "dev", "role": "admin"})
+    );
+    let body =
+        json!({"organizationId": "demo", "taskId": "task-1", "status": "RUNNING"}).to_string();
+    assert_eq!(
+        r.post_raw("/executions/update", body.clone(), Some(INGEST_KEY))
+            .await
+            .status,
+        401
+    );
+    let reply = r.post_raw("/executions/update", body, Some(&key)).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(
+        client.expect("execution-updated", QUICK).await["taskId"],
+        json!("task-1")
+    );
+
+    // The secret is random: tokens signed with any other secret are refused.
+    let mut stranger = Client::with_token(r.public, &valid_token("demo", "dev")).await;
+    assert_eq!(
+        stranger.expect("auth-error", QUICK).await,
+        json!({"error": "Invalid or expired token"})
+    );
+}
