@@ -602,56 +602,40 @@ mod tests {
             a.extend_from_slice(extra);
             setting_of(&a)
         };
-        assert_eq!(with(&["--listen", "nope"]), "FANOUT_LISTEN");
-        assert_eq!(
-            with(&["--internal-listen", "1.2.3.4"]),
-            "FANOUT_INTERNAL_LISTEN"
-        );
-        assert_eq!(
-            with(&[
-                "--listen",
-                "127.0.0.1:9",
-                "--internal-listen",
-                "127.0.0.1:9"
-            ]),
-            "FANOUT_INTERNAL_LISTEN"
-        );
-        assert_eq!(with(&["--redis-url", "http://x"]), "REDIS_URL");
-        assert_eq!(with(&["--redis-prefix", "a b"]), "FANOUT_REDIS_PREFIX");
-        assert_eq!(
-            with(&["--cors-origins", "example.com"]),
-            "FANOUT_CORS_ORIGINS"
-        );
-        assert_eq!(
-            with(&["--cors-origins", "https://a.com/"]),
-            "FANOUT_CORS_ORIGINS"
-        );
-        assert_eq!(
-            with(&["--max-payload-bytes", "abc"]),
-            "FANOUT_MAX_PAYLOAD_BYTES"
-        );
-        assert_eq!(
-            with(&["--max-payload-bytes", "10"]),
-            "FANOUT_MAX_PAYLOAD_BYTES"
-        );
-        assert_eq!(with(&["--socket-buffer", "0"]), "FANOUT_SOCKET_BUFFER");
-        assert_eq!(
-            with(&["--shutdown-timeout", "soon"]),
-            "FANOUT_SHUTDOWN_TIMEOUT"
-        );
-        assert_eq!(
-            with(&["--shutdown-timeout", "5 parsecs"]),
-            "FANOUT_SHUTDOWN_TIMEOUT"
-        );
-        assert_eq!(with(&["--ping-interval", "1ms"]), "FANOUT_PING_INTERVAL");
-        assert_eq!(with(&["--log-format", "xml"]), "FANOUT_LOG_FORMAT");
-        assert_eq!(with(&["--jwt-algorithm", "HS257"]), "JWT_ALGORITHM");
-        assert_eq!(with(&["--jwt-algorithm", "RS256"]), "JWT_ALGORITHM");
-        assert_eq!(with(&["--jwt-leeway-seconds", "-1"]), "JWT_LEEWAY_SECONDS");
-        assert_eq!(
-            with(&["--jwt-public-key", "/nonexistent.pem"]),
-            "JWT_PUBLIC_KEY"
-        );
+        let cases: &[(&[&'static str], &str)] = &[
+            (&["--listen", "nope"], "FANOUT_LISTEN"),
+            (&["--internal-listen", "1.2.3.4"], "FANOUT_INTERNAL_LISTEN"),
+            (
+                &[
+                    "--listen",
+                    "127.0.0.1:9",
+                    "--internal-listen",
+                    "127.0.0.1:9",
+                ],
+                "FANOUT_INTERNAL_LISTEN",
+            ),
+            (&["--redis-url", "http://x"], "REDIS_URL"),
+            (&["--redis-prefix", "a b"], "FANOUT_REDIS_PREFIX"),
+            (&["--cors-origins", "example.com"], "FANOUT_CORS_ORIGINS"),
+            (&["--cors-origins", "https://a.com/"], "FANOUT_CORS_ORIGINS"),
+            (&["--max-payload-bytes", "abc"], "FANOUT_MAX_PAYLOAD_BYTES"),
+            (&["--max-payload-bytes", "10"], "FANOUT_MAX_PAYLOAD_BYTES"),
+            (&["--socket-buffer", "0"], "FANOUT_SOCKET_BUFFER"),
+            (&["--shutdown-timeout", "soon"], "FANOUT_SHUTDOWN_TIMEOUT"),
+            (
+                &["--shutdown-timeout", "5 parsecs"],
+                "FANOUT_SHUTDOWN_TIMEOUT",
+            ),
+            (&["--ping-interval", "1ms"], "FANOUT_PING_INTERVAL"),
+            (&["--log-format", "xml"], "FANOUT_LOG_FORMAT"),
+            (&["--jwt-algorithm", "HS257"], "JWT_ALGORITHM"),
+            (&["--jwt-algorithm", "RS256"], "JWT_ALGORITHM"),
+            (&["--jwt-leeway-seconds", "-1"], "JWT_LEEWAY_SECONDS"),
+            (&["--jwt-public-key", "/nonexistent.pem"], "JWT_PUBLIC_KEY"),
+        ];
+        for (args, setting) in cases {
+            assert_eq!(with(args), *setting, "{args:?}");
+        }
         assert_eq!(setting_of(&["--jwt-secret", "s"]), "FANOUT_INGEST_KEYS");
         assert_eq!(setting_of(&["--jwt-algorithm", "RS256"]), "JWT_ALGORITHM");
         let err = serve(&[

@@ -83,7 +83,8 @@ async fn subscriptions_converge_to_presence_after_churn() {
 
     // Every third organization ends with no socket at all; the others keep one or two
     // sockets, on one replica or both.
-    let keep = |i: usize, w: usize| i % 3 != 0 && (w == 0 || (i % 2 == 0 && w == 1));
+    let keep =
+        |i: usize, w: usize| !i.is_multiple_of(3) && (w == 0 || (i.is_multiple_of(2) && w == 1));
     let workers: Vec<_> = (0..ORGS)
         .flat_map(|i| (0..WORKERS_PER_ORG).map(move |w| (i, w)))
         .map(|(i, w)| tokio::spawn(worker(addrs, i, w, keep(i, w))))

@@ -180,9 +180,12 @@ async fn the_token_command_mints_tokens_the_replicas_accept() {
     assert_eq!(hello["role"], json!("member"));
 }
 
+/// Arguments, environment, and the setting the error must name.
+type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
 #[test]
 fn the_token_command_refuses_bad_input() {
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    let cases: &[Case] = &[
         (&["--org", "acme", "--user", "u"], &[], "JWT_SECRET"),
         (
             &["--org", "a:b", "--user", "u"],

@@ -221,7 +221,7 @@ impl Subscriber {
 
     async fn wait_retry(&self, backoff: &mut Backoff, why: &str) {
         let delay = backoff.next_delay();
-        if backoff.attempt <= 1 || backoff.attempt % 20 == 0 {
+        if backoff.attempt <= 1 || backoff.attempt.is_multiple_of(20) {
             tracing::warn!(
                 attempt = backoff.attempt,
                 "cannot connect the redis subscriber ({why}); retrying in {delay:?}"

@@ -12,15 +12,7 @@ test("auth-success means subscribed: a publish through another replica right aft
   const { replicas: [a, b] } = await bed.fleet(2);
   // Each org is new to the replica it joins, so each join waits for a new Redis subscription.
   for (let i = 0; i < 15; i++) {
-    const organizationId = `fresh-${i}`;
-    const [home, other] = i % 2 ? [a, b] : [b, a];
-    const client = bed.connect(home, {
-      token: token({ organizationId, userId: "u" }),
-      transports: i % 3 ? ["websocket"] : ["polling"],
-    });
-    await client.authenticated();
-    await other.update({ organizationId, taskId: `t-${i}`, status: "RUNNING" });
-    assert.equal((await client.next("execution-updated")).taskId, `t-${i}`);
+    const client = await joinThenReceiveFromOther(bed, [a, b], `fresh-${i}`, i);
     client.close();
   }
 }));
@@ -28,19 +20,26 @@ test("auth-success means subscribed: a publish through another replica right aft
 test("auth-success means subscribed, for many orgs joining at once", scenario(async (bed) => {
   const { replicas: [a, b] } = await bed.fleet(2);
   await Promise.all(
-    seq(24, async (i) => {
-      const organizationId = `burst-${i}`;
-      const [home, other] = i % 2 ? [a, b] : [b, a];
-      const client = bed.connect(home, {
-        token: token({ organizationId, userId: "u" }),
-        transports: i % 3 ? ["websocket"] : ["polling"],
-      });
-      await client.authenticated();
-      await other.update({ organizationId, taskId: `t-${i}`, status: "RUNNING" });
-      assert.equal((await client.next("execution-updated")).taskId, `t-${i}`);
-    }),
+    seq(24, (i) => joinThenReceiveFromOther(bed, [a, b], `burst-${i}`, i)),
   );
 }));
+
+/**
+ * Joins org `organizationId` on one replica (alternating with `i`, and alternating the
+ * transport), and checks that an update published through the other replica as soon as
+ * `auth-success` arrived is received.
+ */
+async function joinThenReceiveFromOther(bed, [a, b], organizationId, i) {
+  const [home, other] = i % 2 ? [a, b] : [b, a];
+  const client = bed.connect(home, {
+    token: token({ organizationId, userId: "u" }),
+    transports: i % 3 ? ["websocket"] : ["polling"],
+  });
+  await client.authenticated();
+  await other.update({ organizationId, taskId: `t-${i}`, status: "RUNNING" });
+  assert.equal((await client.next("execution-updated")).taskId, `t-${i}`);
+  return client;
+}
 
 test("an org's last socket leaving while the next one joins: the newcomer still receives", scenario(async (bed) => {
   const { replicas: [a, b] } = await bed.fleet(2);
