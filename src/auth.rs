@@ -531,6 +531,8 @@ mod tests {
     const RSA_PRIVATE: &str = include_str!("../tests/keys/rsa_private.pem");
     const ED_PUBLIC: &str = include_str!("../tests/keys/ed25519_public.pem");
     const ED_PRIVATE: &str = include_str!("../tests/keys/ed25519_private.pem");
+    const EC_PUBLIC: &str = include_str!("../tests/keys/ec_public.pem");
+    const EC_PRIVATE: &str = include_str!("../tests/keys/ec_private.pem");
 
     fn pem_verifier(pem: &str, alg: Algorithm) -> Verifier {
         Verifier::new(VerifierConfig {
@@ -555,6 +557,16 @@ mod tests {
         assert_eq!(
             verify(&rs, &forged),
             Err(AuthError::WrongAlgorithm(Algorithm::RS256))
+        );
+
+        let es = pem_verifier(EC_PUBLIC, Algorithm::ES256);
+        let key = EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap();
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &good_claims(), &key).unwrap();
+        assert!(verify(&es, &t).is_ok());
+        let forged = sign(good_claims(), Algorithm::HS256, EC_PUBLIC.as_bytes());
+        assert_eq!(
+            verify(&es, &forged),
+            Err(AuthError::WrongAlgorithm(Algorithm::ES256))
         );
 
         let ed = pem_verifier(ED_PUBLIC, Algorithm::EdDSA);
