@@ -1,1 +1,393 @@
-fn main() {}
+//! `fanout-loadtest`: the load generator and side-by-side benchmark of fanout.
+//!
+//! This file only parses arguments and calls the modules; see each module's documentation
+//! for how a measurement is made. Exit codes: 0 when every check passed, 1 when an isolation,
+//! loss or connection check failed (or a system did not start), 2 for bad arguments or a
+//! run that could not take place.
+
+mod baseline;
+mod client;
+mod compare;
+mod http;
+mod message;
+mod net;
+mod procs;
+mod publish;
+mod report;
+mod scenario;
+mod token;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::System;
+use crate::compare::SystemKind;
+use crate::scenario::{Servers, connect, fanout};
+
+/// Full-size default steps, in deliveries per second.
+const DEFAULT_STEPS: &str = "10000,20000,40000,80000,120000,160000,240000";
+const SMOKE_STEPS: &str = "1500,3000";
+
+#[derive(Parser)]
+#[command(
+    name = "fanout-loadtest",
+    version,
+    about = "Load generator and side-by-side benchmark of fanout, the Node socket.io peer and a raw WebSocket baseline"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Open N connections as fast as the servers accept them: connections/s, handshake-to-ready
+    /// latency, server memory per connection.
+    Connect(ConnectArgs),
+    /// Fan messages out at stepped rates: deliveries/s, latency, loss, server CPU per delivery.
+    Fanout(FanoutArgs),
+    /// Run the raw WebSocket broadcast baseline server.
+    Baseline(BaselineArgs),
+    /// Start Redis and each system in turn, run `connect` and `fanout` against each, and print
+    /// one comparison table.
+    Compare(CompareArgs),
+    /// One process's share of a `connect` run too large for one open-file limit.
+    #[command(hide = true)]
+    ConnectShard(ShardArgs),
+}
+
+#[derive(Args)]
+struct ShardArgs {
+    #[arg(long, value_enum)]
+    system: System,
+    #[arg(long)]
+    url: String,
+    #[arg(long, env = "JWT_SECRET", default_value = "")]
+    secret: String,
+    #[arg(long)]
+    orgs: usize,
+    #[arg(long)]
+    concurrency: usize,
+    #[arg(long)]
+    total: usize,
+    #[arg(long)]
+    first: usize,
+    #[arg(long)]
+    count: usize,
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Protocol the servers speak.
+    #[arg(long, value_enum, default_value = "socketio")]
+    system: System,
+    /// Public listeners, comma-separated (ws://IP:PORT); connections are spread over them.
+    #[arg(long, required = true)]
+    url: String,
+    /// Server process ids, comma-separated, whose CPU and memory are measured.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
+    /// HS256 secret the servers verify tokens with (socketio only).
+    #[arg(long, env = "JWT_SECRET", default_value = "")]
+    secret: String,
+    /// Organizations the connections are spread over.
+    #[arg(long, default_value_t = 40)]
+    orgs: usize,
+    /// Handshakes in flight at most (below the servers' listen backlog, 128 for tokio's
+    /// default, so that dropped SYNs do not turn into 1 s retransmits).
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    fn servers(&self) -> anyhow::Result<Servers> {
+        if self.system == System::Socketio && self.secret.is_empty() {
+            anyhow::bail!(
+                "--secret (or JWT_SECRET) is required with --system socketio: the servers' HS256 secret"
+            );
+        }
+        if self.server_pid.is_empty() {
+            eprintln!("note: no --server-pid given; server CPU and memory are not measured");
+        }
+        Ok(Servers {
+            system: self.system,
+            urls: net::parse_addrs(&self.url)?,
+            pids: self.server_pid.clone(),
+            secret: self.secret.clone(),
+        })
+    }
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    #[command(flatten)]
+    servers: ServerArgs,
+    /// Connections to open.
+    #[arg(short = 'n', long = "connections", default_value_t = 20_000)]
+    connections: usize,
+}
+
+#[derive(Args)]
+struct FanoutArgs {
+    #[command(flatten)]
+    servers: ServerArgs,
+    /// Where to publish: redis://IP:PORT, or http://IP:PORT[,http://IP:PORT] (internal listeners).
+    #[arg(long)]
+    publish: String,
+    /// Bearer key of the HTTP ingest.
+    #[arg(long, env = "INGEST_KEY")]
+    ingest_key: Option<String>,
+    /// Redis process id, for Redis CPU per delivery.
+    #[arg(long)]
+    redis_pid: Option<u32>,
+    #[command(flatten)]
+    workload: Workload,
+}
+
+#[derive(Args, Clone)]
+struct Workload {
+    /// Connections receiving messages.
+    #[arg(long = "connections", default_value_t = 4000)]
+    connections: usize,
+    /// Target deliveries per second, one per step, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = DEFAULT_STEPS)]
+    steps: Vec<u64>,
+    /// Length of each step (the first second or fifth is warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    step_seconds: f64,
+    /// Size of each message body in bytes.
+    #[arg(long, default_value_t = 200)]
+    payload_bytes: usize,
+    /// Publisher tasks (each owns a share of the organizations, one connection each).
+    #[arg(long, default_value_t = 8)]
+    publishers: usize,
+    /// Steps still run after the first overloaded one.
+    #[arg(long, default_value_t = 0)]
+    steps_after_overload: usize,
+}
+
+#[derive(Args)]
+struct BaselineArgs {
+    /// Public WebSocket listener.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    listen: std::net::SocketAddr,
+    /// Internal listener: POST /executions/update, GET /readyz.
+    #[arg(long, default_value = "127.0.0.1:3001")]
+    internal_listen: std::net::SocketAddr,
+    /// Bearer key required by the ingest endpoint (none: open).
+    #[arg(long)]
+    ingest_key: Option<String>,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// CI size: ~300 connections, 6 orgs, two 2-second steps, every system; non-zero exit if a
+    /// check fails.
+    #[arg(long)]
+    smoke: bool,
+    /// Systems to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "fanout,node,baseline"
+    )]
+    systems: Vec<SystemKind>,
+    /// Connections of the connect scenario [default: 20000; smoke: 300].
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Connections of the fanout scenario [default: 4000; smoke: 300].
+    #[arg(long)]
+    fanout_connections: Option<usize>,
+    /// Organizations [default: 40; smoke: 6].
+    #[arg(long)]
+    orgs: Option<usize>,
+    /// Target deliveries/s per step [default: 10000,...,240000; smoke: 1500,3000].
+    #[arg(long, value_delimiter = ',')]
+    steps: Option<Vec<u64>>,
+    /// Seconds per step [default: 10; smoke: 2].
+    #[arg(long)]
+    step_seconds: Option<f64>,
+    #[arg(long, default_value_t = 200)]
+    payload_bytes: usize,
+    #[arg(long, default_value_t = 8)]
+    publishers: usize,
+    /// Handshakes in flight at most.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 0)]
+    steps_after_overload: usize,
+    /// The rate (deliveries/s) the summary reports latency and CPU at (nearest step).
+    #[arg(long, default_value_t = 40_000)]
+    reference_rate: u64,
+    /// Write everything as JSON to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// fanout binary [default: `fanout` next to this executable].
+    #[arg(long)]
+    fanout_bin: Option<PathBuf>,
+    /// Directory of the Node peer [default: loadtest/peers/socketio-node].
+    #[arg(long)]
+    node_peer: Option<PathBuf>,
+    #[arg(long, default_value = "redis-server")]
+    redis_server: PathBuf,
+    /// Ports: public base, base+1; internal base+100, base+101; Redis base+200.
+    #[arg(long, default_value_t = 17_000)]
+    base_port: u16,
+    /// Replicas of fanout and of the Node peer (the baseline is always one process).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..100))]
+    replicas: u16,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    match runtime.block_on(run(cli.command)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("fanout-loadtest: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs a command; `Ok(false)` when a check failed.
+async fn run(command: Command) -> anyhow::Result<bool> {
+    match command {
+        Command::Connect(a) => {
+            let r = connect::run(connect::Params {
+                servers: a.servers.servers()?,
+                connections: a.connections,
+                orgs: a.servers.orgs,
+                concurrency: a.servers.concurrency,
+            })
+            .await?;
+            println!("{}", connect::table(&[("servers".into(), &r)]).render());
+            finish_scenario(a.servers.out.as_deref(), &r, r.problems())
+        }
+        Command::Fanout(a) => {
+            let target = publish::Target::parse(&a.publish, a.ingest_key.as_deref())?;
+            let w = a.workload;
+            let r = fanout::run(fanout::Params {
+                servers: a.servers.servers()?,
+                publish: target,
+                redis_pid: a.redis_pid,
+                connections: w.connections,
+                orgs: a.servers.orgs,
+                steps: w.steps,
+                step_seconds: w.step_seconds,
+                payload_bytes: w.payload_bytes,
+                publishers: w.publishers,
+                concurrency: a.servers.concurrency,
+                steps_after_overload: w.steps_after_overload,
+            })
+            .await?;
+            println!("{}", fanout::table(&r).render());
+            match r.highest_sustainable_deliveries_per_s {
+                Some(v) => println!("highest sustainable step: {v} deliveries/s"),
+                None => println!("no sustainable step"),
+            }
+            finish_scenario(a.servers.out.as_deref(), &r, r.problems())
+        }
+        Command::Baseline(a) => {
+            baseline::run(baseline::Options {
+                listen: a.listen,
+                internal_listen: a.internal_listen,
+                ingest_key: a.ingest_key,
+            })
+            .await?;
+            Ok(true)
+        }
+        Command::ConnectShard(a) => {
+            let servers = Servers {
+                system: a.system,
+                urls: net::parse_addrs(&a.url)?,
+                pids: vec![],
+                secret: a.secret,
+            };
+            connect::run_shard(servers, a.orgs, a.concurrency, a.total, a.first, a.count).await?;
+            Ok(true)
+        }
+        Command::Compare(a) => {
+            let opts = compare_options(a)?;
+            let report = compare::run(opts).await?;
+            compare::finish(&report)
+        }
+    }
+}
+
+fn finish_scenario(
+    out: Option<&Path>,
+    report: &impl serde::Serialize,
+    problems: Vec<String>,
+) -> anyhow::Result<bool> {
+    if let Some(path) = out {
+        report::write_json(path, report)?;
+    }
+    for p in &problems {
+        eprintln!("FAILED: {p}");
+    }
+    Ok(problems.is_empty())
+}
+
+fn compare_options(a: CompareArgs) -> anyhow::Result<compare::Options> {
+    let smoke = a.smoke;
+    let pick = |full: usize, small: usize| if smoke { small } else { full };
+    let steps = match a.steps {
+        Some(s) => s,
+        None => parse_steps(if smoke { SMOKE_STEPS } else { DEFAULT_STEPS }),
+    };
+    let fanout_bin = match a.fanout_bin {
+        Some(p) => p,
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("fanout"))
+            .unwrap_or_else(|| PathBuf::from("fanout")),
+    };
+    Ok(compare::Options {
+        smoke,
+        systems: a.systems,
+        connections: a.connections.unwrap_or(pick(20_000, 300)),
+        fanout_connections: a.fanout_connections.unwrap_or(pick(4000, 300)),
+        orgs: a.orgs.unwrap_or(pick(40, 6)),
+        steps,
+        step_seconds: a.step_seconds.unwrap_or(if smoke { 2.0 } else { 10.0 }),
+        payload_bytes: a.payload_bytes,
+        publishers: a.publishers,
+        concurrency: a.concurrency,
+        steps_after_overload: a.steps_after_overload,
+        reference_rate: a.reference_rate,
+        base_port: a.base_port,
+        replicas: a.replicas,
+        out: a.out,
+        fanout_bin,
+        node_peer: a.node_peer.unwrap_or_else(default_node_peer),
+        redis_server: a.redis_server,
+    })
+}
+
+fn parse_steps(list: &str) -> Vec<u64> {
+    list.split(',').filter_map(|s| s.parse().ok()).collect()
+}
+
+/// The Node peer next to this crate's sources, else relative to the working directory.
+fn default_node_peer() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/socketio-node");
+    if built.is_dir() {
+        return built;
+    }
+    ["loadtest/peers/socketio-node", "peers/socketio-node"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| PathBuf::from("loadtest/peers/socketio-node"))
+}
