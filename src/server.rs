@@ -50,13 +50,11 @@ pub async fn run(
     metrics: PrometheusHandle,
     shutdown: Shutdown,
 ) -> Result<(), StartError> {
-    let public = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            setting: "FANOUT_LISTEN",
-            addr: config.listen,
-            source,
-        })?;
+    let public = bind_with_backlog(config.listen).map_err(|source| StartError::Bind {
+        setting: "FANOUT_LISTEN",
+        addr: config.listen,
+        source,
+    })?;
     let internal = TcpListener::bind(config.internal_listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -187,6 +185,22 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(1), internal_task).await;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Connection attempts the kernel queues while the replica is busy accepting. tokio's
+/// default (128) overflows when a replica restarts and thousands of clients reconnect at
+/// once: dropped SYNs are retried only after a second. The kernel caps it at somaxconn.
+const PUBLIC_BACKLOG: u32 = 4096;
+
+fn bind_with_backlog(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(PUBLIC_BACKLOG)
 }
 
 fn cors(origins: &CorsOrigins) -> CorsLayer {
