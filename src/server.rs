@@ -67,6 +67,7 @@ pub async fn run(
         .ping_interval(config.ping_interval)
         .ping_timeout(config.ping_timeout)
         .max_buffer_size(config.socket_buffer)
+        .ws_read_buffer_size(1024)
         // Also the size of one long-polling response: it must fit the largest message we
         // accept, with its Socket.IO framing.
         .max_payload((2 * config.max_payload_bytes as u64 + 4096).max(100_000))

@@ -248,14 +248,42 @@ impl Transports {
 }
 
 /// Middleware on the public router: remembers the connection of every request that names
-/// an Engine.IO session.
-pub async fn track(State(transports): State<Transports>, req: Request, next: Next) -> Response {
-    if let Some(sid) = session_id(req.uri().query())
-        && let Some(ConnectInfo(conn)) = req.extensions().get::<ConnectInfo<Conn>>()
-    {
-        transports.record(sid, conn);
+/// an Engine.IO session, and detaches the head of every request that opens one.
+pub async fn track(State(transports): State<Transports>, mut req: Request, next: Next) -> Response {
+    match session_id(req.uri().query()) {
+        Some(sid) => {
+            if let Some(ConnectInfo(conn)) = req.extensions().get::<ConnectInfo<Conn>>() {
+                transports.record(sid, conn);
+            }
+        }
+        None => detach_head(&mut req),
     }
     next.run(req).await
+}
+
+/// Copies the URI and headers of a request into allocations of their own.
+///
+/// hyper parses them as slices of its 8-16 KiB connection read buffer, and socketioxide
+/// keeps the request head of the request that opened a session for the session's whole
+/// life; without the copy, every idle connection pins a read buffer (measured: 16 KiB of
+/// its ~30 KiB, see BENCHMARKS.md). The copy costs a few hundred bytes once per session.
+fn detach_head(req: &mut Request) {
+    use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
+    let headers = std::mem::take(req.headers_mut());
+    let mut fresh = HeaderMap::with_capacity(headers.len());
+    for (name, value) in &headers {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_str().as_bytes()),
+            HeaderValue::from_bytes(value.as_bytes()),
+        ) else {
+            continue;
+        };
+        fresh.append(name, value);
+    }
+    *req.headers_mut() = fresh;
+    if let Ok(uri) = Uri::try_from(req.uri().to_string()) {
+        *req.uri_mut() = uri;
+    }
 }
 
 fn session_id(query: Option<&str>) -> Option<Sid> {
@@ -269,6 +297,27 @@ fn session_id(query: Option<&str>) -> Option<Sid> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn detached_heads_keep_their_content_but_not_the_read_buffer() {
+        let buffer = bytes::Bytes::from(
+            "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nx-custom: v\r\n".repeat(100),
+        );
+        let uri = axum::http::Uri::from_maybe_shared(buffer.slice(4..41)).unwrap();
+        let mut req = Request::builder()
+            .uri(uri)
+            .header(
+                "x-custom",
+                axum::http::HeaderValue::from_maybe_shared(buffer.slice(62..63)).unwrap(),
+            )
+            .body(axum::body::Body::empty())
+            .unwrap();
+        detach_head(&mut req);
+        assert_eq!(req.uri(), "/socket.io/?EIO=4&transport=websocket");
+        assert_eq!(req.headers()["x-custom"], "v");
+        // The request no longer holds a reference to the buffer: it is uniquely owned again.
+        assert!(buffer.is_unique(), "the read buffer is still referenced");
+    }
 
     #[test]
     fn finds_the_session_id() {
