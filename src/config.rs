@@ -28,12 +28,16 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+// Parsed once at start: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a replica (the default when no command is given).
     Serve(ServeArgs),
     /// Mint a token signed with JWT_SECRET, for testing and demos.
     Token(TokenArgs),
+    /// Apply the database schema (replicas also do it at start) and exit.
+    Migrate(MigrateArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -77,6 +81,9 @@ pub struct ServeArgs {
     /// Prefix of the Redis channels (`{prefix}org:{organizationId}`).
     #[arg(long, env = "FANOUT_REDIS_PREFIX", default_value = "fanout:")]
     pub redis_prefix: String,
+    /// PostgreSQL for durable event history; without it, nothing is stored.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
     #[command(flatten)]
     pub jwt: JwtArgs,
     /// Comma-separated bearer keys accepted by the ingest API (several, for rotation).
@@ -123,6 +130,13 @@ pub struct TokenArgs {
     pub jwt: JwtArgs,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// PostgreSQL to migrate: postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
 /// An invalid setting: which one, the value, and what was expected.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid {setting}: {message}")]
@@ -164,6 +178,8 @@ pub struct Config {
     pub internal_listen: SocketAddr,
     pub redis_url: Option<String>,
     pub redis_prefix: String,
+    /// The PostgreSQL of the event history, if any.
+    pub database: Option<tokio_postgres::Config>,
     pub jwt: JwtSettings,
     pub ingest_keys: Vec<String>,
     pub cors_origins: CorsOrigins,
@@ -337,6 +353,61 @@ fn parse_count(
     }
 }
 
+/// `text` with any password replaced by `***`: in the user info of a URL
+/// (`postgres://user:secret@host`) and in `password=` parameters (URL query or key=value
+/// form). Used for every message that shows a `DATABASE_URL`.
+pub fn redact_url(text: &str) -> String {
+    let mut out = text.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        let authority_end = out[rest..].find(['/', '?']).map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..authority_end].rfind('@') {
+            let userinfo = rest..rest + at;
+            if let Some(colon) = out[userinfo.clone()].find(':') {
+                out.replace_range(userinfo.start + colon + 1..userinfo.end, "***");
+            }
+        }
+    }
+    let mut from = 0;
+    while let Some(i) = out[from..].to_ascii_lowercase().find("password=") {
+        let start = from + i + "password=".len();
+        let end = out[start..]
+            .find(|c: char| c == '&' || c.is_whitespace())
+            .map_or(out.len(), |j| start + j);
+        out.replace_range(start..end, "***");
+        from = start + 3;
+    }
+    out
+}
+
+/// Validates `DATABASE_URL`: `None` when unset or empty.
+pub fn parse_database_url(
+    url: Option<&str>,
+) -> Result<Option<tokio_postgres::Config>, ConfigError> {
+    let url = match url.map(str::trim) {
+        None | Some("") => return Ok(None),
+        Some(url) => url,
+    };
+    let expected = "expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE";
+    let config: tokio_postgres::Config = url.parse().map_err(|e| {
+        invalid(
+            "DATABASE_URL",
+            format!(
+                "{:?} is not a PostgreSQL URL ({}); {expected}",
+                redact_url(url),
+                crate::store::describe(&e)
+            ),
+        )
+    })?;
+    if config.get_hosts().is_empty() {
+        return Err(invalid(
+            "DATABASE_URL",
+            format!("{:?} names no host; {expected}", redact_url(url)),
+        ));
+    }
+    Ok(Some(config))
+}
+
 fn random_hex(bytes: usize) -> String {
     use rand::Rng;
     let mut rng = rand::rng();
@@ -371,6 +442,7 @@ impl Config {
                 Some(url.to_string())
             }
         };
+        let database = parse_database_url(args.database_url.as_deref())?;
         if args
             .redis_prefix
             .chars()
@@ -486,6 +558,7 @@ impl Config {
             internal_listen,
             redis_url,
             redis_prefix: args.redis_prefix.clone(),
+            database,
             jwt,
             ingest_keys,
             cors_origins,
@@ -498,6 +571,16 @@ impl Config {
             dev_mode,
         })
     }
+}
+
+/// Validates the arguments of `fanout migrate`: the database is required.
+pub fn migrate_target(args: &MigrateArgs) -> Result<tokio_postgres::Config, ConfigError> {
+    parse_database_url(args.database_url.as_deref())?.ok_or_else(|| {
+        invalid(
+            "DATABASE_URL",
+            "is not set; `fanout migrate` needs the PostgreSQL to migrate, e.g. postgres://USER:PASSWORD@HOST:5432/DATABASE",
+        )
+    })
 }
 
 /// Validated arguments of `fanout token`.
@@ -616,6 +699,11 @@ mod tests {
             ),
             (&["--redis-url", "http://x"], "REDIS_URL"),
             (&["--redis-prefix", "a b"], "FANOUT_REDIS_PREFIX"),
+            (
+                &["--database-url", "postgres://u@h:port/db"],
+                "DATABASE_URL",
+            ),
+            (&["--database-url", "nonsense"], "DATABASE_URL"),
             (&["--cors-origins", "example.com"], "FANOUT_CORS_ORIGINS"),
             (&["--cors-origins", "https://a.com/"], "FANOUT_CORS_ORIGINS"),
             (&["--max-payload-bytes", "abc"], "FANOUT_MAX_PAYLOAD_BYTES"),
@@ -712,6 +800,50 @@ mod tests {
                 .unwrap()
                 .setting,
             "--org"
+        );
+    }
+
+    #[test]
+    fn database_url() {
+        let c = serve(&[
+            "--database-url",
+            "postgres://fanout:pw@db.internal:6543/events",
+        ])
+        .unwrap();
+        let db = c.database.expect("DATABASE_URL is set");
+        assert_eq!(db.get_dbname(), Some("events"));
+        assert_eq!(db.get_ports(), &[6543]);
+        assert!(serve(&["--database-url", ""]).unwrap().database.is_none());
+
+        let err = parse_database_url(Some("postgres://fanout:hunter2@db:notaport/events"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("invalid DATABASE_URL: "), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(
+            err.contains("postgres://fanout:***@db:notaport/events"),
+            "{err}"
+        );
+
+        let migrate = |url: Option<&str>| {
+            migrate_target(&MigrateArgs {
+                database_url: url.map(String::from),
+            })
+        };
+        assert!(migrate(Some("postgres://postgres@127.0.0.1/postgres")).is_ok());
+        assert_eq!(migrate(None).unwrap_err().setting, "DATABASE_URL");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h:5432/db?sslmode=disable&password=x"),
+            "postgres://u:***@h:5432/db?sslmode=disable&password=***"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("host=h PASSWORD=secret user=u"),
+            "host=h PASSWORD=*** user=u"
         );
     }
 }

@@ -12,3 +12,4 @@ pub mod ops;
 pub mod presence;
 pub mod protocol;
 pub mod server;
+pub mod store;

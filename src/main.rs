@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Token(args)) => mint(&args),
+        Some(Command::Migrate(args)) => migrate(&args),
         Some(Command::Serve(args)) => serve(&args),
         None => serve(&cli.serve),
     }
@@ -34,6 +35,36 @@ fn mint(args: &fanout::config::TokenArgs) -> ExitCode {
         Err(e) => {
             eprintln!("fanout: {e}");
             ExitCode::from(BAD_CONFIG)
+        }
+    }
+}
+
+/// `fanout migrate`: exit 0 once the schema is current, 2 on a bad `DATABASE_URL`, 1 when
+/// the database cannot be reached or migrated.
+fn migrate(args: &fanout::config::MigrateArgs) -> ExitCode {
+    let target = match fanout::config::migrate_target(args) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("fanout: {e}");
+            return ExitCode::from(BAD_CONFIG);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    match runtime.block_on(fanout::store::migrate_once(&target)) {
+        Ok(applied) if applied.is_empty() => {
+            println!("database is up to date");
+            ExitCode::SUCCESS
+        }
+        Ok(applied) => {
+            println!("applied migrations: {}", fanout::store::summary(&applied));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fanout: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -315,6 +315,90 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The status of an execution, as workers send it in updates and as the `executions`
+/// table stores it (the PostgreSQL enum `execution_status`, same names). Spelled in
+/// uppercase everywhere, so one name means the same thing on the wire and in the database.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    postgres_types::ToSql,
+    postgres_types::FromSql,
+)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[postgres(name = "execution_status")]
+pub enum ExecutionStatus {
+    #[postgres(name = "PENDING")]
+    Pending,
+    #[postgres(name = "RUNNING")]
+    Running,
+    #[postgres(name = "PASSED")]
+    Passed,
+    #[postgres(name = "FAILED")]
+    Failed,
+    #[postgres(name = "ERROR")]
+    Error,
+    #[postgres(name = "CANCELLED")]
+    Cancelled,
+}
+
+impl ExecutionStatus {
+    pub const ALL: [Self; 6] = [
+        Self::Pending,
+        Self::Running,
+        Self::Passed,
+        Self::Failed,
+        Self::Error,
+        Self::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Running => "RUNNING",
+            Self::Passed => "PASSED",
+            Self::Failed => "FAILED",
+            Self::Error => "ERROR",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+
+    /// Whether the execution is over: no later status is expected.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Pending | Self::Running)
+    }
+}
+
+impl fmt::Display for ExecutionStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A status name that is not one of [`ExecutionStatus`]; the message lists the valid ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is not an execution status; expected one of PENDING, RUNNING, PASSED, FAILED, ERROR, CANCELLED"
+)]
+pub struct UnknownStatus(pub String);
+
+impl std::str::FromStr for ExecutionStatus {
+    type Err = UnknownStatus;
+
+    /// Exact, uppercase names only: the same spelling as on the wire and in the database.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,5 +533,33 @@ mod tests {
         let big = format!(r#"{{"event":"e","data":"{}"}}"#, "x".repeat(100));
         let err = Message::from_envelope(org(), big.as_bytes(), 50).unwrap_err();
         assert_eq!(err.reason(), "too_large");
+    }
+
+    #[test]
+    fn execution_status_names() {
+        for status in ExecutionStatus::ALL {
+            let name = status.as_str();
+            assert_eq!(name.parse::<ExecutionStatus>(), Ok(status));
+            assert_eq!(status.to_string(), name);
+            let json = serde_json::to_string(&status).unwrap();
+            assert_eq!(json, format!("\"{name}\""));
+            assert_eq!(
+                serde_json::from_str::<ExecutionStatus>(&json).unwrap(),
+                status
+            );
+        }
+        assert!(!ExecutionStatus::Running.is_final());
+        assert!(ExecutionStatus::Cancelled.is_final());
+    }
+
+    #[test]
+    fn unknown_execution_status_lists_the_valid_ones() {
+        let err = "running".parse::<ExecutionStatus>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "\"running\" is not an execution status; expected one of PENDING, RUNNING, PASSED, FAILED, ERROR, CANCELLED"
+        );
+        assert!("DONE".parse::<ExecutionStatus>().is_err());
+        assert!(serde_json::from_str::<ExecutionStatus>("\"DONE\"").is_err());
     }
 }

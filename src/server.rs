@@ -29,6 +29,7 @@ use crate::ingest::{self, IngestState};
 use crate::ops::shutdown::Shutdown;
 use crate::ops::{self, OpsState};
 use crate::presence::Presence;
+use crate::store::Store;
 
 /// Why a replica could not start.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +94,14 @@ pub async fn run(
         .map_err(StartError::Setup)?,
         None => Bus::memory(delivery.clone()),
     });
+    // Not awaited: the store connects and migrates in the background, so a replica starting
+    // while PostgreSQL is down still serves fan-out.
+    let _store = match &config.database {
+        Some(db) => {
+            Some(Store::start(db, shutdown.clone()).map_err(|e| StartError::Setup(e.to_string()))?)
+        }
+        None => None,
+    };
     let verifier = Verifier::new(config.jwt.verifier_config()).map_err(StartError::Setup)?;
     let expiry = Expiry::start(io.clone(), transports.clone(), shutdown.clone());
     Gateway::new(
@@ -131,6 +140,7 @@ pub async fn run(
         public = %config.listen,
         internal = %config.internal_listen,
         bus = if config.redis_url.is_some() { "redis" } else { "memory" },
+        store = if config.database.is_some() { "postgres" } else { "none" },
         "fanout is listening"
     );
 

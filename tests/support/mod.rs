@@ -1,8 +1,9 @@
 //! The shared harness of the integration tests.
 //!
 //! Every test runs the real `fanout` binary as child processes, against a `redis-server` it
-//! starts itself on a free port, and talks to it the way production clients do: Socket.IO
-//! over a WebSocket, the ingest API over HTTP, Redis over RESP. The harness hides the
+//! starts itself on a free port (and, for the store, a fresh PostgreSQL database), and talks
+//! to it the way production clients do: Socket.IO over a WebSocket, the ingest API over
+//! HTTP, Redis over RESP. The harness hides the
 //! plumbing (ports, processes, handshakes, polling) so that a test reads as its scenario.
 //!
 //! Tests synchronise on observable conditions (an event, a metric, `/readyz`), never on
@@ -14,6 +15,7 @@
 
 pub mod client;
 pub mod metrics;
+pub mod postgres;
 pub mod redis_server;
 pub mod replica;
 
@@ -27,6 +29,7 @@ use serde_json::{Value, json};
 
 pub use client::{Client, Packet, SlowClient};
 pub use metrics::Metrics;
+pub use postgres::TestDb;
 pub use redis_server::RedisServer;
 pub use replica::{Replica, ReplicaBuilder};
 

@@ -63,6 +63,11 @@ impl ReplicaBuilder {
         self.env("REDIS_URL", redis.url())
     }
 
+    /// Stores events in `db` (`DATABASE_URL`).
+    pub fn database(self, db: &super::TestDb) -> Self {
+        self.env("DATABASE_URL", db.url())
+    }
+
     pub fn env(mut self, key: &str, value: impl ToString) -> Self {
         self.env.insert(key.to_string(), value.to_string());
         self

@@ -1,0 +1,211 @@
+//! Durable state in PostgreSQL, enabled by `DATABASE_URL`.
+//!
+//! Why PostgreSQL: the history needs transactions (an event and its sequence number are
+//! committed together, so sequences have no gaps), ordered range reads by organization and
+//! sequence (replay), and ad-hoc queries over projections; every deployment that runs the
+//! backend already operates one. Redis stays the fan-out bus: the store is what survives.
+//!
+//! Why the advisory lock: replicas are started together by the orchestrator, and each one
+//! applies the schema at start. A transaction-scoped advisory lock makes those callers take
+//! turns without any coordinator (see [`migrations`]).
+//!
+//! A replica must keep serving ephemeral fan-out while PostgreSQL is down, so `serve` never
+//! waits for the database: [`Store::start`] builds the pool (which connects lazily) and
+//! migrates in a background task that retries until it succeeds.
+
+pub mod migrations;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+pub use migrations::{MIGRATIONS, Migration, migrate};
+
+use crate::ops::shutdown::Shutdown;
+
+/// Used when `DATABASE_URL` sets no `connect_timeout`, so an unreachable server is reported
+/// in seconds rather than after the operating system's TCP timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const POOL_SIZE: usize = 16;
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// At most one warning per this interval while the database stays unreachable.
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
+/// Why the store could not do something. Messages say which server and what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot connect to PostgreSQL at {target}: {reason}")]
+    Connect { target: String, reason: String },
+    #[error("cannot migrate the database at {target}: {reason}")]
+    Migrate { target: String, reason: String },
+    #[error("cannot build the PostgreSQL pool: {0}")]
+    Pool(String),
+}
+
+/// The error and its causes on one line: tokio-postgres puts the useful part (the server's
+/// message, the OS error) in the source.
+pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// `host:port/dbname` of a configuration, for messages (never the user or password).
+pub fn target(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => host.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    // PostgreSQL's default database is the user's name.
+    let dbname = config
+        .get_dbname()
+        .or(config.get_user())
+        .unwrap_or_default();
+    format!("{host}:{port}/{dbname}")
+}
+
+fn with_timeout(config: &tokio_postgres::Config) -> tokio_postgres::Config {
+    let mut config = config.clone();
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+    }
+    config
+}
+
+/// One connection, outside any pool (for `fanout migrate`). Its I/O runs on a spawned task.
+pub async fn connect(
+    config: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, StoreError> {
+    let (client, connection) =
+        with_timeout(config)
+            .connect(NoTls)
+            .await
+            .map_err(|e| StoreError::Connect {
+                target: target(config),
+                reason: describe(&e),
+            })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %describe(&e), "PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Connects and applies the missing migrations; returns the ones applied.
+pub async fn migrate_once(config: &tokio_postgres::Config) -> Result<Vec<Migration>, StoreError> {
+    let mut client = connect(config).await?;
+    migrate(&mut client).await.map_err(|e| StoreError::Migrate {
+        target: target(config),
+        reason: describe(&e),
+    })
+}
+
+/// The database of a replica: a connection pool, and whether the schema is known to be
+/// current.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    migrated: Arc<AtomicBool>,
+}
+
+impl Store {
+    /// Builds the pool (no connection is made yet) and starts migrating in the background.
+    pub fn start(config: &tokio_postgres::Config, shutdown: Shutdown) -> Result<Self, StoreError> {
+        let manager = Manager::from_config(
+            with_timeout(config),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StoreError::Pool(describe(&e)))?;
+        let store = Self {
+            pool,
+            migrated: Arc::new(AtomicBool::new(false)),
+        };
+        tokio::spawn(store.clone().migrate_until_done(target(config), shutdown));
+        Ok(store)
+    }
+
+    /// Whether the background migration has succeeded.
+    pub fn is_migrated(&self) -> bool {
+        self.migrated.load(Ordering::Acquire)
+    }
+
+    /// Retries with capped exponential backoff until the schema is current or the replica
+    /// shuts down. Warnings are rate-limited: a database down for an hour is a few lines.
+    async fn migrate_until_done(self, target: String, shutdown: Shutdown) {
+        let mut backoff = BACKOFF_MIN;
+        let mut last_warning: Option<Instant> = None;
+        let mut failures = 0u64;
+        loop {
+            let result = match self.pool.get().await {
+                Ok(mut client) => migrate(&mut client).await.map_err(|e| describe(&e)),
+                Err(e) => Err(describe(&e)),
+            };
+            match result {
+                Ok(applied) => {
+                    self.migrated.store(true, Ordering::Release);
+                    if applied.is_empty() {
+                        tracing::info!(database = %target, "database is up to date");
+                    } else {
+                        tracing::info!(
+                            database = %target,
+                            applied = %summary(&applied),
+                            "database migrated"
+                        );
+                    }
+                    return;
+                }
+                Err(reason) => {
+                    failures += 1;
+                    if last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                        tracing::warn!(
+                            database = %target,
+                            failures,
+                            error = %reason,
+                            "cannot migrate the database; retrying (ephemeral fan-out still works)"
+                        );
+                        last_warning = Some(Instant::now());
+                    } else {
+                        tracing::debug!(database = %target, error = %reason, "migration retry failed");
+                    }
+                }
+            }
+            let jitter =
+                Duration::from_millis(rand::random_range(0..=backoff.as_millis() as u64 / 4));
+            tokio::select! {
+                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = shutdown.wait() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+/// `1 (init), 2 (...)`: the migrations applied, for messages.
+pub fn summary(applied: &[Migration]) -> String {
+    applied
+        .iter()
+        .map(|m| format!("{} ({})", m.version, m.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
