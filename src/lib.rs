@@ -11,5 +11,6 @@ pub mod ingest;
 pub mod ops;
 pub mod presence;
 pub mod protocol;
+pub mod retry;
 pub mod server;
 pub mod store;

@@ -17,7 +17,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deadpool_redis::{PoolConfig, Runtime, Timeouts};
 use futures_util::StreamExt;
@@ -32,6 +32,7 @@ use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
 use crate::protocol::{Message, OrgId};
+use crate::retry::{Backoff, RateLimit};
 
 /// How long a joining socket waits for its organization's subscription before it is told
 /// `auth-success` anyway (Redis slow but up; the subscription still happens).
@@ -177,7 +178,7 @@ enum SessionEnd {
 
 impl Subscriber {
     async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut sessions = 0u64;
         loop {
             let connect = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub());
@@ -221,9 +222,9 @@ impl Subscriber {
 
     async fn wait_retry(&self, backoff: &mut Backoff, why: &str) {
         let delay = backoff.next_delay();
-        if backoff.attempt <= 1 || backoff.attempt.is_multiple_of(20) {
+        if backoff.attempt() <= 1 || backoff.attempt().is_multiple_of(20) {
             tracing::warn!(
-                attempt = backoff.attempt,
+                attempt = backoff.attempt(),
                 "cannot connect the redis subscriber ({why}); retrying in {delay:?}"
             );
         }
@@ -357,7 +358,7 @@ async fn read_loop(
     max_payload: usize,
     delivery: Arc<Delivery>,
 ) {
-    let mut warn = RateLimitedWarn::new(Duration::from_secs(10));
+    let mut warn = RateLimit::new(Duration::from_secs(10));
     while let Some(msg) = stream.next().await {
         let name = msg.get_channel_name();
         let Some(org) = name
@@ -365,7 +366,12 @@ async fn read_loop(
             .and_then(|id| OrgId::parse(id).ok())
         else {
             ::metrics::counter!(metrics::MALFORMED, "reason" => "bad_channel").increment(1);
-            warn.warn(|| format!("message on unexpected channel {name:?} dropped"));
+            if let Some(suppressed) = warn.check() {
+                tracing::warn!(
+                    suppressed_since_last = suppressed,
+                    "message on unexpected channel {name:?} dropped"
+                );
+            }
             continue;
         };
         match Message::from_envelope(org, msg.get_payload_bytes(), max_payload) {
@@ -377,108 +383,13 @@ async fn read_loop(
             }
             Err(e) => {
                 ::metrics::counter!(metrics::MALFORMED, "reason" => e.reason()).increment(1);
-                warn.warn(|| format!("malformed message on {name:?} dropped: {e}"));
+                if let Some(suppressed) = warn.check() {
+                    tracing::warn!(
+                        suppressed_since_last = suppressed,
+                        "malformed message on {name:?} dropped: {e}"
+                    );
+                }
             }
         }
-    }
-}
-
-/// Logs at most one warning per period, with the count of those it held back, so a
-/// misbehaving publisher cannot flood the logs.
-struct RateLimitedWarn {
-    period: Duration,
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimitedWarn {
-    fn new(period: Duration) -> Self {
-        Self {
-            period,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    fn warn(&mut self, message: impl FnOnce() -> String) {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < self.period)
-        {
-            self.suppressed += 1;
-            return;
-        }
-        let suppressed = std::mem::take(&mut self.suppressed);
-        self.last = Some(now);
-        let message = message();
-        tracing::warn!(suppressed_since_last = suppressed, "{message}");
-    }
-}
-
-/// Capped exponential backoff with "equal jitter": half the step fixed, half random, so
-/// replicas that lost Redis together do not reconnect in lockstep.
-struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self { attempt: 0 }
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        use rand::Rng;
-        let step = BACKOFF_MIN
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(BACKOFF_MAX);
-        self.attempt += 1;
-        let half = step / 2;
-        half + half.mul_f64(rand::rng().random::<f64>())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_caps_and_jitters() {
-        let mut b = Backoff::new();
-        let first = b.next_delay();
-        assert!(
-            first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN,
-            "{first:?}"
-        );
-        for _ in 0..30 {
-            let d = b.next_delay();
-            assert!(d <= BACKOFF_MAX, "{d:?}");
-        }
-        let late: Vec<Duration> = (0..20).map(|_| b.next_delay()).collect();
-        assert!(late.iter().all(|d| *d >= BACKOFF_MAX / 2));
-        assert!(
-            late.iter().any(|d| *d != late[0]),
-            "jitter varies the delay"
-        );
-        b.reset();
-        assert!(b.next_delay() <= BACKOFF_MIN);
-    }
-
-    #[test]
-    fn warnings_are_rate_limited() {
-        let mut w = RateLimitedWarn::new(Duration::from_secs(60));
-        let mut logged = 0;
-        for _ in 0..100 {
-            w.warn(|| {
-                logged += 1;
-                String::new()
-            });
-        }
-        assert_eq!(logged, 1);
-        assert_eq!(w.suppressed, 99);
     }
 }

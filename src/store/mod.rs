@@ -17,7 +17,7 @@ pub mod migrations;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
@@ -25,6 +25,7 @@ use tokio_postgres::NoTls;
 pub use migrations::{MIGRATIONS, Migration, migrate};
 
 use crate::ops::shutdown::Shutdown;
+use crate::retry::{Backoff, RateLimit};
 
 /// Used when `DATABASE_URL` sets no `connect_timeout`, so an unreachable server is reported
 /// in seconds rather than after the operating system's TCP timeout.
@@ -153,8 +154,8 @@ impl Store {
     /// Retries with capped exponential backoff until the schema is current or the replica
     /// shuts down. Warnings are rate-limited: a database down for an hour is a few lines.
     async fn migrate_until_done(self, target: String, shutdown: Shutdown) {
-        let mut backoff = BACKOFF_MIN;
-        let mut last_warning: Option<Instant> = None;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+        let mut warn = RateLimit::new(WARN_EVERY);
         let mut failures = 0u64;
         loop {
             let result = match self.pool.get().await {
@@ -177,26 +178,22 @@ impl Store {
                 }
                 Err(reason) => {
                     failures += 1;
-                    if last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                    if warn.check().is_some() {
                         tracing::warn!(
                             database = %target,
                             failures,
                             error = %reason,
                             "cannot migrate the database; retrying (ephemeral fan-out still works)"
                         );
-                        last_warning = Some(Instant::now());
                     } else {
                         tracing::debug!(database = %target, error = %reason, "migration retry failed");
                     }
                 }
             }
-            let jitter =
-                Duration::from_millis(rand::random_range(0..=backoff.as_millis() as u64 / 4));
             tokio::select! {
-                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
                 _ = shutdown.wait() => return,
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 }

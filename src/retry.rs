@@ -1,0 +1,115 @@
+//! How every reconnecting task waits and complains: capped exponential backoff with jitter,
+//! and rate-limited warnings.
+//!
+//! The Redis subscriber and the store's background migration both retry a peer that may
+//! be down for a long time; they share these two small types so that every such loop backs
+//! off the same way and no outage or misbehaving publisher can flood the logs.
+
+use std::time::{Duration, Instant};
+
+/// Capped exponential backoff with "equal jitter": half of each step fixed, half random,
+/// so replicas that lost a peer together do not retry in lockstep.
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// Starts again from `min` (after a success).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// Retries so far since the last reset.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        use rand::Rng;
+        let step = self
+            .min
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.max);
+        self.attempt += 1;
+        let half = step / 2;
+        half + half.mul_f64(rand::rng().random::<f64>())
+    }
+}
+
+/// Allows one event per period and counts the ones it held back.
+pub struct RateLimit {
+    period: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    pub fn new(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(held back since the last allowed one)` when this one may be logged.
+    pub fn check(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < self.period)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        let mut b = Backoff::new(min, max);
+        let first = b.next_delay();
+        assert!(first >= min / 2 && first <= min, "{first:?}");
+        for _ in 0..30 {
+            let d = b.next_delay();
+            assert!(d <= max, "{d:?}");
+        }
+        let late: Vec<Duration> = (0..20).map(|_| b.next_delay()).collect();
+        assert!(late.iter().all(|d| *d >= max / 2));
+        assert!(
+            late.iter().any(|d| *d != late[0]),
+            "jitter varies the delay"
+        );
+        assert_eq!(b.attempt(), 51);
+        b.reset();
+        assert!(b.next_delay() <= min);
+    }
+
+    #[test]
+    fn one_event_per_period_and_a_count_of_the_rest() {
+        let mut limit = RateLimit::new(Duration::from_secs(60));
+        assert_eq!(limit.check(), Some(0));
+        for _ in 0..99 {
+            assert_eq!(limit.check(), None);
+        }
+        limit.last = Some(Instant::now() - Duration::from_secs(61));
+        assert_eq!(limit.check(), Some(99));
+    }
+}
