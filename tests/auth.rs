@@ -335,3 +335,29 @@ async fn an_rs256_replica_accepts_only_tokens_signed_with_the_private_key() {
         1.0
     );
 }
+
+/// Backends put more than ids in their tokens. Client messages larger than the replica's
+/// 1 KiB WebSocket read buffer (a refresh carrying an 8 KiB token) must still be read whole.
+#[tokio::test]
+async fn large_client_messages_are_read_whole() {
+    let r = Replica::builder().start().await;
+    let permissions: Vec<String> = (0..400).map(|i| format!("permission-{i:04}")).collect();
+    let big = |exp: u64| {
+        token_with(&json!({
+            "organizationId": "acme",
+            "userId": "alice",
+            "role": "member",
+            "exp": exp,
+            "permissions": permissions,
+        }))
+    };
+    assert!(big(0).len() > 8 * 1024);
+    let (mut client, _) = Client::authenticated(r.public, &big(now_secs() + 60)).await;
+    let later = now_secs() + 600;
+    let ack = client
+        .emit_with_ack("auth-refresh", json!({"token": big(later)}), QUICK)
+        .await;
+    assert_eq!(ack, json!([{"ok": true, "exp": later}]));
+    r.publish("acme", "after", json!(1)).await;
+    assert_eq!(client.expect("after", QUICK).await, json!(1));
+}
