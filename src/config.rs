@@ -84,6 +84,13 @@ pub struct ServeArgs {
     /// PostgreSQL for durable event history; without it, nothing is stored.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Most durable events replayed to one reconnecting client; further behind, it gets
+    /// `resync-required` and refetches over REST.
+    #[arg(long, env = "FANOUT_REPLAY_MAX", default_value = "1000")]
+    pub replay_max: String,
+    /// Age after which durable events are deleted (e.g. 7d, 12h).
+    #[arg(long, env = "FANOUT_EVENT_RETENTION", default_value = "7d")]
+    pub event_retention: String,
     #[command(flatten)]
     pub jwt: JwtArgs,
     /// Comma-separated bearer keys accepted by the ingest API (several, for rotation).
@@ -180,6 +187,10 @@ pub struct Config {
     pub redis_prefix: String,
     /// The PostgreSQL of the event history, if any.
     pub database: Option<tokio_postgres::Config>,
+    /// Most events replayed to one client before it is told to resync.
+    pub replay_max: u64,
+    /// Age after which durable events are deleted.
+    pub event_retention: Duration,
     pub jwt: JwtSettings,
     pub ingest_keys: Vec<String>,
     pub cors_origins: CorsOrigins,
@@ -443,6 +454,14 @@ impl Config {
             }
         };
         let database = parse_database_url(args.database_url.as_deref())?;
+        let replay_max = parse_count("FANOUT_REPLAY_MAX", &args.replay_max, 0, 1_000_000)? as u64;
+        let event_retention = parse_duration("FANOUT_EVENT_RETENTION", &args.event_retention)?;
+        if event_retention < Duration::from_secs(60) {
+            return Err(invalid(
+                "FANOUT_EVENT_RETENTION",
+                "must be at least 1m: clients replay from the retained events",
+            ));
+        }
         if args
             .redis_prefix
             .chars()
@@ -559,6 +578,8 @@ impl Config {
             redis_url,
             redis_prefix: args.redis_prefix.clone(),
             database,
+            replay_max,
+            event_retention,
             jwt,
             ingest_keys,
             cors_origins,

@@ -20,6 +20,16 @@ pub const REDIS_RECONNECTS: &str = "fanout_redis_reconnects_total";
 pub const MALFORMED: &str = "fanout_malformed_messages_total";
 pub const SLOW_CONSUMERS: &str = "fanout_slow_consumer_disconnects_total";
 pub const HTTP_REQUESTS: &str = "fanout_http_requests_total";
+pub const STORE_UP: &str = "fanout_store_up";
+pub const DURABLE_EVENTS: &str = "fanout_durable_events_total";
+pub const COMMIT_BATCH: &str = "fanout_commit_batch_size";
+pub const COMMIT_DURATION: &str = "fanout_commit_duration_seconds";
+pub const UNPUBLISHED: &str = "fanout_durable_unpublished_total";
+pub const GAP_FILLS: &str = "fanout_gap_fills_total";
+pub const REPLAYS: &str = "fanout_replays_total";
+pub const REPLAYED_EVENTS: &str = "fanout_replayed_events_total";
+pub const RESYNCS: &str = "fanout_resyncs_total";
+pub const RETENTION_DELETED: &str = "fanout_events_deleted_total";
 
 /// Installs the process-wide recorder. Call once, before any metric is touched.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -30,6 +40,20 @@ pub fn install() -> Result<PrometheusHandle, String> {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ],
         )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(COMMIT_DURATION.into()),
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(COMMIT_BATCH.into()),
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            )
+        })
         .and_then(|b| b.install_recorder())
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
     describe();
@@ -83,5 +107,46 @@ fn describe() {
     describe_counter!(
         HTTP_REQUESTS,
         "Internal HTTP requests, by route and status code."
+    );
+    describe_gauge!(
+        STORE_UP,
+        "1 while PostgreSQL answers and the schema is current, else 0 (only with DATABASE_URL)."
+    );
+    describe_counter!(
+        DURABLE_EVENTS,
+        "Events committed to the history (each with its sequence number)."
+    );
+    describe_histogram!(
+        COMMIT_BATCH,
+        "Events per group-commit transaction."
+    );
+    describe_histogram!(
+        COMMIT_DURATION,
+        metrics::Unit::Seconds,
+        "Duration of one group-commit transaction, from BEGIN to COMMIT."
+    );
+    describe_counter!(
+        UNPUBLISHED,
+        "Committed events whose publish to the bus failed; replicas deliver them from the history instead."
+    );
+    describe_counter!(
+        GAP_FILLS,
+        "Durable events a replica read back from the history because the bus had not delivered them (reordering, lost publishes, bus outages)."
+    );
+    describe_counter!(
+        REPLAYS,
+        "Reconnecting clients whose missed events were replayed."
+    );
+    describe_counter!(
+        REPLAYED_EVENTS,
+        "Durable events sent to reconnecting clients by replay."
+    );
+    describe_counter!(
+        RESYNCS,
+        "resync-required sent to clients, by reason."
+    );
+    describe_counter!(
+        RETENTION_DELETED,
+        "Durable events deleted by retention."
     );
 }

@@ -17,11 +17,18 @@ pub struct Migration {
 }
 
 /// Every migration, in the order they are applied. Versions are increasing.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("migrations/0001_init.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "log_data",
+        sql: include_str!("migrations/0002_log_data.sql"),
+    },
+];
 
 /// The key of the advisory lock that serializes migrations: "fanout" in ASCII, as a number,
 /// so that it is recognisable in `pg_locks` and unlikely to collide with another program's.

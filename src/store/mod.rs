@@ -20,10 +20,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::sync::Notify;
 use tokio_postgres::NoTls;
 
 pub use migrations::{MIGRATIONS, Migration, migrate};
 
+use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 use crate::retry::{Backoff, RateLimit};
 
@@ -45,6 +47,8 @@ pub enum StoreError {
     Migrate { target: String, reason: String },
     #[error("cannot build the PostgreSQL pool: {0}")]
     Pool(String),
+    #[error("PostgreSQL is unavailable ({0}); nothing was stored, retry later")]
+    Unavailable(String),
 }
 
 /// The error and its causes on one line: tokio-postgres puts the useful part (the server's
@@ -121,6 +125,14 @@ pub async fn migrate_once(config: &tokio_postgres::Config) -> Result<Vec<Migrati
 pub struct Store {
     pool: Pool,
     migrated: Arc<AtomicBool>,
+    health: Arc<Health>,
+}
+
+/// Whether PostgreSQL answers, as last seen. Any caller that sees a connection fail marks it
+/// down; the watch task then probes with backoff and marks it up again.
+struct Health {
+    up: AtomicBool,
+    down: Notify,
 }
 
 impl Store {
@@ -141,8 +153,13 @@ impl Store {
         let store = Self {
             pool,
             migrated: Arc::new(AtomicBool::new(false)),
+            health: Arc::new(Health {
+                up: AtomicBool::new(false),
+                down: Notify::new(),
+            }),
         };
-        tokio::spawn(store.clone().migrate_until_done(target(config), shutdown));
+        ::metrics::gauge!(metrics::STORE_UP).set(0.0);
+        tokio::spawn(store.clone().watch(target(config), shutdown));
         Ok(store)
     }
 
@@ -151,9 +168,83 @@ impl Store {
         self.migrated.load(Ordering::Acquire)
     }
 
+    /// Whether the schema is current and PostgreSQL answered the last time it was used.
+    pub fn is_up(&self) -> bool {
+        self.is_migrated() && self.health.up.load(Ordering::Acquire)
+    }
+
+    /// A pooled connection to a migrated database, or `Unavailable` saying why not.
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        if !self.is_migrated() {
+            return Err(StoreError::Unavailable(
+                "the schema is not migrated yet".into(),
+            ));
+        }
+        self.pool.get().await.map_err(|e| {
+            self.mark_down();
+            StoreError::Unavailable(describe(&e))
+        })
+    }
+
+    /// Turns a query error into `Unavailable`, and marks the store down when the error says
+    /// the connection (not the statement) failed.
+    pub fn failed(&self, error: &tokio_postgres::Error) -> StoreError {
+        if error.code().is_none() || error.is_closed() {
+            self.mark_down();
+        }
+        StoreError::Unavailable(describe(error))
+    }
+
+    fn mark_down(&self) {
+        if self.health.up.swap(false, Ordering::AcqRel) {
+            ::metrics::gauge!(metrics::STORE_UP).set(0.0);
+            tracing::warn!("PostgreSQL is unreachable; durable ingest answers 503 until it is back");
+            self.health.down.notify_one();
+        }
+    }
+
+    fn mark_up(&self) {
+        if !self.health.up.swap(true, Ordering::AcqRel) {
+            ::metrics::gauge!(metrics::STORE_UP).set(1.0);
+        }
+    }
+
+    /// Migrates, then watches: each time a caller marks the store down, probes it with
+    /// backoff until it answers again.
+    async fn watch(self, target: String, shutdown: Shutdown) {
+        if !self.clone().migrate_until_done(target.clone(), shutdown.clone()).await {
+            return;
+        }
+        self.mark_up();
+        loop {
+            tokio::select! {
+                _ = self.health.down.notified() => {}
+                _ = shutdown.wait() => return,
+            }
+            let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+            while !self.health.up.load(Ordering::Acquire) {
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = shutdown.wait() => return,
+                }
+                let probe = match self.pool.get().await {
+                    Ok(client) => client.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| describe(&e)),
+                    Err(e) => Err(describe(&e)),
+                };
+                match probe {
+                    Ok(()) => {
+                        tracing::info!(database = %target, "PostgreSQL is reachable again");
+                        self.mark_up();
+                    }
+                    Err(e) => tracing::debug!(database = %target, error = %e, "PostgreSQL probe failed"),
+                }
+            }
+        }
+    }
+
     /// Retries with capped exponential backoff until the schema is current or the replica
     /// shuts down. Warnings are rate-limited: a database down for an hour is a few lines.
-    async fn migrate_until_done(self, target: String, shutdown: Shutdown) {
+    async fn migrate_until_done(self, target: String, shutdown: Shutdown) -> bool {
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut warn = RateLimit::new(WARN_EVERY);
         let mut failures = 0u64;
@@ -174,7 +265,7 @@ impl Store {
                             "database migrated"
                         );
                     }
-                    return;
+                    return true;
                 }
                 Err(reason) => {
                     failures += 1;
@@ -192,7 +283,7 @@ impl Store {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_delay()) => {}
-                _ = shutdown.wait() => return,
+                _ = shutdown.wait() => return false,
             }
         }
     }
