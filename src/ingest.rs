@@ -1,8 +1,13 @@
 //! The ingest API for workers, on the internal listener.
 //!
-//! Every answer is definite: 200 means the bus has the message; anything else is a JSON
-//! `{ "error" }` saying what to fix (4xx) or that the bus is unreachable and nothing was
-//! published (503), so a worker can always tell whether to retry.
+//! Every answer is definite: 200 means the message was accepted; anything else is a JSON
+//! `{ "error" }` saying what to fix (4xx) or that nothing was accepted (503), so a worker
+//! can always tell whether to retry.
+//!
+//! Without a store, accepted means the bus has the message. With one (`DATABASE_URL`),
+//! accepted means committed to the history with a sequence number (`seq` in the answer),
+//! and then published; an execution update must then carry a known status, because it also
+//! updates the `executions` projection.
 
 use std::sync::Arc;
 
@@ -20,14 +25,24 @@ use serde_json::{Map, Value, json};
 use crate::auth::IngestKeys;
 use crate::bus::{Bus, BusError};
 use crate::ops::metrics;
-use crate::protocol::{EventName, InvalidId, Message, OrgId, UserId, now_ms};
+use crate::protocol::{
+    EventName, ExecutionStatus, InvalidId, MAX_USER_ID_LEN, Message, OrgId, UserId, now_ms,
+};
+use crate::store::StoreError;
+use crate::store::write::{Projection, Writer};
 
 #[derive(Clone)]
 pub struct IngestState {
     pub bus: Arc<Bus>,
     pub keys: Arc<IngestKeys>,
     pub max_payload_bytes: usize,
+    /// Set when the replica has a store: accepted messages are durable events.
+    pub writer: Option<Writer>,
 }
+
+/// The event names whose data feed the projections.
+const EXECUTION_UPDATED: &str = "execution-updated";
+const EXECUTION_LOG: &str = "execution-log";
 
 pub fn router(state: IngestState) -> Router {
     Router::new()
@@ -61,6 +76,8 @@ pub enum IngestError {
     },
     #[error(transparent)]
     Unavailable(#[from] BusError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl IngestError {
@@ -76,6 +93,8 @@ impl IngestError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Store(StoreError::Rejected(_)) => StatusCode::BAD_REQUEST,
+            Self::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -84,8 +103,8 @@ impl IngestError {
 impl IntoResponse for IngestError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if let Self::Unavailable(e) = &self {
-            tracing::warn!("ingest refused a message: {e}");
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!("ingest refused a message: {self}");
         }
         let mut resp = (status, Json(json!({ "error": self.to_string() }))).into_response();
         if status == StatusCode::UNAUTHORIZED {
@@ -144,10 +163,85 @@ fn require(fields: &Map<String, Value>, field: &'static str) -> Result<(), Inges
     }
 }
 
-async fn send(state: &IngestState, msg: Message) -> Result<(), IngestError> {
-    state.bus.publish(msg).await?;
-    ::metrics::counter!(metrics::PUBLISHED, "source" => "http").increment(1);
-    Ok(())
+/// Publishes `msg` (or, with a store, commits then publishes it) and builds the answer.
+/// `status` is the answer's status when the message reached the bus.
+async fn send(
+    state: &IngestState,
+    msg: Message,
+    status: &'static str,
+) -> Result<Json<Value>, IngestError> {
+    let Some(writer) = &state.writer else {
+        state.bus.publish(msg).await?;
+        ::metrics::counter!(metrics::PUBLISHED, "source" => "http").increment(1);
+        return Ok(Json(json!({ "status": status })));
+    };
+    let projection = projection(&msg)?;
+    let stored = writer.append(msg, projection).await?;
+    Ok(Json(if stored.published {
+        json!({ "status": status, "seq": stored.seq })
+    } else {
+        // Durable, numbered, and delivered from the history: the worker must not retry.
+        json!({ "status": "stored", "seq": stored.seq, "published": false })
+    }))
+}
+
+/// What a durable event changes besides the event log, checking what that needs: an
+/// execution event names its task, and an update a known status. Events for one user
+/// stay out of the organization-wide projections.
+fn projection(msg: &Message) -> Result<Projection, IngestError> {
+    let event = msg.event.as_str();
+    if msg.user.is_some() || (event != EXECUTION_UPDATED && event != EXECUTION_LOG) {
+        return Ok(Projection::None);
+    }
+    // The projections are jsonb, which cannot hold a NUL character.
+    if msg.data.get().contains("\\u0000") {
+        return Err(IngestError::Field {
+            field: "data",
+            problem: "must not contain \\u0000 in a string: the history cannot store it".into(),
+        });
+    }
+    let Ok(Value::Object(data)) = serde_json::from_str::<Value>(msg.data.get()) else {
+        return Err(IngestError::Field {
+            field: "data",
+            problem: format!("of {event} must be a JSON object with \"taskId\""),
+        });
+    };
+    let task = task_id(data.get("taskId"))?;
+    if event == EXECUTION_LOG {
+        return Ok(Projection::Log { task });
+    }
+    let status = match data.get("status") {
+        Some(Value::String(s)) => s
+            .parse::<ExecutionStatus>()
+            .map_err(|e| IngestError::Field {
+                field: "status",
+                problem: format!("is invalid: {e}"),
+            })?,
+        None | Some(Value::Null) => return Err(IngestError::field("status", InvalidId::Missing)),
+        Some(_) => {
+            return Err(IngestError::Field {
+                field: "status",
+                problem: "must be a string".into(),
+            });
+        }
+    };
+    Ok(Projection::Update { task, status, data })
+}
+
+/// A task id: a non-empty string of printable characters, or a non-negative integer.
+fn task_id(value: Option<&Value>) -> Result<String, IngestError> {
+    let text = match value {
+        None | Some(Value::Null) => return Err(IngestError::field("taskId", InvalidId::Missing)),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) if n.is_u64() => n.to_string(),
+        Some(_) => return Err(IngestError::field("taskId", InvalidId::WrongType)),
+    };
+    // Same rules as a user id: the REST API addresses executions by it.
+    UserId::parse(&text).map_err(|e| match e {
+        InvalidId::TooLong(_) => IngestError::field("taskId", InvalidId::TooLong(MAX_USER_ID_LEN)),
+        e => IngestError::field("taskId", e),
+    })?;
+    Ok(text)
 }
 
 /// The body itself becomes the event's data, byte for byte.
@@ -163,19 +257,16 @@ async fn broadcast_body(
     }
     let data =
         RawValue::from_string(body.text).map_err(|e| IngestError::InvalidJson(e.to_string()))?;
-    send(
-        state,
-        Message {
-            org,
-            event: EventName::parse(event).expect("built-in event names are valid"),
-            data,
-            ts_ms: Some(now_ms()),
-            user: None,
-            via_ingest: true,
-        },
-    )
-    .await?;
-    Ok(Json(json!({"status": "broadcasted"})))
+    let msg = Message {
+        org,
+        event: EventName::parse(event).expect("built-in event names are valid"),
+        data,
+        ts_ms: Some(now_ms()),
+        user: None,
+        via_ingest: true,
+        seq: None,
+    };
+    send(state, msg, "broadcasted").await
 }
 
 /// `POST /executions/update`: the body is broadcast as `execution-updated`.
@@ -184,7 +275,7 @@ async fn execution_update(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, IngestError> {
     let body = read_body(body, s.max_payload_bytes)?;
-    broadcast_body(&s, body, "execution-updated", &["taskId", "status"]).await
+    broadcast_body(&s, body, EXECUTION_UPDATED, &["taskId", "status"]).await
 }
 
 /// `POST /executions/log`: the body is broadcast as `execution-log`.
@@ -193,7 +284,7 @@ async fn execution_log(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, IngestError> {
     let body = read_body(body, s.max_payload_bytes)?;
-    broadcast_body(&s, body, "execution-log", &["taskId", "log"]).await
+    broadcast_body(&s, body, EXECUTION_LOG, &["taskId", "log"]).await
 }
 
 /// `POST /v1/publish`: `{ organizationId, event, data, userId? }`.
@@ -224,17 +315,14 @@ async fn publish(
         None | Some(Value::Null) => None,
         Some(v) => Some(UserId::from_json(v).map_err(|e| IngestError::field("userId", e))?),
     };
-    send(
-        &s,
-        Message {
-            org,
-            event,
-            data,
-            ts_ms: Some(now_ms()),
-            user,
-            via_ingest: true,
-        },
-    )
-    .await?;
-    Ok(Json(json!({"status": "published"})))
+    let msg = Message {
+        org,
+        event,
+        data,
+        ts_ms: Some(now_ms()),
+        user,
+        via_ingest: true,
+        seq: None,
+    };
+    send(&s, msg, "published").await
 }

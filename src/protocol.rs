@@ -192,6 +192,15 @@ pub struct Message {
     /// Whether the message entered through this service's HTTP ingest (vs. a direct
     /// Redis PUBLISH by a worker). Only used to label metrics.
     pub via_ingest: bool,
+    /// The organization-wide sequence number of a durable event (committed to the history
+    /// before it was published); `None` for ephemeral messages.
+    pub seq: Option<u64>,
+}
+
+/// The second Socket.IO argument of a durable event: `socket.on(event, (data, meta) => ...)`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Meta {
+    pub seq: u64,
 }
 
 /// Why a bus envelope was refused; the label of `fanout_malformed_messages_total`.
@@ -205,6 +214,8 @@ pub enum EnvelopeError {
     Event(InvalidId),
     #[error("bad \"userId\": {0}")]
     User(InvalidId),
+    #[error("bad \"seq\": must be a positive integer")]
+    Seq,
 }
 
 impl EnvelopeError {
@@ -215,6 +226,7 @@ impl EnvelopeError {
             Self::Json(_) => "invalid_json",
             Self::Event(_) => "bad_event",
             Self::User(_) => "bad_user_id",
+            Self::Seq => "bad_seq",
         }
     }
 }
@@ -230,6 +242,8 @@ struct EnvelopeIn<'a> {
     user_id: Option<serde_json::Value>,
     #[serde(default)]
     src: Option<&'a str>,
+    #[serde(default)]
+    seq: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -242,6 +256,8 @@ struct EnvelopeOut<'a> {
     user_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     src: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
 }
 
 /// Marks envelopes written by fanout's own ingest, so that metrics can tell them from
@@ -271,6 +287,10 @@ impl Message {
             None | Some(serde_json::Value::Null) => None,
             Some(v) => Some(UserId::from_json(&v).map_err(EnvelopeError::User)?),
         };
+        let seq = match env.seq {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(v.as_u64().filter(|s| *s > 0).ok_or(EnvelopeError::Seq)?),
+        };
         // A negative, fractional or absurd `ts` is only a latency hint: ignore it.
         let ts_ms = env
             .ts
@@ -283,6 +303,7 @@ impl Message {
             ts_ms,
             user,
             via_ingest: env.src == Some(SRC_INGEST),
+            seq,
         })
     }
 
@@ -294,6 +315,7 @@ impl Message {
             ts: self.ts_ms,
             user_id: self.user.as_ref().map(UserId::as_str),
             src: self.via_ingest.then_some(SRC_INGEST),
+            seq: self.seq,
         };
         serde_json::to_vec(&out).expect("serialising an envelope of valid parts cannot fail")
     }
@@ -496,6 +518,12 @@ mod tests {
         assert!(again.via_ingest);
         assert_eq!(again.data.get(), msg.data.get());
         assert_eq!(again.user, msg.user);
+        assert_eq!(again.seq, None);
+
+        let mut durable = msg.clone();
+        durable.seq = Some(42);
+        let again = Message::from_envelope(org(), &durable.to_envelope(), 65536).unwrap();
+        assert_eq!(again.seq, Some(42));
     }
 
     #[test]
@@ -521,6 +549,9 @@ mod tests {
             (br#"{"event":"e"}"#, "invalid_json"),
             (br#"{"event":5,"data":1}"#, "bad_event"),
             (br#"{"event":"connect","data":1}"#, "bad_event"),
+            (br#"{"event":"e","data":1,"seq":0}"#, "bad_seq"),
+            (br#"{"event":"e","data":1,"seq":-3}"#, "bad_seq"),
+            (br#"{"event":"e","data":1,"seq":"7"}"#, "bad_seq"),
             (br#"{"event":"auth-success","data":1}"#, "bad_event"),
             (br#"{"event":"bad name","data":1}"#, "bad_event"),
             (br#"{"event":"e","data":1,"userId":""}"#, "bad_user_id"),

@@ -30,6 +30,7 @@ use crate::ops::shutdown::Shutdown;
 use crate::ops::{self, OpsState};
 use crate::presence::Presence;
 use crate::store::Store;
+use crate::store::write::Writer;
 
 /// Why a replica could not start.
 #[derive(Debug, thiserror::Error)]
@@ -75,11 +76,20 @@ pub async fn run(
         .build_layer();
     let presence = Arc::new(Presence::new());
     let transports = Transports::default();
-    let delivery = Arc::new(Delivery::new(
-        io.clone(),
-        presence.clone(),
-        transports.clone(),
-    ));
+    // Not awaited: the store connects and migrates in the background, so a replica starting
+    // while PostgreSQL is down still serves fan-out.
+    let store = match &config.database {
+        Some(db) => {
+            Some(Store::start(db, shutdown.clone()).map_err(|e| StartError::Setup(e.to_string()))?)
+        }
+        None => None,
+    };
+    let mut delivery = Delivery::new(io.clone(), presence.clone(), transports.clone());
+    if let Some(store) = &store {
+        delivery = delivery.with_history(store.clone(), config.replay_max);
+    }
+    let delivery = Arc::new(delivery);
+    delivery.watch_tails(shutdown.clone());
     let bus = Arc::new(match &config.redis_url {
         Some(url) => Bus::redis(
             RedisSettings {
@@ -94,20 +104,16 @@ pub async fn run(
         .map_err(StartError::Setup)?,
         None => Bus::memory(delivery.clone()),
     });
-    // Not awaited: the store connects and migrates in the background, so a replica starting
-    // while PostgreSQL is down still serves fan-out.
-    let _store = match &config.database {
-        Some(db) => {
-            Some(Store::start(db, shutdown.clone()).map_err(|e| StartError::Setup(e.to_string()))?)
-        }
-        None => None,
-    };
+    let writer = store
+        .as_ref()
+        .map(|store| Writer::start(store.clone(), bus.clone()));
     let verifier = Verifier::new(config.jwt.verifier_config()).map_err(StartError::Setup)?;
     let expiry = Expiry::start(io.clone(), transports.clone(), shutdown.clone());
     Gateway::new(
         verifier,
         config.jwt.leeway_seconds,
         bus.clone(),
+        delivery.clone(),
         presence.clone(),
         expiry,
         transports.clone(),
@@ -127,8 +133,10 @@ pub async fn run(
         bus: bus.clone(),
         keys: Arc::new(IngestKeys::new(config.ingest_keys.clone())),
         max_payload_bytes: config.max_payload_bytes,
+        writer,
     })
     .merge(ops::router(OpsState {
+        store: store.clone(),
         bus: bus.clone(),
         shutdown: shutdown.clone(),
         metrics,

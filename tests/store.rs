@@ -32,9 +32,13 @@ async fn migrations_apply_once_then_migrate_is_a_no_op() {
 
     let first = migrate(&db);
     assert_eq!(first.status.code(), Some(0), "{first:?}");
+    let every: Vec<String> = MIGRATIONS
+        .iter()
+        .map(|m| format!("{} ({})", m.version, m.name))
+        .collect();
     assert_eq!(
         String::from_utf8_lossy(&first.stdout).trim(),
-        "applied migrations: 1 (init)"
+        format!("applied migrations: {}", every.join(", "))
     );
     assert_eq!(db.migrations().await, all_migrations());
 
@@ -121,7 +125,12 @@ async fn a_replica_serves_while_postgres_is_unreachable() {
         "postgres://postgres:hunter2@127.0.0.1:{}/postgres",
         free_port()
     );
-    let replica = Replica::builder().env("DATABASE_URL", &url).start().await;
+    let redis = RedisServer::start().await;
+    let replica = Replica::builder()
+        .redis(&redis)
+        .env("DATABASE_URL", &url)
+        .start()
+        .await;
     let deadline = Instant::now() + SOON;
     while !replica
         .stderr()
@@ -131,9 +140,31 @@ async fn a_replica_serves_while_postgres_is_unreachable() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(!replica.stderr().contains("hunter2"));
+    // Ready (sockets are served), and saying what is wrong.
+    let ready = replica.get("/readyz").await.unwrap();
+    assert_eq!(ready.status, 200, "{ready:?}");
+    assert_eq!(ready.json["store"], "down", "{ready:?}");
+    assert_eq!(replica.metric("fanout_store_up", &[]).await, 0.0);
+
     let mut alice = replica.login("acme", "alice").await;
-    replica
-        .publish("acme", "hello", serde_json::json!({"n": 1}))
+    // Durable ingest cannot commit: a definite 503, nothing delivered.
+    let refused = replica
+        .post(
+            "/executions/update",
+            &serde_json::json!({"organizationId": "acme", "taskId": "t1", "status": "RUNNING"}),
+        )
+        .await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(
+        refused.json["error"]
+            .as_str()
+            .unwrap()
+            .contains("PostgreSQL"),
+        "{refused:?}"
+    );
+    // Ephemeral fan-out (a worker publishing straight into Redis) still works.
+    redis
+        .publish("fanout:org:acme", r#"{"event":"hello","data":{"n":1}}"#)
         .await;
     let data = alice.expect("hello", QUICK).await;
     assert_eq!(data["n"], 1, "{data}");

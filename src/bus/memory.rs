@@ -15,6 +15,6 @@ impl MemoryBus {
     }
 
     pub async fn publish(&self, msg: Message) {
-        self.delivery.deliver(&msg).await;
+        self.delivery.dispatch(msg).await;
     }
 }

@@ -76,6 +76,19 @@ impl Bus {
         }
     }
 
+    /// Publishes `batch` in order: one round trip to Redis however many messages.
+    pub async fn publish_batch(&self, batch: &[Message]) -> Result<(), BusError> {
+        match &self.inner {
+            Inner::Memory(m) => {
+                for msg in batch {
+                    m.publish(msg.clone()).await;
+                }
+                Ok(())
+            }
+            Inner::Redis(r) => r.publish_batch(batch).await,
+        }
+    }
+
     /// Called after a socket of `org` was counted in presence: resolves once this replica
     /// receives `org`'s messages (at once with the memory bus, or when Redis is down, in
     /// which case the subscription is made on reconnect).

@@ -128,6 +128,28 @@ impl RedisBus {
         }
     }
 
+    /// Publishes `batch` in order, in one round trip (a pipeline of PUBLISH commands).
+    pub async fn publish_batch(&self, batch: &[Message]) -> Result<(), BusError> {
+        let mut pipe = redis::pipe();
+        for msg in batch {
+            pipe.publish(channel(&self.prefix, &msg.org), msg.to_envelope())
+                .ignore();
+        }
+        let mut conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        match tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(&mut *conn)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
+            Err(_) => Err(BusError::Unavailable(format!(
+                "PUBLISH of {} messages took longer than {COMMAND_TIMEOUT:?}",
+                batch.len()
+            ))),
+        }
+    }
+
     pub async fn joined(&self, org: &OrgId) {
         if !self.is_up() {
             // Subscribed by the full resync on reconnect; nothing to wait for now.
@@ -261,6 +283,9 @@ impl Subscriber {
         ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(self.subscribed.len() as f64);
         if *sessions > 0 {
             ::metrics::counter!(metrics::REDIS_RECONNECTS).increment(1);
+            // Whatever was published while this replica was not subscribed is in the
+            // history (if there is one): read it back now rather than at the next event.
+            self.delivery.bus_recovered();
         }
         *sessions += 1;
         backoff.reset();
@@ -379,7 +404,7 @@ async fn read_loop(
                 if !message.via_ingest {
                     ::metrics::counter!(metrics::PUBLISHED, "source" => "redis").increment(1);
                 }
-                delivery.deliver(&message).await;
+                delivery.dispatch(message).await;
             }
             Err(e) => {
                 ::metrics::counter!(metrics::MALFORMED, "reason" => e.reason()).increment(1);

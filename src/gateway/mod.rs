@@ -7,7 +7,9 @@
 //! - a socket is counted in presence before its organization's subscription is requested,
 //!   and joins its rooms only once that subscription is in place, so `auth-success` means
 //!   "you will now receive your organization's messages";
-//! - a session ends when its token expires, unless `auth-refresh` extended it.
+//! - a session ends when its token expires, unless `auth-refresh` extended it;
+//! - a client that sends `auth.lastSeq` is sent the durable events it missed, in order,
+//!   before any live durable event (see `delivery::history`).
 
 pub mod conn;
 mod expiry;
@@ -22,10 +24,11 @@ use socketioxide::{SendError, SocketError, SocketIo};
 
 use crate::auth::{AuthError, Identity, Verifier};
 use crate::bus::Bus;
+use crate::delivery::Delivery;
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
-use crate::protocol::{OrgId, UserId, user_room};
+use crate::protocol::{OrgId, UserId};
 use conn::Transports;
 pub use expiry::Expiry;
 
@@ -33,6 +36,7 @@ pub struct Gateway {
     verifier: Verifier,
     leeway_ms: u64,
     bus: Arc<Bus>,
+    delivery: Arc<Delivery>,
     presence: Arc<Presence>,
     expiry: Expiry,
     transports: Transports,
@@ -44,6 +48,7 @@ impl Gateway {
         verifier: Verifier,
         leeway_seconds: u64,
         bus: Arc<Bus>,
+        delivery: Arc<Delivery>,
         presence: Arc<Presence>,
         expiry: Expiry,
         transports: Transports,
@@ -53,6 +58,7 @@ impl Gateway {
             verifier,
             leeway_ms: leeway_seconds * 1000,
             bus,
+            delivery,
             presence,
             expiry,
             transports,
@@ -85,6 +91,7 @@ impl Gateway {
             Err(e) => return reject(&socket, &e),
         };
         let (org, user) = (identity.org.clone(), identity.user.clone());
+        let last_seq = last_seq(auth.as_ref());
 
         // Presence first, then the handler that undoes it: from here on, a disconnect at any
         // point undoes exactly what was done, once.
@@ -108,7 +115,10 @@ impl Gateway {
         if !socket.connected() {
             return admission.end(socket.id);
         }
-        socket.join([org.room(), user_room(&org, &user)]);
+        let seam = self
+            .delivery
+            .join(&socket, &org, &user, last_seq.unwrap_or(None))
+            .await;
         if !socket.connected() {
             // Disconnected while joining: the adapter already forgot it, so must we.
             socket.leave_all();
@@ -135,6 +145,11 @@ impl Gateway {
         }
         ::metrics::counter!(metrics::CONNECTIONS_TOTAL, "result" => "accepted").increment(1);
         tracing::debug!(sid = %socket.id, %org, %user, "authenticated");
+        match (last_seq, seam) {
+            (Err(()), _) => self.delivery.invalid_last_seq(&socket),
+            (Ok(_), Some(seam)) => self.delivery.replay(&socket, &user, seam).await,
+            (Ok(_), None) => {}
+        }
     }
 
     /// `auth-refresh` `{ token }`: extends the session to the new token's `exp`, if the new
@@ -169,6 +184,17 @@ impl Gateway {
     }
 }
 
+/// `auth.lastSeq`: absent or null (no replay), a non-negative integer, or its decimal
+/// string (some clients keep it in storage as text). Anything else is an error.
+fn last_seq(auth: Option<&Value>) -> Result<Option<u64>, ()> {
+    match auth.and_then(|a| a.get("lastSeq")) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or(()),
+        Some(Value::String(s)) => s.trim().parse().map(Some).map_err(|_| ()),
+        Some(_) => Err(()),
+    }
+}
+
 /// What an authenticated socket added to the replica's shared state. Ended exactly once,
 /// by whichever comes first: the disconnect handler, or the connect path noticing that
 /// socketioxide will never call that handler.
@@ -190,6 +216,7 @@ impl Admission {
         ::metrics::gauge!(metrics::CONNECTIONS).decrement(1.0);
         if gw.presence.remove(&self.org, &self.user) {
             gw.bus.left(&self.org);
+            gw.delivery.left(&self.org);
         }
     }
 }

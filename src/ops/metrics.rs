@@ -116,10 +116,7 @@ fn describe() {
         DURABLE_EVENTS,
         "Events committed to the history (each with its sequence number)."
     );
-    describe_histogram!(
-        COMMIT_BATCH,
-        "Events per group-commit transaction."
-    );
+    describe_histogram!(COMMIT_BATCH, "Events per group-commit transaction.");
     describe_histogram!(
         COMMIT_DURATION,
         metrics::Unit::Seconds,
@@ -141,12 +138,6 @@ fn describe() {
         REPLAYED_EVENTS,
         "Durable events sent to reconnecting clients by replay."
     );
-    describe_counter!(
-        RESYNCS,
-        "resync-required sent to clients, by reason."
-    );
-    describe_counter!(
-        RETENTION_DELETED,
-        "Durable events deleted by retention."
-    );
+    describe_counter!(RESYNCS, "resync-required sent to clients, by reason.");
+    describe_counter!(RETENTION_DELETED, "Durable events deleted by retention.");
 }

@@ -18,12 +18,16 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
 use crate::bus::Bus;
+use crate::store::Store;
 use shutdown::Shutdown;
 
 /// What `/readyz` and `/metrics` need to answer.
 #[derive(Clone)]
 pub struct OpsState {
     pub bus: Arc<Bus>,
+    /// The history, when configured: its state is reported, but does not make the
+    /// replica unready (see `readyz`).
+    pub store: Option<Store>,
     pub shutdown: Shutdown,
     pub metrics: PrometheusHandle,
 }
@@ -36,6 +40,10 @@ pub fn router(state: OpsState) -> Router {
         .with_state(state)
 }
 
+/// Ready means "send me connections": shutting down or cut off from the bus is not.
+/// PostgreSQL being down is reported (`"store": "down"`) but keeps the replica ready:
+/// sockets still get every live message, only durable ingest and replay wait for it, and
+/// taking every replica out of the load balancer would stop fan-out too.
 async fn readyz(State(s): State<OpsState>) -> Response {
     if s.shutdown.is_triggered() {
         return not_ready("shutting down");
@@ -43,7 +51,22 @@ async fn readyz(State(s): State<OpsState>) -> Response {
     if !s.bus.is_up() {
         return not_ready("redis subscriber is down; reconnecting");
     }
-    Json(json!({"status": "ready"})).into_response()
+    match &s.store {
+        None => Json(json!({"status": "ready"})).into_response(),
+        Some(store) if store.is_up() => {
+            Json(json!({"status": "ready", "store": "up"})).into_response()
+        }
+        Some(store) => Json(json!({
+            "status": "ready",
+            "store": "down",
+            "reason": if store.is_migrated() {
+                "PostgreSQL is unreachable: durable ingest answers 503 and replay sends resync-required until it is back"
+            } else {
+                "the database is not migrated yet (PostgreSQL unreachable?): durable ingest answers 503"
+            },
+        }))
+        .into_response(),
+    }
 }
 
 fn not_ready(reason: &str) -> Response {

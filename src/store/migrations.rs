@@ -25,8 +25,8 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 2,
-        name: "log_data",
-        sql: include_str!("migrations/0002_log_data.sql"),
+        name: "log_data_and_raw_events",
+        sql: include_str!("migrations/0002_log_data_and_raw_events.sql"),
     },
 ];
 

@@ -13,7 +13,9 @@
 //! waits for the database: [`Store::start`] builds the pool (which connects lazily) and
 //! migrates in a background task that retries until it succeeds.
 
+pub mod events;
 pub mod migrations;
+pub mod write;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +51,8 @@ pub enum StoreError {
     Pool(String),
     #[error("PostgreSQL is unavailable ({0}); nothing was stored, retry later")]
     Unavailable(String),
+    #[error("PostgreSQL refused the event: {0}")]
+    Rejected(String),
 }
 
 /// The error and its causes on one line: tokio-postgres puts the useful part (the server's
@@ -198,7 +202,9 @@ impl Store {
     fn mark_down(&self) {
         if self.health.up.swap(false, Ordering::AcqRel) {
             ::metrics::gauge!(metrics::STORE_UP).set(0.0);
-            tracing::warn!("PostgreSQL is unreachable; durable ingest answers 503 until it is back");
+            tracing::warn!(
+                "PostgreSQL is unreachable; durable ingest answers 503 until it is back"
+            );
             self.health.down.notify_one();
         }
     }
@@ -212,7 +218,11 @@ impl Store {
     /// Migrates, then watches: each time a caller marks the store down, probes it with
     /// backoff until it answers again.
     async fn watch(self, target: String, shutdown: Shutdown) {
-        if !self.clone().migrate_until_done(target.clone(), shutdown.clone()).await {
+        if !self
+            .clone()
+            .migrate_until_done(target.clone(), shutdown.clone())
+            .await
+        {
             return;
         }
         self.mark_up();
@@ -228,7 +238,11 @@ impl Store {
                     _ = shutdown.wait() => return,
                 }
                 let probe = match self.pool.get().await {
-                    Ok(client) => client.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| describe(&e)),
+                    Ok(client) => client
+                        .simple_query("SELECT 1")
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| describe(&e)),
                     Err(e) => Err(describe(&e)),
                 };
                 match probe {
@@ -236,7 +250,9 @@ impl Store {
                         tracing::info!(database = %target, "PostgreSQL is reachable again");
                         self.mark_up();
                     }
-                    Err(e) => tracing::debug!(database = %target, error = %e, "PostgreSQL probe failed"),
+                    Err(e) => {
+                        tracing::debug!(database = %target, error = %e, "PostgreSQL probe failed")
+                    }
                 }
             }
         }

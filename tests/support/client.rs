@@ -26,6 +26,8 @@ type Ws = WebSocketStream<TcpStream>;
 pub enum Packet {
     /// `42["name",data]`.
     Event(String, Value),
+    /// `42["name",data,{"seq":n}]`: a durable event and its sequence number.
+    Durable(String, Value, u64),
     /// `43<id>[...]`: the arguments of the acknowledgement.
     Ack(u64, Value),
     /// `41`: the server disconnected this Socket.IO socket.
@@ -112,8 +114,16 @@ impl Client {
 
     /// The next event as `(name, data)`; panics if the next packet is not an event.
     pub async fn next_event(&mut self, timeout: Duration) -> (String, Value) {
+        let (name, data, _) = self.next_durable(timeout).await;
+        (name, data)
+    }
+
+    /// The next event as `(name, data, seq)` (`seq` only for durable events); panics if the
+    /// next packet is not an event.
+    pub async fn next_durable(&mut self, timeout: Duration) -> (String, Value, Option<u64>) {
         match self.next(timeout).await {
-            Some(Packet::Event(name, data)) => (name, data),
+            Some(Packet::Event(name, data)) => (name, data, None),
+            Some(Packet::Durable(name, data, seq)) => (name, data, Some(seq)),
             Some(other) => panic!("expected an event, got {other:?}"),
             None => panic!("no event within {timeout:?}"),
         }
@@ -122,7 +132,9 @@ impl Client {
     /// Waits for the next packet and checks that it is `event`; returns its data.
     pub async fn expect(&mut self, event: &str, timeout: Duration) -> Value {
         match self.next(timeout).await {
-            Some(Packet::Event(name, data)) if name == event => data,
+            Some(Packet::Event(name, data) | Packet::Durable(name, data, _)) if name == event => {
+                data
+            }
             Some(other) => panic!("expected event {event:?}, got {other:?}"),
             None => panic!("expected event {event:?}, got nothing within {timeout:?}"),
         }
@@ -145,8 +157,12 @@ impl Client {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.next(left).await {
-                Some(Packet::Event(name, _)) if name == marker => return seen,
-                Some(Packet::Event(name, data)) => seen.push((name, data)),
+                Some(Packet::Event(name, _) | Packet::Durable(name, _, _)) if name == marker => {
+                    return seen;
+                }
+                Some(Packet::Event(name, data) | Packet::Durable(name, data, _)) => {
+                    seen.push((name, data))
+                }
                 Some(other) => panic!(
                     "got {other:?} while waiting for {marker:?}; before it: {}",
                     summary(&seen)
@@ -287,10 +303,11 @@ fn decode(text: &str) -> Frame {
         "2" => {
             let args = json();
             let name = args[0].as_str().unwrap_or_default().to_string();
-            Frame::Packet(Packet::Event(
-                name,
-                args.get(1).cloned().unwrap_or(Value::Null),
-            ))
+            let data = args.get(1).cloned().unwrap_or(Value::Null);
+            match args.get(2).and_then(|meta| meta["seq"].as_u64()) {
+                Some(seq) => Frame::Packet(Packet::Durable(name, data, seq)),
+                None => Frame::Packet(Packet::Event(name, data)),
+            }
         }
         "3" => Frame::Packet(Packet::Ack(id.parse().unwrap_or(0), json())),
         "4" => Frame::Packet(Packet::ConnectError(json())),
@@ -402,7 +419,7 @@ impl SlowClient {
             };
             match frame {
                 Some(Ok(Message::Text(text))) => match decode(text.as_str()) {
-                    Frame::Packet(Packet::Event(..)) => drained.events += 1,
+                    Frame::Packet(Packet::Event(..) | Packet::Durable(..)) => drained.events += 1,
                     Frame::Packet(Packet::Disconnect) => drained.disconnect_packet = true,
                     _ => {}
                 },

@@ -258,7 +258,25 @@ impl Replica {
             "{}: publish {body} answered {r:?}",
             self.name
         );
-        assert_eq!(r.json, json!({"status": "published"}));
+        assert_eq!(r.json["status"], "published", "{r:?}");
+    }
+
+    /// Waits until `/readyz` says the store is up (migrated and reachable).
+    pub async fn wait_store_up(&self) {
+        let deadline = Instant::now() + SOON;
+        loop {
+            let reply = self.get("/readyz").await;
+            if reply.as_ref().is_some_and(|r| r.json["store"] == "up") {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{}: the store is not up after {SOON:?}: {reply:?}",
+                    self.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// `POST /v1/publish` to one user of `org`, and checks that it was accepted.

@@ -1,0 +1,409 @@
+//! The durable history: sequence numbers, projections, delivery in order, replay on
+//! reconnect and `resync-required`, against a real PostgreSQL (a database per test) and,
+//! for fleets, a real redis-server.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+
+async fn durable_replica(db: &TestDb) -> Replica {
+    let r = Replica::builder().database(db).start().await;
+    r.wait_store_up().await;
+    r
+}
+
+fn update(org: &str, task: &str, status: &str, extra: Value) -> Value {
+    let mut body = json!({"organizationId": org, "taskId": task, "status": status});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().cloned().unwrap_or_default());
+    body
+}
+
+/// Posts an update and returns its sequence number.
+async fn post_update(r: &Replica, body: &Value) -> u64 {
+    let reply = r.post("/executions/update", body).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.json["status"], "broadcasted", "{reply:?}");
+    reply.json["seq"]
+        .as_u64()
+        .expect("a durable answer has seq")
+}
+
+/// Connects with `auth.lastSeq` and waits for `auth-success`.
+async fn resume(r: &Replica, org: &str, user: &str, last_seq: Value) -> Client {
+    let auth = json!({"token": valid_token(org, user), "lastSeq": last_seq});
+    let mut client = Client::connect(r.public, Some(auth)).await;
+    client.expect("auth-success", QUICK).await;
+    client
+}
+
+/// The next `n` durable events as `(seq, data)`; panics on anything else.
+async fn durable_events(client: &mut Client, n: usize) -> Vec<(u64, Value)> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (name, data, seq) = client.next_durable(QUICK).await;
+        let seq = seq.unwrap_or_else(|| panic!("{name} {data} has no seq; got so far {out:?}"));
+        out.push((seq, data));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_events_are_numbered_per_organization_and_carry_their_seq() {
+    let db = TestDb::create().await;
+    let r = durable_replica(&db).await;
+    let mut alice = r.login("acme", "alice").await;
+    let mut bob = r.login("globex", "bob").await;
+
+    let first = update("acme", "t1", "RUNNING", json!({"runner": "r1"}));
+    assert_eq!(post_update(&r, &first).await, 1);
+    let log =
+        json!({"organizationId": "acme", "taskId": "t1", "log": "step 1", "stream": "stdout"});
+    let reply = r.post("/executions/log", &log).await;
+    assert_eq!(reply.json, json!({"status": "broadcasted", "seq": 2}));
+    assert_eq!(
+        post_update(&r, &update("globex", "g1", "PENDING", json!({}))).await,
+        1,
+        "each organization has its own sequence"
+    );
+    let done = update("acme", "t1", "PASSED", json!({"durationMs": 1234}));
+    assert_eq!(post_update(&r, &done).await, 3);
+    let reply = r
+        .post(
+            "/v1/publish",
+            &json!({"organizationId": "acme", "event": "report.ready", "data": [1, 2]}),
+        )
+        .await;
+    assert_eq!(reply.json, json!({"status": "published", "seq": 4}));
+
+    // The first argument is the body, unchanged; the second carries the seq.
+    assert_eq!(
+        durable_events(&mut alice, 4).await,
+        vec![(1, first), (2, log.clone()), (3, done), (4, json!([1, 2]))]
+    );
+    assert_eq!(
+        bob.next_durable(QUICK).await,
+        (
+            "execution-updated".to_string(),
+            update("globex", "g1", "PENDING", json!({})),
+            Some(1)
+        )
+    );
+
+    // The projections follow the events.
+    let pg = db.connect().await;
+    let row = pg
+        .query_one(
+            "SELECT status::text, started_at IS NOT NULL, finished_at IS NOT NULL, data, last_seq
+             FROM executions WHERE organization_id = 'acme' AND task_id = 't1'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "PASSED");
+    assert!(row.get::<_, bool>(1), "started_at is set by RUNNING");
+    assert!(
+        row.get::<_, bool>(2),
+        "finished_at is set by a final status"
+    );
+    let data: String = pg
+        .query_one(
+            "SELECT data::text FROM executions WHERE organization_id = 'acme' AND task_id = 't1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let data: Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(
+        data,
+        json!({"organizationId": "acme", "taskId": "t1", "status": "PASSED", "runner": "r1", "durationMs": 1234}),
+        "updates are merged"
+    );
+    assert_eq!(row.get::<_, i64>(4), 3);
+    let logs: Vec<(i64, String)> = pg
+        .query(
+            "SELECT seq, data::text FROM execution_logs WHERE organization_id = 'acme' ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(logs.len(), 1);
+    assert_eq!(logs[0].0, 2);
+    assert_eq!(serde_json::from_str::<Value>(&logs[0].1).unwrap(), log);
+    let last: i64 = pg
+        .query_one(
+            "SELECT last_seq FROM org_sequences WHERE organization_id = 'acme'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last, 4);
+    r.wait_metric("fanout_durable_events_total", &[], |v| v == 5.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_updates_need_a_known_status_and_a_task() {
+    let db = TestDb::create().await;
+    let r = durable_replica(&db).await;
+    let mut client = r.login("acme", "alice").await;
+
+    let reply = r
+        .post(
+            "/executions/update",
+            &update("acme", "t1", "COMPLETED", json!({})),
+        )
+        .await;
+    assert_eq!(reply.status, 400, "{reply:?}");
+    let error = reply.json["error"].as_str().unwrap();
+    for allowed in [
+        "PENDING",
+        "RUNNING",
+        "PASSED",
+        "FAILED",
+        "ERROR",
+        "CANCELLED",
+    ] {
+        assert!(error.contains(allowed), "{error}");
+    }
+    assert!(error.contains("COMPLETED"), "{error}");
+    let lowercase = r
+        .post(
+            "/executions/update",
+            &update("acme", "t1", "running", json!({})),
+        )
+        .await;
+    assert_eq!(lowercase.status, 400, "{lowercase:?}");
+    let no_task = r
+        .post(
+            "/v1/publish",
+            &json!({"organizationId": "acme", "event": "execution-updated", "data": {"status": "RUNNING"}}),
+        )
+        .await;
+    assert_eq!(no_task.status, 400, "{no_task:?}");
+    assert!(no_task.json["error"].as_str().unwrap().contains("taskId"));
+    let nul = r
+        .post(
+            "/executions/log",
+            &json!({"organizationId": "acme", "taskId": "t1", "log": "a\u{0}b"}),
+        )
+        .await;
+    assert_eq!(nul.status, 400, "{nul:?}");
+
+    // Nothing refused was numbered or delivered: the next event is seq 1.
+    assert_eq!(
+        post_update(&r, &update("acme", "t1", "RUNNING", json!({}))).await,
+        1
+    );
+    let (_, _, seq) = client.next_durable(QUICK).await;
+    assert_eq!(seq, Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_client_gets_what_it_missed_then_live_events() {
+    let db = TestDb::create().await;
+    let r = durable_replica(&db).await;
+    let mut before = r.login("acme", "alice").await;
+    for i in 1..=5 {
+        post_update(&r, &update("acme", &format!("t{i}"), "RUNNING", json!({}))).await;
+    }
+    let seen = durable_events(&mut before, 5).await;
+    assert_eq!(
+        seen.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    before.disconnect();
+
+    // While it is away: 5 more, one of them for another user only.
+    for i in 6..=9 {
+        post_update(&r, &update("acme", &format!("t{i}"), "PASSED", json!({}))).await;
+    }
+    r.publish_to_user("acme", "bob", "note", json!({"for": "bob"}))
+        .await;
+
+    let mut back = resume(&r, "acme", "alice", json!(3)).await;
+    let replayed = durable_events(&mut back, 6).await;
+    assert_eq!(
+        replayed.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [4, 5, 6, 7, 8, 9],
+        "in order, exactly once, without bob's event 10"
+    );
+    assert_eq!(replayed[0].1, update("acme", "t4", "RUNNING", json!({})));
+    // Then live.
+    let live = post_update(&r, &update("acme", "t11", "RUNNING", json!({}))).await;
+    assert_eq!(live, 11);
+    assert_eq!(durable_events(&mut back, 1).await[0].0, 11);
+    assert!(back.next(Duration::from_millis(200)).await.is_none());
+
+    // Bob gets his own event on replay; a client that is up to date gets nothing.
+    let mut bob = resume(&r, "acme", "bob", json!(9)).await;
+    assert_eq!(
+        bob.next_durable(QUICK).await,
+        ("note".to_string(), json!({"for": "bob"}), Some(10))
+    );
+    assert_eq!(durable_events(&mut bob, 1).await[0].0, 11);
+    let mut current = resume(&r, "acme", "carol", json!("11")).await;
+    assert!(current.next(Duration::from_millis(200)).await.is_none());
+
+    r.wait_metric("fanout_replayed_events_total", &[], |v| v == 8.0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_and_live_meet_without_gap_or_duplicate() {
+    let db = TestDb::create().await;
+    let r = durable_replica(&db).await;
+    for i in 1..=200 {
+        post_update(&r, &update("acme", &format!("t{i}"), "RUNNING", json!({}))).await;
+    }
+    // Publish continuously while clients reconnect from various points.
+    let publisher = {
+        let url = r.url("/executions/update");
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for i in 201..=400 {
+                let body = update("acme", &format!("t{i}"), "RUNNING", json!({}));
+                let resp = http
+                    .post(&url)
+                    .bearer_auth(INGEST_KEY)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+            }
+        })
+    };
+    let mut clients = Vec::new();
+    for from in [0u64, 50, 150, 199] {
+        clients.push((
+            from,
+            resume(&r, "acme", &format!("u{from}"), json!(from)).await,
+        ));
+    }
+    publisher.await.unwrap();
+    for (from, mut client) in clients {
+        let got = durable_events(&mut client, (400 - from) as usize).await;
+        let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, ((from + 1)..=400).collect::<Vec<_>>(), "from {from}");
+        assert!(client.next(Duration::from_millis(100)).await.is_none());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_far_behind_or_invalid_last_seq_gets_resync_required() {
+    let db = TestDb::create().await;
+    let r = Replica::builder()
+        .database(&db)
+        .env("FANOUT_REPLAY_MAX", 5)
+        .start()
+        .await;
+    r.wait_store_up().await;
+    for i in 1..=8 {
+        post_update(&r, &update("acme", &format!("t{i}"), "RUNNING", json!({}))).await;
+    }
+    let mut far = resume(&r, "acme", "alice", json!(2)).await;
+    assert_eq!(
+        far.expect("resync-required", QUICK).await,
+        json!({"reason": "too_far_behind", "lastSeq": 2, "latestSeq": 8})
+    );
+    let mut near = resume(&r, "acme", "bob", json!(3)).await;
+    assert_eq!(durable_events(&mut near, 5).await.len(), 5);
+
+    let mut ahead = resume(&r, "acme", "carol", json!(50)).await;
+    assert_eq!(
+        ahead.expect("resync-required", QUICK).await["reason"],
+        "unknown_seq"
+    );
+    let mut garbage = resume(&r, "acme", "dave", json!(-1)).await;
+    assert_eq!(
+        garbage.expect("resync-required", QUICK).await["reason"],
+        "invalid_last_seq"
+    );
+
+    // All of them carry on with live events.
+    post_update(&r, &update("acme", "t9", "RUNNING", json!({}))).await;
+    for client in [&mut far, &mut near, &mut ahead, &mut garbage] {
+        assert_eq!(durable_events(client, 1).await[0].0, 9);
+    }
+    r.wait_metric(
+        "fanout_resyncs_total",
+        &[("reason", "too_far_behind")],
+        |v| v == 1.0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_from_two_replicas_arrive_in_sequence_order_on_both() {
+    let redis = RedisServer::start().await;
+    let db = TestDb::create().await;
+    let a = Replica::builder()
+        .name("a")
+        .redis(&redis)
+        .database(&db)
+        .start()
+        .await;
+    let b = Replica::builder()
+        .name("b")
+        .redis(&redis)
+        .database(&db)
+        .start()
+        .await;
+    a.wait_store_up().await;
+    b.wait_store_up().await;
+    let mut on_a = a.login("acme", "alice").await;
+    let mut on_b = b.login("acme", "bob").await;
+
+    // Two publishers per replica, concurrently: commits interleave across replicas.
+    let mut publishers = Vec::new();
+    for (replica, name) in [(&a, "a"), (&b, "b")] {
+        for p in 0..2 {
+            let url = replica.url("/executions/log");
+            publishers.push(tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                for i in 0..100 {
+                    let body =
+                        json!({"organizationId": "acme", "taskId": format!("{name}{p}"), "log": i});
+                    let resp = http
+                        .post(&url)
+                        .bearer_auth(INGEST_KEY)
+                        .json(&body)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(resp.status(), 200);
+                }
+            }));
+        }
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    for client in [&mut on_a, &mut on_b] {
+        let got = durable_events(client, 400).await;
+        let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (1..=400).collect::<Vec<_>>());
+        // Each publisher's own events stay in its order.
+        let mut per_task: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+        for (_, data) in got {
+            per_task
+                .entry(data["taskId"].as_str().unwrap().to_string())
+                .or_default()
+                .push(data["log"].as_i64().unwrap());
+        }
+        for logs in per_task.values() {
+            assert_eq!(logs, &(0..100).collect::<Vec<_>>());
+        }
+    }
+}
