@@ -29,7 +29,7 @@ use crate::ingest::{self, IngestState};
 use crate::ops::shutdown::Shutdown;
 use crate::ops::{self, OpsState};
 use crate::presence::Presence;
-use crate::store::Store;
+use crate::store::{Store, retention};
 
 /// Why a replica could not start.
 #[derive(Debug, thiserror::Error)]
@@ -94,11 +94,14 @@ pub async fn run(
         .map_err(StartError::Setup)?,
         None => Bus::memory(delivery.clone()),
     });
-    // Not awaited: the store connects and migrates in the background, so a replica starting
-    // while PostgreSQL is down still serves fan-out.
+    // Not awaited: the store connects and migrates in the background (then retention runs
+    // there too), so a replica starting while PostgreSQL is down still serves fan-out.
     let _store = match &config.database {
         Some(db) => {
-            Some(Store::start(db, shutdown.clone()).map_err(|e| StartError::Setup(e.to_string()))?)
+            let store =
+                Store::start(db, shutdown.clone()).map_err(|e| StartError::Setup(e.to_string()))?;
+            retention::start(store.clone(), config.event_retention, shutdown.clone());
+            Some(store)
         }
         None => None,
     };
