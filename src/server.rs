@@ -29,8 +29,8 @@ use crate::ingest::{self, IngestState};
 use crate::ops::shutdown::Shutdown;
 use crate::ops::{self, OpsState};
 use crate::presence::Presence;
-use crate::store::Store;
 use crate::store::write::Writer;
+use crate::store::{Store, retention};
 
 /// Why a replica could not start.
 #[derive(Debug, thiserror::Error)]
@@ -76,11 +76,14 @@ pub async fn run(
         .build_layer();
     let presence = Arc::new(Presence::new());
     let transports = Transports::default();
-    // Not awaited: the store connects and migrates in the background, so a replica starting
-    // while PostgreSQL is down still serves fan-out.
+    // Not awaited: the store connects and migrates in the background (then retention runs
+    // there too), so a replica starting while PostgreSQL is down still serves fan-out.
     let store = match &config.database {
         Some(db) => {
-            Some(Store::start(db, shutdown.clone()).map_err(|e| StartError::Setup(e.to_string()))?)
+            let store =
+                Store::start(db, shutdown.clone()).map_err(|e| StartError::Setup(e.to_string()))?;
+            retention::start(store.clone(), config.event_retention, shutdown.clone());
+            Some(store)
         }
         None => None,
     };

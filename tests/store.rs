@@ -1,8 +1,10 @@
 //! The PostgreSQL store: the schema is applied exactly once however many replicas and
 //! `fanout migrate` runs start together, a bad `DATABASE_URL` stops the start without
-//! showing its password, and `ExecutionStatus` maps to the `execution_status` enum.
+//! showing its password, `ExecutionStatus` maps to the `execution_status` enum, a replica
+//! outlives a PostgreSQL restart, and retention deletes expired events only.
 //!
-//! Each test gets its own database on the server of `FANOUT_TEST_DATABASE_URL`.
+//! Each test gets its own database on the server of `FANOUT_TEST_DATABASE_URL`, or its own
+//! server ([`PgServer`]) when it stops PostgreSQL.
 
 mod support;
 
@@ -32,13 +34,9 @@ async fn migrations_apply_once_then_migrate_is_a_no_op() {
 
     let first = migrate(&db);
     assert_eq!(first.status.code(), Some(0), "{first:?}");
-    let every: Vec<String> = MIGRATIONS
-        .iter()
-        .map(|m| format!("{} ({})", m.version, m.name))
-        .collect();
     assert_eq!(
         String::from_utf8_lossy(&first.stdout).trim(),
-        format!("applied migrations: {}", every.join(", "))
+        format!("applied migrations: {}", fanout::store::summary(MIGRATIONS))
     );
     assert_eq!(db.migrations().await, all_migrations());
 
@@ -250,5 +248,110 @@ async fn execution_status_round_trips_through_postgres() {
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_outlives_a_postgres_restart() {
+    let mut pg = PgServer::start().await;
+    let replica = Replica::builder().database_url(&pg.url()).start().await;
+    replica
+        .wait_metric("fanout_store_up", &[], |up| up == 1.0)
+        .await;
+
+    pg.stop().await;
+    let health = replica.get("/healthz").await.expect("/healthz answers");
+    assert_eq!(health.status, 200, "{health:?}");
+
+    pg.start_again().await;
+    let out = run_to_end(&["migrate"], &[("DATABASE_URL", &pg.url())]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "database is up to date",
+        "the restarted server kept the schema"
+    );
+    let health = replica.get("/healthz").await.expect("/healthz answers");
+    assert_eq!(health.status, 200, "{health:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_expired_events_and_keeps_sequences() {
+    const EXPIRED: i64 = 12_000; // more than one batch
+    let db = TestDb::create().await;
+    let out = migrate(&db);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let client = db.connect().await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO org_sequences VALUES ('acme', {last}), ('globex', 1);
+             INSERT INTO events (organization_id, seq, event, data, created_at)
+                 SELECT 'acme', n, 'execution-updated', '{{}}', now() - interval '2 hours'
+                 FROM generate_series(1, {EXPIRED}) AS n;
+             INSERT INTO events (organization_id, seq, event, data) VALUES
+                 ('acme', {EXPIRED} + 1, 'execution-updated', '{{}}'),
+                 ('acme', {EXPIRED} + 2, 'execution-updated', '{{}}'),
+                 ('globex', 1, 'execution-updated', '{{}}');",
+            last = EXPIRED + 2
+        ))
+        .await
+        .expect("inserting events");
+
+    let replica = Replica::builder()
+        .database(&db)
+        .env("FANOUT_EVENT_RETENTION", "1h")
+        .start()
+        .await;
+    eventually("the expired events to be deleted", SOON, || async {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM events WHERE created_at < now() - interval '1 hour'",
+                &[],
+            )
+            .await
+            .expect("counting events");
+        (row.get::<_, i64>(0) == 0).then_some(())
+    })
+    .await;
+    replica
+        .wait_metric("fanout_events_deleted_total", &[], |n| n == EXPIRED as f64)
+        .await;
+
+    let kept: Vec<(String, i64)> = client
+        .query(
+            "SELECT organization_id, seq FROM events ORDER BY organization_id, seq",
+            &[],
+        )
+        .await
+        .expect("reading events")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let acme = |seq: i64| ("acme".to_string(), seq);
+    assert_eq!(
+        kept,
+        [acme(EXPIRED + 1), acme(EXPIRED + 2), ("globex".into(), 1)]
+    );
+    let sequences: Vec<(String, i64)> = client
+        .query(
+            "SELECT organization_id, last_seq FROM org_sequences ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("reading org_sequences")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(sequences, [acme(EXPIRED + 2), ("globex".into(), 1)]);
+    let passes = replica
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("deleted expired events"))
+        .count();
+    assert_eq!(
+        passes,
+        1,
+        "one log line for the pass:\n{}",
+        replica.stderr()
     );
 }

@@ -1,10 +1,11 @@
 //! The shared harness of the integration tests.
 //!
 //! Every test runs the real `fanout` binary as child processes, against a `redis-server` it
-//! starts itself on a free port (and, for the store, a fresh PostgreSQL database), and talks
-//! to it the way production clients do: Socket.IO over a WebSocket, the ingest API over
-//! HTTP, Redis over RESP. The harness hides the
-//! plumbing (ports, processes, handshakes, polling) so that a test reads as its scenario.
+//! starts itself on a free port (and, for the store, a fresh PostgreSQL database, or a
+//! private PostgreSQL server for tests that stop it), and talks to it the way production
+//! clients do: Socket.IO over a WebSocket, the ingest API over HTTP, Redis over RESP. The
+//! harness hides the plumbing (ports, processes, handshakes, polling) so that a test reads
+//! as its scenario.
 //!
 //! Tests synchronise on observable conditions (an event, a metric, `/readyz`), never on
 //! sleeps. Absence is proven with a marker: publish something after the message that must
@@ -15,6 +16,7 @@
 
 pub mod client;
 pub mod metrics;
+pub mod pg_server;
 pub mod postgres;
 pub mod redis_server;
 pub mod replica;
@@ -29,6 +31,7 @@ use serde_json::{Value, json};
 
 pub use client::{Client, Packet, SlowClient};
 pub use metrics::Metrics;
+pub use pg_server::PgServer;
 pub use postgres::TestDb;
 pub use redis_server::RedisServer;
 pub use replica::{Replica, ReplicaBuilder};

@@ -68,6 +68,11 @@ impl ReplicaBuilder {
         self.env("DATABASE_URL", db.url())
     }
 
+    /// Stores events in the database at `url` (e.g. a [`super::PgServer`]'s).
+    pub fn database_url(self, url: &str) -> Self {
+        self.env("DATABASE_URL", url)
+    }
+
     pub fn env(mut self, key: &str, value: impl ToString) -> Self {
         self.env.insert(key.to_string(), value.to_string());
         self
