@@ -407,3 +407,133 @@ async fn events_from_two_replicas_arrive_in_sequence_order_on_both() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_committed_while_redis_is_down_are_delivered_when_it_is_back() {
+    let mut redis = RedisServer::start().await;
+    let db = TestDb::create().await;
+    let mut a = Replica::builder()
+        .name("a")
+        .redis(&redis)
+        .database(&db)
+        .start()
+        .await;
+    let b = Replica::builder()
+        .name("b")
+        .redis(&redis)
+        .database(&db)
+        .start()
+        .await;
+    a.wait_store_up().await;
+    b.wait_store_up().await;
+    let mut on_a = a.login("acme", "alice").await;
+    let mut on_b = b.login("acme", "bob").await;
+    post_update(&a, &update("acme", "t1", "RUNNING", json!({}))).await;
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(durable_events(client, 1).await[0].0, 1);
+    }
+
+    redis.stop();
+    // Committed, numbered, not published: the worker is told not to retry.
+    let reply = a
+        .post(
+            "/executions/update",
+            &update("acme", "t1", "PASSED", json!({})),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(
+        reply.json,
+        json!({"status": "stored", "seq": 2, "published": false})
+    );
+    a.wait_metric("fanout_durable_unpublished_total", &[], |v| v == 1.0)
+        .await;
+
+    redis.restart().await;
+    // Both replicas read it back from the history once their subscription is back.
+    for client in [&mut on_a, &mut on_b] {
+        let got = durable_events(client, 1).await;
+        assert_eq!(got[0].0, 2);
+        assert_eq!(got[0].1["status"], "PASSED");
+    }
+    a.wait_readyz(200).await;
+    post_update(&a, &update("acme", "t2", "RUNNING", json!({}))).await;
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(durable_events(client, 1).await[0].0, 3);
+        assert!(client.next(Duration::from_millis(100)).await.is_none());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_and_restarted_mid_run() {
+    let mut pg = PgServer::start().await;
+    let redis = RedisServer::start().await;
+    let r = Replica::builder()
+        .redis(&redis)
+        .database_url(&pg.url())
+        .start()
+        .await;
+    r.wait_store_up().await;
+    let mut alice = r.login("acme", "alice").await;
+    for i in 1..=5 {
+        post_update(&r, &update("acme", &format!("t{i}"), "RUNNING", json!({}))).await;
+    }
+    assert_eq!(durable_events(&mut alice, 5).await.len(), 5);
+
+    pg.stop().await;
+    // Durable ingest: a definite 503, never a silent drop.
+    let refused = r
+        .post(
+            "/executions/update",
+            &update("acme", "t6", "RUNNING", json!({})),
+        )
+        .await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert!(
+        refused.json["error"]
+            .as_str()
+            .unwrap()
+            .contains("PostgreSQL is unavailable"),
+        "{refused:?}"
+    );
+    // The replica stays ready and says what is wrong.
+    r.wait_metric("fanout_store_up", &[], |v| v == 0.0).await;
+    let ready = r.get("/readyz").await.unwrap();
+    assert_eq!((ready.status, &ready.json["store"]), (200, &json!("down")));
+    // Ephemeral fan-out goes on.
+    redis
+        .publish("fanout:org:acme", r#"{"event":"ping","data":1}"#)
+        .await;
+    assert_eq!(alice.expect("ping", QUICK).await, json!(1));
+    // A client that wants a replay is told to resync, then gets live messages.
+    let mut late = resume(&r, "acme", "bob", json!(2)).await;
+    assert_eq!(
+        late.expect("resync-required", QUICK).await["reason"],
+        "history_unavailable"
+    );
+
+    pg.start_again().await;
+    // Recovers by itself: the next commit succeeds and is delivered in order.
+    let seq = eventually("ingest to succeed again", SOON, || async {
+        let reply = r
+            .post(
+                "/executions/update",
+                &update("acme", "t6", "RUNNING", json!({})),
+            )
+            .await;
+        (reply.status == 200).then(|| reply.json["seq"].as_u64().unwrap())
+    })
+    .await;
+    assert_eq!(seq, 6, "nothing refused was numbered");
+    r.wait_metric("fanout_store_up", &[], |v| v == 1.0).await;
+    for client in [&mut alice, &mut late] {
+        assert_eq!(durable_events(client, 1).await[0].0, 6);
+    }
+    let mut again = resume(&r, "acme", "carol", json!(3)).await;
+    let seqs: Vec<u64> = durable_events(&mut again, 3)
+        .await
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert_eq!(seqs, [4, 5, 6]);
+}
