@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Json};
@@ -19,6 +18,7 @@ use socketioxide::SocketIo;
 use tokio::net::TcpListener;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::api::{self, ApiState};
 use crate::auth::{IngestKeys, Verifier};
 use crate::bus::{Bus, RedisSettings};
 use crate::config::{Config, CorsOrigins};
@@ -96,16 +96,17 @@ pub async fn run(
     });
     // Not awaited: the store connects and migrates in the background, so a replica starting
     // while PostgreSQL is down still serves fan-out.
-    let _store = match &config.database {
+    let store = match &config.database {
         Some(db) => {
             Some(Store::start(db, shutdown.clone()).map_err(|e| StartError::Setup(e.to_string()))?)
         }
         None => None,
     };
-    let verifier = Verifier::new(config.jwt.verifier_config()).map_err(StartError::Setup)?;
+    let verifier =
+        Arc::new(Verifier::new(config.jwt.verifier_config()).map_err(StartError::Setup)?);
     let expiry = Expiry::start(io.clone(), transports.clone(), shutdown.clone());
     Gateway::new(
-        verifier,
+        verifier.clone(),
         config.jwt.leeway_seconds,
         bus.clone(),
         presence.clone(),
@@ -115,7 +116,7 @@ pub async fn run(
     )
     .attach(&io);
 
-    let public_app = Router::new()
+    let public_app = api::router(ApiState::new(verifier, store))
         .fallback(not_found)
         .layer(sio_layer)
         .layer(cors(&config.cors_origins))
@@ -217,7 +218,10 @@ fn bind_with_backlog(addr: std::net::SocketAddr) -> std::io::Result<TcpListener>
 fn cors(origins: &CorsOrigins) -> CorsLayer {
     let layer = CorsLayer::new()
         .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
-        .allow_headers([axum::http::header::CONTENT_TYPE]);
+        .allow_headers([
+            axum::http::header::CONTENT_TYPE,
+            axum::http::header::AUTHORIZATION,
+        ]);
     match origins {
         CorsOrigins::Any => layer.allow_origin(AllowOrigin::any()),
         CorsOrigins::List(list) => layer

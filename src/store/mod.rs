@@ -14,6 +14,7 @@
 //! migrates in a background task that retries until it succeeds.
 
 pub mod migrations;
+pub mod read;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
