@@ -11,8 +11,8 @@
 //! kept for "PostgreSQL is configured but unreachable", the one case where retrying helps.
 //!
 //! Reads share the store's pool with durable ingest, and anyone on the internet can send
-//! requests: at most [`MAX_CONCURRENT_READS`] run at once and each is bounded by
-//! [`READ_TIMEOUT`], so dashboards cannot starve ingest of connections.
+//! requests: at most `MAX_CONCURRENT_READS` run at once and each is bounded by
+//! `READ_TIMEOUT`, so dashboards cannot starve ingest of connections.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -38,14 +38,14 @@ use crate::store::read::{self, Cursor};
 use crate::store::{Store, StoreError};
 
 /// Executions per page unless `limit` says otherwise, and the most `limit` may ask for.
-pub const EXECUTIONS_LIMIT: (u32, u32) = (50, 500);
+const EXECUTIONS_LIMIT: (u32, u32) = (50, 500);
 /// Log chunks per page unless `limit` says otherwise, and the most `limit` may ask for.
-pub const LOGS_LIMIT: (u32, u32) = (500, 5000);
+const LOGS_LIMIT: (u32, u32) = (500, 5000);
 /// Reads running at once, per replica: half of the store's pool (16 connections), so
 /// durable ingest always has the other half.
-pub const MAX_CONCURRENT_READS: usize = 8;
+const MAX_CONCURRENT_READS: usize = 8;
 /// The longest a read may take, waiting for its turn included, before it answers 503.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one warning per this interval while reads fail.
 const WARN_EVERY: Duration = Duration::from_secs(30);
 
@@ -146,8 +146,8 @@ impl ApiState {
         self.store.as_ref().ok_or(ApiError::Disabled)
     }
 
-    /// Runs `read` when one of the [`MAX_CONCURRENT_READS`] slots is free, within
-    /// [`READ_TIMEOUT`].
+    /// Runs `read` when one of the `MAX_CONCURRENT_READS` slots is free, within
+    /// `READ_TIMEOUT`.
     async fn guarded<T>(
         &self,
         read: impl Future<Output = Result<T, StoreError>>,
