@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Json};
@@ -19,6 +18,7 @@ use socketioxide::SocketIo;
 use tokio::net::TcpListener;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::api::{self, ApiState};
 use crate::auth::{IngestKeys, Verifier};
 use crate::bus::{Bus, RedisSettings};
 use crate::config::{Config, CorsOrigins};
@@ -110,10 +110,11 @@ pub async fn run(
     let writer = store
         .as_ref()
         .map(|store| Writer::start(store.clone(), bus.clone()));
-    let verifier = Verifier::new(config.jwt.verifier_config()).map_err(StartError::Setup)?;
+    let verifier =
+        Arc::new(Verifier::new(config.jwt.verifier_config()).map_err(StartError::Setup)?);
     let expiry = Expiry::start(io.clone(), transports.clone(), shutdown.clone());
     Gateway::new(
-        verifier,
+        verifier.clone(),
         config.jwt.leeway_seconds,
         bus.clone(),
         delivery.clone(),
@@ -124,7 +125,7 @@ pub async fn run(
     )
     .attach(&io);
 
-    let public_app = Router::new()
+    let public_app = api::router(ApiState::new(verifier, store.clone()))
         .fallback(not_found)
         .layer(sio_layer)
         .layer(cors(&config.cors_origins))
@@ -228,7 +229,10 @@ fn bind_with_backlog(addr: std::net::SocketAddr) -> std::io::Result<TcpListener>
 fn cors(origins: &CorsOrigins) -> CorsLayer {
     let layer = CorsLayer::new()
         .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
-        .allow_headers([axum::http::header::CONTENT_TYPE]);
+        .allow_headers([
+            axum::http::header::CONTENT_TYPE,
+            axum::http::header::AUTHORIZATION,
+        ]);
     match origins {
         CorsOrigins::Any => layer.allow_origin(AllowOrigin::any()),
         CorsOrigins::List(list) => layer

@@ -33,7 +33,7 @@ use conn::Transports;
 pub use expiry::Expiry;
 
 pub struct Gateway {
-    verifier: Verifier,
+    verifier: Arc<Verifier>,
     leeway_ms: u64,
     bus: Arc<Bus>,
     delivery: Arc<Delivery>,
@@ -45,7 +45,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(
-        verifier: Verifier,
+        verifier: Arc<Verifier>,
         leeway_seconds: u64,
         bus: Arc<Bus>,
         delivery: Arc<Delivery>,

@@ -106,7 +106,7 @@ fn describe() {
     );
     describe_counter!(
         HTTP_REQUESTS,
-        "Internal HTTP requests, by route and status code."
+        "HTTP requests (internal listener and REST API), by route and status code."
     );
     describe_gauge!(
         STORE_UP,

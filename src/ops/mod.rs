@@ -88,7 +88,8 @@ async fn render_metrics(State(s): State<OpsState>) -> impl IntoResponse {
     )
 }
 
-/// Counts every internal request by matched route (never the raw path: bounded labels).
+/// Counts every request of the router it wraps (the internal one, the REST API) by matched
+/// route (never the raw path: bounded labels).
 pub async fn count_requests(req: Request, next: Next) -> Response {
     let route = req
         .extensions()

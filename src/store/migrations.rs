@@ -28,6 +28,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "log_data_and_raw_events",
         sql: include_str!("migrations/0002_log_data_and_raw_events.sql"),
     },
+    Migration {
+        version: 3,
+        name: "read_indexes",
+        sql: include_str!("migrations/0003_read_indexes.sql"),
+    },
 ];
 
 /// The key of the advisory lock that serializes migrations: "fanout" in ASCII, as a number,

@@ -15,6 +15,7 @@
 
 pub mod events;
 pub mod migrations;
+pub mod read;
 pub mod retention;
 pub mod write;
 

@@ -1,0 +1,404 @@
+//! The REST API on the public listener: an organization's execution history, read from
+//! PostgreSQL, for dashboards that need the state of things they were not connected for.
+//!
+//! Authentication is the Socket.IO one: the same JWT, sent as `Authorization: Bearer`, checked
+//! by the same [`Verifier`], refused with the same two messages. The organization comes from
+//! the token and from nothing else: no route or parameter names one, and every read in
+//! [`crate::store::read`] is scoped to it, so another organization's task looks exactly like
+//! a task that does not exist.
+//!
+//! Without `DATABASE_URL` there is no history, and the routes answer 404 saying so: 503 is
+//! kept for "PostgreSQL is configured but unreachable", the one case where retrying helps.
+//!
+//! Reads share the store's pool with durable ingest, and anyone on the internet can send
+//! requests: at most `MAX_CONCURRENT_READS` run at once and each is bounded by
+//! `READ_TIMEOUT`, so dashboards cannot starve ingest of connections.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio::sync::Semaphore;
+
+use crate::auth::{AuthError, Verifier};
+use crate::ops::{self, metrics};
+use crate::protocol::{ExecutionStatus, OrgId};
+use crate::retry::RateLimit;
+use crate::store::read::{self, Cursor};
+use crate::store::{Store, StoreError};
+
+/// Executions per page unless `limit` says otherwise, and the most `limit` may ask for.
+const EXECUTIONS_LIMIT: (u32, u32) = (50, 500);
+/// Log chunks per page unless `limit` says otherwise, and the most `limit` may ask for.
+const LOGS_LIMIT: (u32, u32) = (500, 5000);
+/// Reads running at once, per replica: half of the store's pool (16 connections), so
+/// durable ingest always has the other half.
+const MAX_CONCURRENT_READS: usize = 8;
+/// The longest a read may take, waiting for its turn included, before it answers 503.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most one warning per this interval while reads fail.
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
+/// What the API needs: the verifier the gateway uses, and the store (`None` without
+/// `DATABASE_URL`).
+#[derive(Clone)]
+pub struct ApiState {
+    verifier: Arc<Verifier>,
+    store: Option<Store>,
+    reads: Arc<Semaphore>,
+    warn: Arc<Mutex<RateLimit>>,
+}
+
+impl ApiState {
+    pub fn new(verifier: Arc<Verifier>, store: Option<Store>) -> Self {
+        Self {
+            verifier,
+            store,
+            reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
+            warn: Arc::new(Mutex::new(RateLimit::new(WARN_EVERY))),
+        }
+    }
+}
+
+/// The `/v1/executions` routes. Merge into the public router inside its CORS layer.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/executions", get(list_executions))
+        .route("/v1/executions/{task_id}", get(get_execution))
+        .route("/v1/executions/{task_id}/logs", get(get_logs))
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() })
+        .route_layer(middleware::from_fn(ops::count_requests))
+        .with_state(state)
+}
+
+/// A refused or failed API request. The message is the `error` of the JSON answer.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("{}", .0.client_message())]
+    Unauthorized(AuthError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("execution not found")]
+    NotFound,
+    #[error("history is not enabled on this deployment (DATABASE_URL is not set)")]
+    Disabled,
+    #[error("only GET is allowed here")]
+    MethodNotAllowed,
+    #[error("PostgreSQL is unavailable; retry later")]
+    Unavailable,
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound | Self::Disabled => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut resp = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        let headers = resp.headers_mut();
+        match self {
+            Self::Unauthorized(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
+            }
+            Self::MethodNotAllowed => {
+                headers.insert(header::ALLOW, "GET,HEAD".parse().unwrap());
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+impl ApiState {
+    /// The organization of the request's bearer token.
+    fn authenticate(&self, headers: &HeaderMap) -> Result<OrgId, ApiError> {
+        let verified = bearer(headers).and_then(|token| {
+            self.verifier
+                .verify(Some(&serde_json::Value::String(token.to_owned())))
+        });
+        verified.map(|identity| identity.org).map_err(|e| {
+            ::metrics::counter!(metrics::AUTH_FAILURES, "reason" => e.reason()).increment(1);
+            tracing::debug!(reason = e.reason(), error = %e, "REST request refused");
+            ApiError::Unauthorized(e)
+        })
+    }
+
+    fn store(&self) -> Result<&Store, ApiError> {
+        self.store.as_ref().ok_or(ApiError::Disabled)
+    }
+
+    /// Runs `read` when one of the `MAX_CONCURRENT_READS` slots is free, within
+    /// `READ_TIMEOUT`.
+    async fn guarded<T>(
+        &self,
+        read: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, ApiError> {
+        let run = async {
+            let _slot = self
+                .reads
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
+            read.await
+        };
+        let reason = match tokio::time::timeout(READ_TIMEOUT, run).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {READ_TIMEOUT:?}"),
+        };
+        // The reason stays in the logs: it names hosts the public has no business knowing.
+        let warn = self.warn.lock().unwrap().check();
+        if let Some(suppressed) = warn {
+            tracing::warn!(error = %reason, suppressed, "REST read failed; answering 503");
+        } else {
+            tracing::debug!(error = %reason, "REST read failed; answering 503");
+        }
+        Err(ApiError::Unavailable)
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(AuthError::Missing);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| AuthError::Malformed("Authorization header is not ASCII".into()))?
+        .trim();
+    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::Malformed(
+            "Authorization header is not \"Bearer <token>\"".into(),
+        ));
+    }
+    match token.trim() {
+        "" => Err(AuthError::Missing),
+        token => Ok(token),
+    }
+}
+
+/// Query parameters, as text: each is checked by hand so that its error names it.
+#[derive(Deserialize)]
+struct Params {
+    status: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+    #[serde(rename = "afterSeq")]
+    after_seq: Option<String>,
+    #[serde(rename = "organizationId")]
+    organization_id: Option<String>,
+}
+
+impl Params {
+    fn read(query: Result<Query<Params>, QueryRejection>) -> Result<Self, ApiError> {
+        let Query(params) = query
+            .map_err(|e| ApiError::BadRequest(format!("bad query string: {}", e.body_text())))?;
+        if params.organization_id.is_some() {
+            // Ignoring it would let a caller believe it had chosen an organization.
+            return Err(ApiError::BadRequest(
+                "\"organizationId\" is not a parameter: the organization is always the one of your token"
+                    .into(),
+            ));
+        }
+        Ok(params)
+    }
+
+    fn limit(&self, (default, max): (u32, u32)) -> Result<u32, ApiError> {
+        let Some(text) = &self.limit else {
+            return Ok(default);
+        };
+        match text.parse::<u32>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::BadRequest(format!(
+                "\"limit\" must be an integer from 1 to {max} (default {default}); got {text:?}"
+            ))),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ExecutionList {
+    executions: Vec<Box<RawValue>>,
+    #[serde(rename = "nextCursor")]
+    next_cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+struct LogList {
+    logs: Vec<Box<RawValue>>,
+    #[serde(rename = "nextAfterSeq")]
+    next_after_seq: i64,
+}
+
+/// `GET /v1/executions?status=&limit=&cursor=`
+async fn list_executions(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    query: Result<Query<Params>, QueryRejection>,
+) -> Result<Json<ExecutionList>, ApiError> {
+    let org = s.authenticate(&headers)?;
+    let store = s.store()?;
+    let params = Params::read(query)?;
+    let status = params
+        .status
+        .as_deref()
+        .map(str::parse::<ExecutionStatus>)
+        .transpose()
+        .map_err(|e| ApiError::BadRequest(format!("bad \"status\": {e}")))?;
+    let limit = params.limit(EXECUTIONS_LIMIT)?;
+    let cursor = params
+        .cursor
+        .as_deref()
+        .map(|text| {
+            Cursor::decode(text).ok_or_else(|| {
+                ApiError::BadRequest(
+                    "\"cursor\" is not one this API returned: pass the \"nextCursor\" of the previous page unchanged, or leave it out for the first page".into(),
+                )
+            })
+        })
+        .transpose()?;
+    let page = s
+        .guarded(read::executions(
+            store,
+            &org,
+            status,
+            cursor.as_ref(),
+            limit,
+        ))
+        .await?;
+    Ok(Json(ExecutionList {
+        executions: page.executions,
+        next_cursor: page.next.as_ref().map(Cursor::encode),
+    }))
+}
+
+/// `GET /v1/executions/{taskId}`
+async fn get_execution(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(task_id): Path<String>,
+    query: Result<Query<Params>, QueryRejection>,
+) -> Result<Json<Box<RawValue>>, ApiError> {
+    let org = s.authenticate(&headers)?;
+    let store = s.store()?;
+    Params::read(query)?;
+    s.guarded(read::execution(store, &org, &task_id))
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound)
+}
+
+/// `GET /v1/executions/{taskId}/logs?afterSeq=&limit=`
+///
+/// A task without logs (or unknown to the organization) has an empty list, not a 404: logs
+/// may be stored before the execution's first status update.
+async fn get_logs(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(task_id): Path<String>,
+    query: Result<Query<Params>, QueryRejection>,
+) -> Result<Json<LogList>, ApiError> {
+    let org = s.authenticate(&headers)?;
+    let store = s.store()?;
+    let params = Params::read(query)?;
+    let after_seq = match params.after_seq.as_deref() {
+        None => 0,
+        Some(text) => text.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "\"afterSeq\" must be an integer of 0 or more (the \"nextAfterSeq\" of the previous page); got {text:?}"
+            ))
+        })?,
+    };
+    let limit = params.limit(LOGS_LIMIT)?;
+    let page = s
+        .guarded(read::logs(store, &org, &task_id, after_seq, limit))
+        .await?;
+    Ok(Json(LogList {
+        logs: page.logs,
+        next_after_seq: page.last_seq.unwrap_or(after_seq),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(authorization: Option<&str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(value) = authorization {
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        assert_eq!(bearer(&headers(Some("Bearer abc"))), Ok("abc"));
+        assert_eq!(bearer(&headers(Some("bearer  abc "))), Ok("abc"));
+        assert_eq!(bearer(&headers(None)), Err(AuthError::Missing));
+        assert_eq!(bearer(&headers(Some("Bearer"))), Err(AuthError::Missing));
+        assert_eq!(bearer(&headers(Some("Bearer  "))), Err(AuthError::Missing));
+        let basic = bearer(&headers(Some("Basic dXNlcjpwdw=="))).unwrap_err();
+        assert_eq!(basic.client_message(), "Invalid or expired token");
+    }
+
+    fn params(limit: Option<&str>) -> Params {
+        Params {
+            status: None,
+            limit: limit.map(str::to_string),
+            cursor: None,
+            after_seq: None,
+            organization_id: None,
+        }
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(params(None).limit((50, 500)).unwrap(), 50);
+        assert_eq!(params(Some("1")).limit((50, 500)).unwrap(), 1);
+        assert_eq!(params(Some("500")).limit((50, 500)).unwrap(), 500);
+        for bad in ["0", "501", "-1", "", "ten", "1.5"] {
+            let err = params(Some(bad)).limit((50, 500)).unwrap_err();
+            assert!(err.to_string().contains("from 1 to 500"), "{bad}: {err}");
+            assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        }
+    }
+
+    #[test]
+    fn errors_say_what_to_do() {
+        assert_eq!(
+            ApiError::Unauthorized(AuthError::Missing).to_string(),
+            "Authentication required"
+        );
+        assert_eq!(
+            ApiError::Unauthorized(AuthError::Expired).to_string(),
+            "Invalid or expired token"
+        );
+        let resp = ApiError::Unauthorized(AuthError::Expired).into_response();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(resp.headers()[header::WWW_AUTHENTICATE], "Bearer");
+        assert_eq!(ApiError::Disabled.status(), StatusCode::NOT_FOUND);
+        assert!(ApiError::Unavailable.to_string().ends_with("retry later"));
+    }
+}
