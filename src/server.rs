@@ -113,16 +113,16 @@ pub async fn run(
     let verifier =
         Arc::new(Verifier::new(config.jwt.verifier_config()).map_err(StartError::Setup)?);
     let expiry = Expiry::start(io.clone(), transports.clone(), shutdown.clone());
-    Gateway::new(
-        verifier.clone(),
-        config.jwt.leeway_seconds,
-        bus.clone(),
-        delivery.clone(),
-        presence.clone(),
+    Arc::new(Gateway {
+        verifier: verifier.clone(),
+        leeway_ms: config.jwt.leeway_seconds * 1000,
+        bus: bus.clone(),
+        delivery: delivery.clone(),
+        presence: presence.clone(),
         expiry,
-        transports.clone(),
-        shutdown.clone(),
-    )
+        transports: transports.clone(),
+        shutdown: shutdown.clone(),
+    })
     .attach(&io);
 
     let public_app = api::router(ApiState::new(verifier, store.clone()))

@@ -150,6 +150,31 @@ async fn accepted_events_are_numbered_per_organization_and_carry_their_seq() {
     assert_eq!(last, 4);
     r.wait_metric("fanout_durable_events_total", &[], |v| v == 5.0)
         .await;
+
+    // What the REST API serves is what ingest wrote.
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        http.get(format!("http://{}{path}", r.public))
+            .bearer_auth(valid_token("acme", "alice"))
+            .send()
+    };
+    let one: Value = get("/v1/executions/t1")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["status"], "PASSED");
+    assert_eq!(one["lastSeq"], 3);
+    assert_eq!(one["data"]["runner"], "r1");
+    let logs: Value = get("/v1/executions/t1/logs")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(logs["logs"][0]["seq"], 2);
+    assert_eq!(logs["logs"][0]["data"], log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,40 +32,20 @@ use crate::protocol::{OrgId, UserId};
 use conn::Transports;
 pub use expiry::Expiry;
 
+/// The gateway and the parts of the replica it works with.
 pub struct Gateway {
-    verifier: Arc<Verifier>,
-    leeway_ms: u64,
-    bus: Arc<Bus>,
-    delivery: Arc<Delivery>,
-    presence: Arc<Presence>,
-    expiry: Expiry,
-    transports: Transports,
-    shutdown: Shutdown,
+    pub verifier: Arc<Verifier>,
+    /// Clock skew tolerated on a token's `exp`, in milliseconds.
+    pub leeway_ms: u64,
+    pub bus: Arc<Bus>,
+    pub delivery: Arc<Delivery>,
+    pub presence: Arc<Presence>,
+    pub expiry: Expiry,
+    pub transports: Transports,
+    pub shutdown: Shutdown,
 }
 
 impl Gateway {
-    pub fn new(
-        verifier: Arc<Verifier>,
-        leeway_seconds: u64,
-        bus: Arc<Bus>,
-        delivery: Arc<Delivery>,
-        presence: Arc<Presence>,
-        expiry: Expiry,
-        transports: Transports,
-        shutdown: Shutdown,
-    ) -> Arc<Self> {
-        Arc::new(Self {
-            verifier,
-            leeway_ms: leeway_seconds * 1000,
-            bus,
-            delivery,
-            presence,
-            expiry,
-            transports,
-            shutdown,
-        })
-    }
-
     /// Registers the handlers of the default namespace.
     pub fn attach(self: &Arc<Self>, io: &SocketIo) {
         let gw = self.clone();
