@@ -210,3 +210,29 @@ fn reject(socket: &SocketRef, err: &AuthError) {
     let _ = socket.emit("auth-error", &json!({"error": err.client_message()}));
     let _ = socket.clone().disconnect();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::last_seq;
+    use serde_json::json;
+
+    #[test]
+    fn last_seq_is_a_non_negative_integer_or_its_text() {
+        assert_eq!(last_seq(None), Ok(None));
+        assert_eq!(last_seq(Some(&json!({"token": "t"}))), Ok(None));
+        assert_eq!(last_seq(Some(&json!({"lastSeq": null}))), Ok(None));
+        assert_eq!(last_seq(Some(&json!({"lastSeq": 0}))), Ok(Some(0)));
+        assert_eq!(last_seq(Some(&json!({"lastSeq": 42}))), Ok(Some(42)));
+        assert_eq!(last_seq(Some(&json!({"lastSeq": " 42 "}))), Ok(Some(42)));
+        for bad in [
+            json!(-1),
+            json!(1.5),
+            json!("x"),
+            json!([1]),
+            json!({}),
+            json!(true),
+        ] {
+            assert_eq!(last_seq(Some(&json!({ "lastSeq": bad }))), Err(()), "{bad}");
+        }
+    }
+}

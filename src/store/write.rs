@@ -444,3 +444,87 @@ impl Plan {
         rows
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use serde_json::value::RawValue;
+
+    fn job(org: &str, user: Option<&str>, projection: Projection) -> Job {
+        Job {
+            msg: Message {
+                org: OrgId::parse(org).unwrap(),
+                event: crate::protocol::EventName::parse("execution-updated").unwrap(),
+                data: RawValue::from_string("{}".into()).unwrap(),
+                ts_ms: None,
+                user: user.map(|u| crate::protocol::UserId::parse(u).unwrap()),
+                via_ingest: true,
+                seq: None,
+            },
+            projection,
+            reply: oneshot::channel().0,
+        }
+    }
+
+    fn update(task: &str, status: ExecutionStatus, data: serde_json::Value) -> Projection {
+        Projection::Update {
+            task: task.into(),
+            status,
+            data: data.as_object().unwrap().clone(),
+        }
+    }
+
+    #[test]
+    fn organizations_are_locked_in_sorted_order_with_their_counts() {
+        let jobs = [
+            job("zeta", None, Projection::None),
+            job("acme", None, Projection::None),
+            job("zeta", None, Projection::None),
+            job("mid", None, Projection::None),
+        ];
+        let plan = Plan::new(&jobs);
+        assert_eq!(plan.orgs, ["acme", "mid", "zeta"]);
+        assert_eq!(plan.counts, [1, 1, 2]);
+    }
+
+    #[test]
+    fn updates_of_one_task_in_a_batch_merge_into_one_row_in_seq_order() {
+        use ExecutionStatus::*;
+        let jobs = [
+            job("acme", None, update("t1", Pending, json!({"a": 1, "b": 1}))),
+            job("acme", None, update("t2", Running, json!({"x": 1}))),
+            job("acme", None, update("t1", Running, json!({"b": 2}))),
+            job(
+                "acme",
+                Some("bob"),
+                update("t1", Failed, json!({"secret": 1})),
+            ),
+            job("acme", None, update("t1", Passed, json!({"c": 3}))),
+            job("acme", None, Projection::Log { task: "t1".into() }),
+        ];
+        let rows = Plan::new(&jobs).executions(&jobs, &[1, 2, 3, 4, 5, 6]);
+        assert_eq!(rows.task, ["t1", "t2"]);
+        assert_eq!(rows.status, ["PASSED", "RUNNING"]);
+        assert_eq!(rows.started, [true, true]);
+        assert_eq!(rows.finished, [true, false]);
+        assert_eq!(rows.seq, [5, 2]);
+        let merged: serde_json::Value = serde_json::from_str(&rows.data[0]).unwrap();
+        assert_eq!(
+            merged,
+            json!({"a": 1, "b": 2, "c": 3}),
+            "later fields win; a user's private update stays out"
+        );
+    }
+
+    #[test]
+    fn a_pending_only_task_has_not_started() {
+        let jobs = [job(
+            "acme",
+            None,
+            update("t1", ExecutionStatus::Pending, json!({})),
+        )];
+        let rows = Plan::new(&jobs).executions(&jobs, &[7]);
+        assert_eq!((rows.started[0], rows.finished[0]), (false, false));
+    }
+}
