@@ -16,6 +16,23 @@ async fn durable_replica(db: &TestDb) -> Replica {
     r
 }
 
+/// Replicas `a` and `b` on one Redis and one database, their stores up.
+async fn durable_pair(redis: &RedisServer, db: &TestDb) -> (Replica, Replica) {
+    let mut pair = Vec::new();
+    for name in ["a", "b"] {
+        let r = Replica::builder()
+            .name(name)
+            .redis(redis)
+            .database(db)
+            .start()
+            .await;
+        r.wait_store_up().await;
+        pair.push(r);
+    }
+    let b = pair.pop().unwrap();
+    (pair.pop().unwrap(), b)
+}
+
 fn update(org: &str, task: &str, status: &str, extra: Value) -> Value {
     let mut body = json!({"organizationId": org, "taskId": task, "status": status});
     body.as_object_mut()
@@ -373,20 +390,7 @@ async fn too_far_behind_or_invalid_last_seq_gets_resync_required() {
 async fn events_from_two_replicas_arrive_in_sequence_order_on_both() {
     let redis = RedisServer::start().await;
     let db = TestDb::create().await;
-    let a = Replica::builder()
-        .name("a")
-        .redis(&redis)
-        .database(&db)
-        .start()
-        .await;
-    let b = Replica::builder()
-        .name("b")
-        .redis(&redis)
-        .database(&db)
-        .start()
-        .await;
-    a.wait_store_up().await;
-    b.wait_store_up().await;
+    let (a, b) = durable_pair(&redis, &db).await;
     let mut on_a = a.login("acme", "alice").await;
     let mut on_b = b.login("acme", "bob").await;
 
@@ -437,20 +441,7 @@ async fn events_from_two_replicas_arrive_in_sequence_order_on_both() {
 async fn events_committed_while_redis_is_down_are_delivered_when_it_is_back() {
     let mut redis = RedisServer::start().await;
     let db = TestDb::create().await;
-    let mut a = Replica::builder()
-        .name("a")
-        .redis(&redis)
-        .database(&db)
-        .start()
-        .await;
-    let b = Replica::builder()
-        .name("b")
-        .redis(&redis)
-        .database(&db)
-        .start()
-        .await;
-    a.wait_store_up().await;
-    b.wait_store_up().await;
+    let (mut a, b) = durable_pair(&redis, &db).await;
     let mut on_a = a.login("acme", "alice").await;
     let mut on_b = b.login("acme", "bob").await;
     post_update(&a, &update("acme", "t1", "RUNNING", json!({}))).await;

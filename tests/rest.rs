@@ -11,7 +11,7 @@ use std::str::FromStr;
 use reqwest::Method;
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::{Value, json};
-use support::replica::Reply;
+use support::replica::{Reply, reply};
 use support::*;
 
 const STATUSES: &str = "PENDING, RUNNING, PASSED, FAILED, ERROR, CANCELLED";
@@ -86,19 +86,6 @@ impl Api {
 
     async fn sql(&self) -> tokio_postgres::Client {
         self.db.connect().await
-    }
-}
-
-async fn reply(resp: reqwest::Response) -> Reply {
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let text = resp.text().await.unwrap_or_default();
-    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Reply {
-        status,
-        json,
-        text,
-        headers,
     }
 }
 

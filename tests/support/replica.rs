@@ -395,7 +395,8 @@ impl Drop for Replica {
     }
 }
 
-async fn reply(resp: reqwest::Response) -> Reply {
+/// Reads an HTTP answer into a [`Reply`].
+pub async fn reply(resp: reqwest::Response) -> Reply {
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let text = resp.text().await.unwrap_or_default();
