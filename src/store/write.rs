@@ -234,6 +234,39 @@ enum Failure {
     Other(String),
 }
 
+// Prepared once per pooled connection (`prepare_cached`), so a batch costs one round trip
+// per statement.
+/// Takes `count` numbers for each organization; returns the last one taken.
+const NEXT_SEQS: &str = "INSERT INTO org_sequences (organization_id, last_seq)
+    SELECT * FROM unnest($1::text[], $2::int8[])
+    ON CONFLICT (organization_id)
+    DO UPDATE SET last_seq = org_sequences.last_seq + EXCLUDED.last_seq
+    RETURNING organization_id, last_seq";
+/// Appends the events, their data as `json` (kept byte for byte).
+const INSERT_EVENTS: &str = "INSERT INTO events (organization_id, seq, event, data, user_id)
+    SELECT o, s, e, d::json, u
+    FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[]) AS t(o, s, e, d, u)";
+/// Applies one merged update per execution.
+const UPSERT_EXECUTIONS: &str = "INSERT INTO executions AS x
+    (organization_id, task_id, status, started_at, finished_at, updated_at, data, last_seq)
+    SELECT o, t, st::execution_status,
+    CASE WHEN started THEN now() END,
+    CASE WHEN finished THEN now() END,
+    now(), d::jsonb, s
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::int8[])
+    AS u(o, t, st, started, finished, d, s)
+    ON CONFLICT (organization_id, task_id) DO UPDATE SET
+    status = EXCLUDED.status,
+    started_at = COALESCE(x.started_at, EXCLUDED.started_at),
+    finished_at = EXCLUDED.finished_at,
+    updated_at = EXCLUDED.updated_at,
+    data = x.data || EXCLUDED.data,
+    last_seq = EXCLUDED.last_seq";
+/// Appends log chunks.
+const INSERT_LOGS: &str = "INSERT INTO execution_logs (organization_id, task_id, seq, data)
+    SELECT o, t, s, d::jsonb
+    FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[]) AS l(o, t, s, d)";
+
 /// Commits `jobs` in one transaction; returns their sequence numbers, in order.
 async fn commit(store: &Store, jobs: &[Job]) -> Result<Vec<u64>, Failure> {
     let plan = Plan::new(jobs);
@@ -260,11 +293,7 @@ async fn commit(store: &Store, jobs: &[Job]) -> Result<Vec<u64>, Failure> {
     // Sequence numbers: one increment per organization, in sorted order (no deadlocks).
     let rows = tx
         .query(
-            "INSERT INTO org_sequences (organization_id, last_seq)
-             SELECT * FROM unnest($1::text[], $2::int8[])
-             ON CONFLICT (organization_id)
-             DO UPDATE SET last_seq = org_sequences.last_seq + EXCLUDED.last_seq
-             RETURNING organization_id, last_seq",
+            &tx.prepare_cached(NEXT_SEQS).await.map_err(classify)?,
             &[&plan.orgs, &plan.counts],
         )
         .await
@@ -303,9 +332,7 @@ async fn commit(store: &Store, jobs: &[Job]) -> Result<Vec<u64>, Failure> {
         .map(|j| j.msg.user.as_ref().map(|u| u.as_str()))
         .collect();
     tx.execute(
-        "INSERT INTO events (organization_id, seq, event, data, user_id)
-         SELECT o, s, e, d::json, u
-         FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[]) AS t(o, s, e, d, u)",
+        &tx.prepare_cached(INSERT_EVENTS).await.map_err(classify)?,
         &[&orgs, &seqs, &events, &data, &users],
     )
     .await
@@ -314,21 +341,9 @@ async fn commit(store: &Store, jobs: &[Job]) -> Result<Vec<u64>, Failure> {
     let updates = plan.executions(jobs, &seqs);
     if !updates.org.is_empty() {
         tx.execute(
-            "INSERT INTO executions AS x
-                (organization_id, task_id, status, started_at, finished_at, updated_at, data, last_seq)
-             SELECT o, t, st::execution_status,
-                    CASE WHEN started THEN now() END,
-                    CASE WHEN finished THEN now() END,
-                    now(), d::jsonb, s
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::int8[])
-                  AS u(o, t, st, started, finished, d, s)
-             ON CONFLICT (organization_id, task_id) DO UPDATE SET
-                status = EXCLUDED.status,
-                started_at = COALESCE(x.started_at, EXCLUDED.started_at),
-                finished_at = EXCLUDED.finished_at,
-                updated_at = EXCLUDED.updated_at,
-                data = x.data || EXCLUDED.data,
-                last_seq = EXCLUDED.last_seq",
+            &tx.prepare_cached(UPSERT_EXECUTIONS)
+                .await
+                .map_err(classify)?,
             &[
                 &updates.org,
                 &updates.task,
@@ -357,9 +372,7 @@ async fn commit(store: &Store, jobs: &[Job]) -> Result<Vec<u64>, Failure> {
     }
     if !log_org.is_empty() {
         tx.execute(
-            "INSERT INTO execution_logs (organization_id, task_id, seq, data)
-             SELECT o, t, s, d::jsonb
-             FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[]) AS l(o, t, s, d)",
+            &tx.prepare_cached(INSERT_LOGS).await.map_err(classify)?,
             &[&log_org, &log_task, &log_seq, &log_data],
         )
         .await
