@@ -553,3 +553,29 @@ async fn postgres_stopped_and_restarted_mid_run() {
         .collect();
     assert_eq!(seqs, [4, 5, 6]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_longer_than_the_socket_queue_is_sent_whole() {
+    let db = TestDb::create().await;
+    let r = Replica::builder()
+        .database(&db)
+        .env("FANOUT_SOCKET_BUFFER", 16)
+        .start()
+        .await;
+    r.wait_store_up().await;
+    for i in 1..=300 {
+        post_update(&r, &update("acme", &format!("t{i}"), "RUNNING", json!({}))).await;
+    }
+    let mut client = resume(&r, "acme", "alice", json!(0)).await;
+    let seqs: Vec<u64> = durable_events(&mut client, 300)
+        .await
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert_eq!(seqs, (1..=300).collect::<Vec<_>>());
+    assert_eq!(
+        r.metric("fanout_slow_consumer_disconnects_total", &[])
+            .await,
+        0.0
+    );
+}

@@ -277,11 +277,14 @@ impl History {
                     }
                     let last = range.events.last().and_then(|m| m.seq);
                     for msg in &range.events {
-                        if !send_patiently(socket, msg, deadline).await {
-                            delivery.evict(socket, "too slow to take its replay");
-                            return;
+                        match send_patiently(socket, msg, deadline).await {
+                            Sent::Queued => sent += 1,
+                            Sent::Gone => return,
+                            Sent::TooSlow => {
+                                delivery.evict(socket, "too slow to take its replay");
+                                return;
+                            }
                         }
-                        sent += 1;
                     }
                     // A full chunk may stop short of the cursor; otherwise every event up
                     // to the cursor that is meant for this user has been sent.
@@ -359,21 +362,28 @@ pub(super) fn invalid_last_seq(socket: &SocketRef) {
     resync(socket, Resync::InvalidLastSeq, 0, 0);
 }
 
+enum Sent {
+    Queued,
+    Gone,
+    TooSlow,
+}
+
 /// Sends one replayed event, waiting while the socket's queue is full (a replay can be
-/// longer than the queue). False when the socket is gone or stays full past `deadline`.
-async fn send_patiently(socket: &SocketRef, msg: &Message, deadline: Instant) -> bool {
+/// longer than the queue), until `deadline`.
+async fn send_patiently(socket: &SocketRef, msg: &Message, deadline: Instant) -> Sent {
     let seq = msg
         .seq
         .expect("events from the store have a sequence number");
     loop {
         match socket.emit(msg.event.as_str(), &(&*msg.data, Meta { seq })) {
-            Ok(()) => return true,
-            Err(SendError::Socket(SocketError::InternalChannelFull))
-                if Instant::now() < deadline =>
-            {
+            Ok(()) => return Sent::Queued,
+            Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                if Instant::now() >= deadline {
+                    return Sent::TooSlow;
+                }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            Err(_) => return false,
+            Err(_) => return Sent::Gone,
         }
     }
 }
