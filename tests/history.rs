@@ -367,6 +367,14 @@ async fn too_far_behind_or_invalid_last_seq_gets_resync_required() {
         ahead.expect("resync-required", QUICK).await["reason"],
         "unknown_seq"
     );
+    // Also as the first socket of its organization here (the stream's cursor is not read
+    // from the store yet when the replay starts).
+    post_update(&r, &update("globex", "g1", "RUNNING", json!({}))).await;
+    let mut first = resume(&r, "globex", "erin", json!(50)).await;
+    assert_eq!(
+        first.expect("resync-required", QUICK).await,
+        json!({"reason": "unknown_seq", "lastSeq": 50, "latestSeq": 1})
+    );
     let mut garbage = resume(&r, "acme", "dave", json!(-1)).await;
     assert_eq!(
         garbage.expect("resync-required", QUICK).await["reason"],

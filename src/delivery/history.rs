@@ -298,7 +298,15 @@ impl History {
                     // The cursor is unknown yet, or behind the client (it saw events that
                     // another replica delivered first). A client ahead of the store itself
                     // names events that do not exist.
-                    if !checked_ahead && cursor.is_some() {
+                    let mut watch = stream.cursor.subscribe();
+                    if cursor.is_none() {
+                        let known = watch.wait_for(Option::is_some);
+                        if tokio::time::timeout(CATCH_UP_WAIT, known).await.is_err() {
+                            break Err((stream.state.lock().await, Resync::Unavailable, 0));
+                        }
+                        continue;
+                    }
+                    if !checked_ahead {
                         checked_ahead = true;
                         match self.store.last_seq(org).await {
                             Ok(last) if last < from => {
@@ -314,7 +322,6 @@ impl History {
                             }
                         }
                     }
-                    let mut watch = stream.cursor.subscribe();
                     let caught_up = watch.wait_for(|c| c.is_some_and(|c| c >= from));
                     if tokio::time::timeout(CATCH_UP_WAIT, caught_up)
                         .await

@@ -88,7 +88,16 @@ pub struct StepReport {
 impl StepReport {
     /// No loss, no duplicates, no refused publish, under the latency limit, on rate.
     pub fn sustainable(&self) -> bool {
-        !self.overload && self.lost == 0 && self.duplicated == 0 && self.publish_errors == 0
+        !self.overload && self.exact_on_rate()
+    }
+
+    /// Every message delivered once, none refused, at (nearly) the target rate, however
+    /// slowly: what a working system does whatever the machine's load.
+    pub fn exact_on_rate(&self) -> bool {
+        self.lost == 0
+            && self.duplicated == 0
+            && self.publish_errors == 0
+            && self.achieved_ratio >= MIN_ACHIEVED
     }
 }
 
@@ -165,10 +174,12 @@ impl Report {
         }
         if self.steps.is_empty() {
             out.push("no step ran".into());
-        } else if !self.steps.iter().any(StepReport::sustainable) {
+        } else if !self.steps.iter().any(StepReport::exact_on_rate) {
             // Otherwise a system that delivers nothing would pass: every step "overloaded".
+            // Latency alone does not fail the run: it measures the machine as much as the
+            // system (a busy CI machine, a JIT warming up).
             out.push(format!(
-                "no sustainable step: even {} deliveries/s was overloaded or lossy",
+                "no step delivered every message on rate: even {} deliveries/s was lossy or behind",
                 self.steps[0].target_deliveries_per_s
             ));
         }
