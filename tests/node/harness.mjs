@@ -2,19 +2,21 @@
 // stock socket.io-client, so that every test reads as the scenario it checks.
 //
 // A test wraps its body in `scenario(async (bed) => ...)`. The bed starts what the test asks
-// for (`bed.redis()`, `bed.replica()`, `bed.fleet(n)`, `bed.connect()`), prints the logs of
-// its processes if the test fails, and stops everything when the test ends, pass or fail.
+// for (`bed.redis()`, `bed.database()`, `bed.replica()`, `bed.fleet(n)`, `bed.connect()`),
+// prints the logs of its processes if the test fails, and stops everything (and drops its
+// databases) when the test ends, pass or fail.
 // Waiting is on a condition with a deadline (an event, a status), not on a sleep; proving
 // that something did not arrive uses `marker()`. The few timed waits left are part of their
 // scenario (token expiry) or documented where no marker can exist.
 
 import { spawn } from "node:child_process";
-import { randomUUID } from "node:crypto";
+import { randomBytes, randomUUID } from "node:crypto";
 import http from "node:http";
 import net from "node:net";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import jwt from "jsonwebtoken";
+import pg from "pg";
 import { io } from "socket.io-client";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -26,6 +28,13 @@ export const REDIS_SERVER = process.env.REDIS_SERVER ?? "redis-server";
 
 export const SECRET = "fanout-contract-tests-secret-0123456789";
 export const INGEST_KEYS = ["ingest-key-current", "ingest-key-next"];
+
+/**
+ * The PostgreSQL server on which each scenario that asks for one creates its own database:
+ * `FANOUT_TEST_DATABASE_URL` (its maintenance database), as for the Rust tests.
+ */
+export const DATABASE_SERVER =
+  process.env.FANOUT_TEST_DATABASE_URL?.trim() || "postgres://postgres@127.0.0.1:5432/postgres";
 
 /** Default deadline of every await on the server, generous for a loaded 2-core machine. */
 export const WAIT_MS = 8000;
@@ -255,6 +264,51 @@ export class Redis {
 }
 
 // ---------------------------------------------------------------------------------------
+// PostgreSQL
+
+/** `url` with its database replaced by `name` (query parameters kept). */
+function withDatabase(url, name) {
+  const [base, query] = url.includes("?") ? [url.slice(0, url.indexOf("?")), url.slice(url.indexOf("?"))] : [url, ""];
+  const authority = base.includes("://") ? base.indexOf("://") + 3 : 0;
+  const slash = base.indexOf("/", authority);
+  return `${slash < 0 ? base : base.slice(0, slash)}/${name}${query}`;
+}
+
+/** Runs one statement on the database of `url`; resolves to its rows. */
+async function query(url, sql, params = []) {
+  const client = new pg.Client({ connectionString: url });
+  // An error after connecting (the server going away) must not crash the test process.
+  client.on("error", () => {});
+  try {
+    await client.connect();
+  } catch (err) {
+    throw new Error(`cannot connect to the test PostgreSQL (set FANOUT_TEST_DATABASE_URL): ${err.message}`);
+  }
+  try {
+    return (await client.query(sql, params)).rows;
+  } finally {
+    await client.end().catch(() => {});
+  }
+}
+
+/** A database of one scenario: `url` is the `DATABASE_URL` of its replicas. */
+export class Database {
+  constructor(name) {
+    this.name = name;
+    this.url = withDatabase(DATABASE_SERVER, name);
+  }
+
+  /** Runs `sql` on this database (to look at or change what the replicas stored); resolves to the rows. */
+  query(sql, params = []) {
+    return query(this.url, sql, params);
+  }
+
+  drop() {
+    return query(DATABASE_SERVER, `DROP DATABASE IF EXISTS ${this.name} WITH (FORCE)`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // fanout replicas
 
 export class Replica {
@@ -267,10 +321,19 @@ export class Replica {
 
   /** Status of `GET /readyz`, or `null` when nothing answers. */
   async readyz() {
+    return (await this.readiness())?.status ?? null;
+  }
+
+  /** `{ status, body }` of `GET /readyz` (body parsed if JSON), or `null` when nothing answers. */
+  async readiness() {
     try {
       const res = await fetch(`${this.internal}/readyz`, { signal: AbortSignal.timeout(2000) });
-      await res.arrayBuffer();
-      return res.status;
+      const text = await res.text();
+      let body = text;
+      try {
+        body = JSON.parse(text);
+      } catch {}
+      return { status: res.status, body };
     } catch {
       return null;
     }
@@ -490,7 +553,7 @@ export class Client {
 // The test bed
 
 /** Base environment of a replica: nothing inherited but PATH, so ambient settings don't leak in. */
-function replicaEnv({ publicPort, internalPort, redis, env }) {
+function replicaEnv({ publicPort, internalPort, redis, database, env }) {
   const base = {
     PATH: process.env.PATH,
     NO_COLOR: "1",
@@ -502,6 +565,7 @@ function replicaEnv({ publicPort, internalPort, redis, env }) {
     FANOUT_SHUTDOWN_TIMEOUT: "5s",
   };
   if (redis) base.REDIS_URL = redis.url;
+  if (database) base.DATABASE_URL = database.url;
   return { ...base, ...env };
 }
 
@@ -510,7 +574,19 @@ export class Testbed {
     this.procs = [];
     this.clients = [];
     this.servers = [];
+    this.databases = [];
     this.count = { replica: 0, client: 0 };
+  }
+
+  /**
+   * Creates an empty database `fanout_node_<random>` on the test PostgreSQL server, dropped
+   * (with its connections) when the scenario ends. Pass it to `replica({ database })`.
+   */
+  async database() {
+    const db = new Database(`fanout_node_${randomBytes(8).toString("hex")}`);
+    await query(DATABASE_SERVER, `CREATE DATABASE ${db.name}`);
+    this.databases.push(db);
+    return db;
   }
 
   /**
@@ -541,14 +617,16 @@ export class Testbed {
 
   /**
    * Starts a replica. `redis`: a `Redis` (or any `{ url }`) for fleet mode, else the
-   * in-process bus; `env`: extra or overriding settings. Waits until `/readyz` answers 200,
-   * or with `ready: false` only until it answers at all.
+   * in-process bus; `database`: a `Database` (or any `{ url }`) for the durable history;
+   * `env`: extra or overriding settings. Waits until `/readyz` answers 200 (and, with a
+   * database, says `"store": "up"`: migrated and reachable), or with `ready: false` only
+   * until it answers at all.
    */
-  async replica({ redis, env = {}, ready = true } = {}) {
+  async replica({ redis, database, env = {}, ready = true } = {}) {
     const name = `fanout-${++this.count.replica}`;
     for (let attempt = 1; ; attempt++) {
       const [publicPort, internalPort] = [await freePort(), await freePort()];
-      const proc = this.#spawn(name, FANOUT_BIN, [], replicaEnv({ publicPort, internalPort, redis, env }));
+      const proc = this.#spawn(name, FANOUT_BIN, [], replicaEnv({ publicPort, internalPort, redis, database, env }));
       const replica = new Replica(name, proc, publicPort, internalPort);
       try {
         await until(
@@ -557,10 +635,11 @@ export class Testbed {
               throw new Error(`cannot run ${FANOUT_BIN} (${proc.exit.error.code}): build it with \`cargo build\` or set FANOUT_BIN`);
             }
             if (!proc.running) throw new Error(`${name} exited at start: ${JSON.stringify(proc.exit)}`);
-            const status = await replica.readyz();
-            return ready ? status === 200 : status !== null;
+            const res = await replica.readiness();
+            if (!ready) return res !== null;
+            return res?.status === 200 && (!database || res.body?.store === "up");
           },
-          { what: `${name} /readyz ${ready ? "200" : "to answer"}` },
+          { what: `${name} /readyz ${ready ? `200${database ? ' with "store": "up"' : ""}` : "to answer"}` },
         );
         return replica;
       } catch (err) {
@@ -572,7 +651,7 @@ export class Testbed {
     }
   }
 
-  /** A Redis and `n` replicas sharing it. */
+  /** A Redis and `n` replicas sharing it (and `options.database`, if given). */
   async fleet(n, options = {}) {
     const redis = await this.redis();
     const replicas = [];
@@ -681,6 +760,10 @@ export class Testbed {
       for (const sock of open) sock.destroy();
     }
     await Promise.all(this.procs.map((p) => p.stop()));
+    const dropped = await Promise.allSettled(this.databases.map((db) => db.drop()));
+    for (const [i, r] of dropped.entries()) {
+      if (r.status === "rejected") process.stderr.write(`could not drop test database ${this.databases[i].name}: ${r.reason}\n`);
+    }
   }
 }
 
