@@ -292,7 +292,7 @@ async fn publish(
     State(s): State<IngestState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, IngestError> {
-    let Body { fields, .. } = read_body(body, s.max_payload_bytes)?;
+    let Body { fields, text } = read_body(body, s.max_payload_bytes)?;
     let org = org_of(&fields)?;
     let event = match fields.get("event") {
         Some(Value::String(name)) => {
@@ -306,11 +306,18 @@ async fn publish(
             });
         }
     };
-    let data = fields
-        .get("data")
-        .ok_or(IngestError::field("data", InvalidId::Missing))?;
-    let data = serde_json::value::to_raw_value(data)
-        .map_err(|e| IngestError::InvalidJson(e.to_string()))?;
+    if !fields.contains_key("data") {
+        return Err(IngestError::field("data", InvalidId::Missing));
+    }
+    // `data` is passed on as the worker wrote it (key order included), not re-serialised.
+    #[derive(serde::Deserialize)]
+    struct Raw<'a> {
+        #[serde(borrow)]
+        data: &'a RawValue,
+    }
+    let raw: Raw<'_> =
+        serde_json::from_str(&text).map_err(|e| IngestError::InvalidJson(e.to_string()))?;
+    let data = raw.data.to_owned();
     let user = match fields.get("userId") {
         None | Some(Value::Null) => None,
         Some(v) => Some(UserId::from_json(v).map_err(|e| IngestError::field("userId", e))?),

@@ -587,3 +587,29 @@ async fn a_replay_longer_than_the_socket_queue_is_sent_whole() {
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_data_is_stored_as_written() {
+    let db = TestDb::create().await;
+    let r = durable_replica(&db).await;
+    let data = r#"{"zeta":1,"alpha":[2, 3],"mid":{"b":1,"a":2}}"#;
+    let body = format!(r#"{{"organizationId":"acme","event":"e","data":{data}}}"#);
+    let reply = r.post_raw("/v1/publish", body, Some(INGEST_KEY)).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let update = r#"{"taskId":"t1","status":"RUNNING","organizationId":"acme","b":1,"a":2}"#;
+    let reply = r
+        .post_raw("/executions/update", update, Some(INGEST_KEY))
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    // What is stored is what replay sends: the text the worker wrote, key order included.
+    let stored: Vec<String> = db
+        .connect()
+        .await
+        .query("SELECT data::text FROM events ORDER BY seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(stored, [data, update]);
+}
