@@ -613,3 +613,71 @@ async fn event_data_is_stored_as_written() {
         .collect();
     assert_eq!(stored, [data, update]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_but_never_published_events_are_read_back_in_order() {
+    let redis = RedisServer::start().await;
+    let db = TestDb::create().await;
+    let r = Replica::builder().redis(&redis).database(&db).start().await;
+    r.wait_store_up().await;
+    let mut alice = r.login("acme", "alice").await;
+    post_update(&r, &update("acme", "t1", "RUNNING", json!({}))).await;
+    assert_eq!(durable_events(&mut alice, 1).await[0].0, 1);
+
+    // A replica that died between its commit and its publish leaves this behind.
+    let pg = db.connect().await;
+    pg.batch_execute(
+        r#"UPDATE org_sequences SET last_seq = 3 WHERE organization_id = 'acme';
+           INSERT INTO events (organization_id, seq, event, data)
+           VALUES ('acme', 2, 'execution-log', '{"taskId":"t1","log":"lost 2"}'),
+                  ('acme', 3, 'execution-log', '{"taskId":"t1","log":"lost 3"}');"#,
+    )
+    .await
+    .unwrap();
+    // The periodic tail check finds them without any new event.
+    let (_, data, seq) = alice.next_durable(SOON).await;
+    assert_eq!((seq, data["log"].clone()), (Some(2), json!("lost 2")));
+    assert_eq!(durable_events(&mut alice, 1).await[0].0, 3);
+
+    // Again, now with a live event right behind the lost one: it waits for it.
+    pg.batch_execute(
+        r#"UPDATE org_sequences SET last_seq = 4 WHERE organization_id = 'acme';
+           INSERT INTO events (organization_id, seq, event, data)
+           VALUES ('acme', 4, 'execution-log', '{"taskId":"t1","log":"lost 4"}');"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        post_update(&r, &update("acme", "t1", "PASSED", json!({}))).await,
+        5
+    );
+    let seqs: Vec<u64> = durable_events(&mut alice, 2)
+        .await
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert_eq!(seqs, [4, 5]);
+    assert!(r.metric("fanout_gap_fills_total", &[]).await >= 3.0);
+
+    // A sequence number the history does not have (a worker copying an envelope into Redis)
+    // is dropped, and holds nothing up.
+    redis
+        .publish(
+            "fanout:org:acme",
+            r#"{"event":"execution-log","data":{"forged":true},"seq":100}"#,
+        )
+        .await;
+    r.wait_metric(
+        "fanout_malformed_messages_total",
+        &[("reason", "unknown_seq")],
+        |v| v == 1.0,
+    )
+    .await;
+    assert_eq!(
+        post_update(&r, &update("acme", "t2", "RUNNING", json!({}))).await,
+        6
+    );
+    let (_, data, seq) = alice.next_durable(QUICK).await;
+    assert_eq!(seq, Some(6), "{data}");
+    assert!(alice.next(Duration::from_millis(200)).await.is_none());
+}
