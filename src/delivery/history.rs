@@ -257,7 +257,7 @@ impl History {
                         socket.leave(replay_room(org));
                         break Ok(());
                     }
-                    Some(cursor) if cursor > from && cursor - last_seq > self.replay_max => {
+                    Some(cursor) if cursor > from && cursor - from > self.replay_max => {
                         break Err((state, Resync::TooFarBehind, cursor));
                     }
                     cursor => cursor,
