@@ -437,8 +437,8 @@ pub fn closed_table(r: &scenario::Report) -> Table {
         let [commits, batch, commit_ms] = commit_cells(d);
         t.row([
             int(publishers as u64),
-            num(get(e, |p| Some(p.events_per_s)), 0),
-            num(get(d, |p| Some(p.events_per_s)), 0),
+            e.map_or("-".into(), |p| int(p.events_per_s.round() as u64)),
+            d.map_or("-".into(), |p| int(p.events_per_s.round() as u64)),
             match (e, d) {
                 (Some(e), Some(d)) if e.events_per_s > 0.0 => {
                     format!("×{:.2}", d.events_per_s / e.events_per_s)
