@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{WebSocketStream, client_async_with_config};
 
-use crate::message::socketio_event_body;
+use crate::message::socketio_event;
 use crate::net;
 
 type Ws = WebSocketStream<TcpStream>;
@@ -155,17 +155,18 @@ impl Conn {
             .map_err(|e| OpenError::Closed(format!("send failed: {e}")))
     }
 
-    /// Receives until the connection ends, handing each message body to `on_body`; answers
-    /// pings meanwhile. Returns how the connection ended.
-    pub async fn run(mut self, mut on_body: impl FnMut(&[u8])) -> String {
+    /// Receives until the connection ends, handing each message body to `on_body` with the
+    /// sequence number of a durable event (fanout with a history); answers pings meanwhile.
+    /// Returns how the connection ended.
+    pub async fn run(mut self, mut on_body: impl FnMut(&[u8], Option<u64>)) -> String {
         loop {
             match self.ws.next().await {
                 Some(Ok(Message::Text(text))) => match self.system {
-                    System::Raw => on_body(text.as_bytes()),
+                    System::Raw => on_body(text.as_bytes(), None),
                     System::Socketio => {
                         let text = text.as_str();
-                        if let Some(body) = socketio_event_body(text) {
-                            on_body(body.as_bytes());
+                        if let Some((body, seq)) = socketio_event(text) {
+                            on_body(body.as_bytes(), seq);
                         } else if text == "2" {
                             if let Err(e) = self.ws.send(Message::text("3")).await {
                                 return format!("pong failed: {e}");

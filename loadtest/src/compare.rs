@@ -115,11 +115,11 @@ impl Ports {
     }
 }
 
-fn loopback(port: u16) -> SocketAddr {
+pub(crate) fn loopback(port: u16) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
 }
 
-fn ensure_free(addrs: &[SocketAddr]) -> anyhow::Result<()> {
+pub(crate) fn ensure_free(addrs: &[SocketAddr]) -> anyhow::Result<()> {
     for a in addrs {
         std::net::TcpListener::bind(a).map_err(|e| {
             anyhow::anyhow!(
@@ -180,7 +180,7 @@ pub async fn run(mut opts: Options) -> anyhow::Result<CompareReport> {
     let mut redis = None;
     let mut failures = Vec::new();
     if needs_redis {
-        match start_redis(&opts, &ports).await {
+        match start_redis(&opts.redis_server, ports.redis()).await {
             Ok(r) => redis = Some(r),
             Err(e) => failures.push(format!("redis-server: {e:#}")),
         }
@@ -281,12 +281,12 @@ struct Ctx<'a> {
     redis_pid: Option<u32>,
 }
 
-async fn start_redis(opts: &Options, ports: &Ports) -> anyhow::Result<Proc> {
-    let addr = ports.redis();
+/// Starts a private redis-server on `addr` (loopback, no persistence) and waits for PING.
+pub(crate) async fn start_redis(program: &Path, addr: SocketAddr) -> anyhow::Result<Proc> {
     ensure_free(&[addr])?;
     let mut proc = procs::spawn(Spec {
         name: "redis".into(),
-        program: &opts.redis_server,
+        program,
         args: [
             "--port",
             &addr.port().to_string(),

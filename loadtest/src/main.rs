@@ -9,9 +9,12 @@ mod baseline;
 mod client;
 mod compare;
 mod http;
+mod ingest;
 mod message;
 mod net;
+mod pg;
 mod procs;
+mod prom;
 mod publish;
 mod report;
 mod scenario;
@@ -29,6 +32,11 @@ use crate::scenario::{Servers, connect, fanout};
 /// Full-size default steps, in deliveries per second.
 const DEFAULT_STEPS: &str = "10000,20000,40000,80000,120000,160000,240000";
 const SMOKE_STEPS: &str = "1500,3000";
+/// `ingest` closed-loop publishers and open-loop rates (events/s), full size and smoke.
+const INGEST_PUBLISHERS: &str = "1,8,32,128";
+const INGEST_RATES: &str = "250,1000,2500,5000";
+const SMOKE_INGEST_PUBLISHERS: &str = "1,8";
+const SMOKE_INGEST_RATES: &str = "200";
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +61,11 @@ enum Command {
     /// Start Redis and each system in turn, run `connect` and `fanout` against each, and print
     /// one comparison table.
     Compare(CompareArgs),
+    /// Durable ingest (DATABASE_URL: commit, then publish) against ephemeral ingest, side by
+    /// side: events/s by number of publishers, the HTTP and delivery latency it adds at the
+    /// same rate, group-commit batches, exactness. Starts its own Redis, fanout replicas and
+    /// database.
+    Ingest(IngestArgs),
     /// One process's share of a `connect` run too large for one open-file limit.
     #[command(hide = true)]
     ConnectShard(ShardArgs),
@@ -244,6 +257,59 @@ struct CompareArgs {
     replicas: u16,
 }
 
+#[derive(Args)]
+struct IngestArgs {
+    /// CI size: 8 clients in 4 orgs, closed loop with 1 and 8 publishers, 200 events/s, 1.5 s
+    /// phases; non-zero exit if a check fails.
+    #[arg(long)]
+    smoke: bool,
+    /// PostgreSQL server for the durable side: a fresh database is created there and
+    /// dropped at the end (this URL's own database is not used).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    database_url: String,
+    /// Organizations [default: 32; smoke: 4].
+    #[arg(long)]
+    orgs: Option<usize>,
+    /// Subscribed Socket.IO clients per side, spread over the orgs and replicas [default:
+    /// 2 per org].
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Closed-loop phases: concurrent publishers in each, or `none` [default: 1,8,32,128;
+    /// smoke: 1,8].
+    #[arg(long)]
+    publishers: Option<String>,
+    /// Open-loop phases: events/s in each, or `none` [default: 250,1000,2500,5000; smoke: 200].
+    #[arg(long)]
+    rates: Option<String>,
+    /// Paced publishers of the open-loop phases [default: 64; smoke: 4].
+    #[arg(long)]
+    open_publishers: Option<usize>,
+    /// Seconds per phase and side (the first second or fifth is warm-up) [default: 10;
+    /// smoke: 1.5].
+    #[arg(long)]
+    phase_seconds: Option<f64>,
+    #[arg(long, default_value_t = 200)]
+    payload_bytes: usize,
+    /// Handshakes in flight at most.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// Replicas per side.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=50))]
+    replicas: u16,
+    /// Ports: ephemeral replicas base, base+1 (internal base+100, ...); durable base+50, ...
+    /// (internal base+150, ...); Redis base+200.
+    #[arg(long, default_value_t = 17_500)]
+    base_port: u16,
+    /// Write everything as JSON to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// fanout binary [default: `fanout` next to this executable].
+    #[arg(long)]
+    fanout_bin: Option<PathBuf>,
+    #[arg(long, default_value = "redis-server")]
+    redis_server: PathBuf,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -322,6 +388,10 @@ async fn run(command: Command) -> anyhow::Result<bool> {
             let report = compare::run(opts).await?;
             compare::finish(&report)
         }
+        Command::Ingest(a) => {
+            let report = ingest::run(ingest_options(a)?).await?;
+            ingest::finish(&report)
+        }
     }
 }
 
@@ -346,13 +416,7 @@ fn compare_options(a: CompareArgs) -> anyhow::Result<compare::Options> {
         Some(s) => s,
         None => parse_steps(if smoke { SMOKE_STEPS } else { DEFAULT_STEPS }),
     };
-    let fanout_bin = match a.fanout_bin {
-        Some(p) => p,
-        None => std::env::current_exe()?
-            .parent()
-            .map(|d| d.join("fanout"))
-            .unwrap_or_else(|| PathBuf::from("fanout")),
-    };
+    let fanout_bin = fanout_bin(a.fanout_bin)?;
     Ok(compare::Options {
         smoke,
         systems: a.systems,
@@ -372,6 +436,68 @@ fn compare_options(a: CompareArgs) -> anyhow::Result<compare::Options> {
         fanout_bin,
         node_peer: a.node_peer.unwrap_or_else(default_node_peer),
         redis_server: a.redis_server,
+    })
+}
+
+fn ingest_options(a: IngestArgs) -> anyhow::Result<ingest::Options> {
+    let smoke = a.smoke;
+    let orgs = a.orgs.unwrap_or(if smoke { 4 } else { 32 });
+    anyhow::ensure!(orgs > 0, "--orgs must be positive");
+    let pick = |given: Option<String>, full: &str, small: &str| {
+        given.unwrap_or_else(|| if smoke { small } else { full }.to_string())
+    };
+    let publishers = positive_list(
+        "--publishers",
+        &pick(a.publishers, INGEST_PUBLISHERS, SMOKE_INGEST_PUBLISHERS),
+    )?;
+    let rates = positive_list("--rates", &pick(a.rates, INGEST_RATES, SMOKE_INGEST_RATES))?;
+    anyhow::ensure!(
+        !publishers.is_empty() || !rates.is_empty(),
+        "no phases: --publishers and --rates are both none"
+    );
+    Ok(ingest::Options {
+        smoke,
+        orgs,
+        connections: a.connections.unwrap_or(2 * orgs),
+        publishers: publishers.into_iter().map(|n| n as usize).collect(),
+        rates,
+        open_publishers: a.open_publishers.unwrap_or(if smoke { 4 } else { 64 }),
+        phase_seconds: a.phase_seconds.unwrap_or(if smoke { 1.5 } else { 10.0 }),
+        payload_bytes: a.payload_bytes,
+        concurrency: a.concurrency,
+        replicas: a.replicas,
+        base_port: a.base_port,
+        database_url: a.database_url,
+        out: a.out,
+        fanout_bin: fanout_bin(a.fanout_bin)?,
+        redis_server: a.redis_server,
+    })
+}
+
+/// A comma-separated list of positive integers; `none` (or nothing) for an empty one.
+fn positive_list(flag: &str, text: &str) -> anyhow::Result<Vec<u64>> {
+    let text = text.trim();
+    if text.is_empty() || text == "none" {
+        return Ok(Vec::new());
+    }
+    text.split(',')
+        .map(|s| match s.trim().parse::<u64>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(anyhow::anyhow!(
+                "{flag}: {s:?} is not a positive integer (a comma-separated list, or none)"
+            )),
+        })
+        .collect()
+}
+
+/// `--fanout-bin`, else `fanout` next to this executable.
+fn fanout_bin(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match given {
+        Some(p) => p,
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("fanout"))
+            .unwrap_or_else(|| PathBuf::from("fanout")),
     })
 }
 

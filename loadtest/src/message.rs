@@ -44,12 +44,26 @@ pub fn parse_body(bytes: &[u8]) -> Option<Body<'_>> {
     serde_json::from_slice(bytes).ok()
 }
 
-/// The body of a Socket.IO `execution-updated` event frame (`42["execution-updated",{..}]`),
-/// without parsing it.
-pub fn socketio_event_body(frame: &str) -> Option<&str> {
-    frame
+/// The body of a Socket.IO `execution-updated` event frame, without parsing it, and the
+/// sequence number of a durable event, which fanout sends as a third element:
+/// `42["execution-updated",{..}]` or `42["execution-updated",{..},{"seq":N}]`.
+///
+/// The split is unambiguous because the body is a JSON object: an object cannot end with
+/// `,{"seq":N}`, so that suffix can only be the third element.
+pub fn socketio_event(frame: &str) -> Option<(&str, Option<u64>)> {
+    let inner = frame
         .strip_prefix("42[\"execution-updated\",")?
-        .strip_suffix(']')
+        .strip_suffix(']')?;
+    const META: &str = ",{\"seq\":";
+    if let Some(cut) = inner.rfind(META)
+        && let Some(digits) = inner[cut + META.len()..].strip_suffix('}')
+        && !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(seq) = digits.parse()
+    {
+        return Some((&inner[..cut], Some(seq)));
+    }
+    Some((inner, None))
 }
 
 /// Writes bodies of a fixed size into one reused buffer.
@@ -122,13 +136,22 @@ mod tests {
     }
 
     #[test]
-    fn socketio_frames_give_their_body() {
+    fn socketio_frames_give_their_body_and_seq() {
         assert_eq!(
-            socketio_event_body(r#"42["execution-updated",{"a":1}]"#),
-            Some(r#"{"a":1}"#)
+            socketio_event(r#"42["execution-updated",{"a":1}]"#),
+            Some((r#"{"a":1}"#, None))
         );
-        assert_eq!(socketio_event_body(r#"42["auth-success",{"a":1}]"#), None);
-        assert_eq!(socketio_event_body("2"), None);
+        assert_eq!(
+            socketio_event(r#"42["execution-updated",{"a":1},{"seq":42}]"#),
+            Some((r#"{"a":1}"#, Some(42)))
+        );
+        // A body that merely contains the marker keeps it.
+        assert_eq!(
+            socketio_event(r#"42["execution-updated",{"a":[0,{"seq":5}]}]"#),
+            Some((r#"{"a":[0,{"seq":5}]}"#, None))
+        );
+        assert_eq!(socketio_event(r#"42["auth-success",{"a":1}]"#), None);
+        assert_eq!(socketio_event("2"), None);
     }
 
     #[test]

@@ -205,6 +205,24 @@ pub fn cpu_seconds_sum(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|p| cpu_seconds(Some(*p))).sum()
 }
 
+/// CPU seconds the whole machine has been busy (all cores: user, nice, system, irq,
+/// softirq, steal from `/proc/stat`), to see what else ran during a measurement.
+pub fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is included in user).
+    let busy = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| v.get(i))
+        .sum::<f64>();
+    Some(busy / clock_ticks_per_second())
+}
+
 /// Resident memory in KiB; `None` if the process is gone.
 pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
     let path = match pid {
@@ -257,5 +275,6 @@ mod tests {
         assert!(rss_kib(Some(std::process::id())).is_some());
         assert_eq!(cpu_seconds(Some(u32::MAX)), None);
         assert!(listen_overflows().is_some());
+        assert!(machine_busy_seconds().is_some_and(|s| s > 0.0));
     }
 }

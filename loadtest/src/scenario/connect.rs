@@ -137,7 +137,7 @@ impl LocalShard {
             move |_, conn| {
                 let dropped = dropped.clone();
                 async move {
-                    conn.run(|_| {}).await;
+                    conn.run(|_, _| {}).await;
                     dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }

@@ -31,7 +31,7 @@ use crate::report::{Table, int, num};
 pub const P99_LIMIT_MS: f64 = 50.0;
 /// ...or when it delivers less than this share of its target rate.
 pub const MIN_ACHIEVED: f64 = 0.9;
-const SHARDS: usize = 8;
+pub(crate) const SHARDS: usize = 8;
 /// Longest wait for a step's last deliveries after its publishers stop.
 const DRAIN_MAX: Duration = Duration::from_secs(10);
 /// Wait ended early when nothing arrives for this long.
@@ -196,13 +196,13 @@ impl Report {
 
 /// Which sequence numbers a client has seen.
 #[derive(Default)]
-struct Seen {
+pub(crate) struct Seen {
     words: Vec<u64>,
 }
 
 impl Seen {
     /// Records `seq`; false if it was already there.
-    fn insert(&mut self, seq: u64) -> bool {
+    pub(crate) fn insert(&mut self, seq: u64) -> bool {
         let word = (seq / 64) as usize;
         if word >= self.words.len() {
             self.words.resize(word + 1, 0);
@@ -237,7 +237,7 @@ impl StepCounters {
 }
 
 /// µs from 1 to 60 s, 3 significant digits.
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
 
@@ -252,7 +252,7 @@ struct Shared {
 
 /// Highest sequence number a client accepts: a guard against a corrupt body allocating a
 /// huge bitset.
-const MAX_SEQ: u64 = 1 << 32;
+pub(crate) const MAX_SEQ: u64 = 1 << 32;
 
 impl Shared {
     fn on_body(&self, bytes: &[u8], org: &str, seen: &mut Seen, shard: usize) {
@@ -347,7 +347,7 @@ pub async fn run(p: Params) -> anyhow::Result<Report> {
                 async move {
                     let mut seen = Seen::default();
                     let why = conn
-                        .run(|bytes| shared.on_body(bytes, &org, &mut seen, i % SHARDS))
+                        .run(|bytes, _seq| shared.on_body(bytes, &org, &mut seen, i % SHARDS))
                         .await;
                     shared.disconnected.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut first) = shared.first_disconnect.lock() {

@@ -7,6 +7,7 @@
 
 pub mod connect;
 pub mod fanout;
+pub mod ingest;
 
 use std::future::Future;
 use std::net::SocketAddr;
