@@ -22,7 +22,7 @@
 //! number: the worker is told it was stored (`published: false`), it must not retry, and
 //! the replicas deliver it from the history (see `fanout_durable_unpublished_total`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,7 +33,7 @@ use tokio_postgres::error::SqlState;
 use super::{Store, StoreError};
 use crate::bus::Bus;
 use crate::ops::metrics;
-use crate::protocol::{ExecutionStatus, Message, OrgId};
+use crate::protocol::{ExecutionStatus, Message};
 
 /// Most events in one transaction.
 const MAX_BATCH: usize = 512;
@@ -234,43 +234,66 @@ enum Failure {
     Other(String),
 }
 
-// Prepared once per pooled connection (`prepare_cached`), so a batch costs one round trip
-// per statement.
-/// Takes `count` numbers for each organization; returns the last one taken.
-const NEXT_SEQS: &str = "INSERT INTO org_sequences (organization_id, last_seq)
-    SELECT * FROM unnest($1::text[], $2::int8[])
+/// The whole group commit as one statement: one round trip, atomic by itself (no
+/// BEGIN/COMMIT), prepared once per pooled connection.
+///
+/// - `input`: one row per event, in batch order (`ord`); `kind` is `update` or `log` for
+///   events that feed a projection, else NULL.
+/// - `taken`: each organization's counter moves by its number of events, in organization
+///   order (so two replicas' batches lock rows in the same order and cannot deadlock); the
+///   row lock is held until the statement commits, which serializes an organization's
+///   commits across replicas.
+/// - `numbered`: event `k` of an organization in the batch gets `last - n + k`.
+/// - the events, the log chunks and the executions are written from `numbered`; the
+///   executions come merged per task from the caller (`$7`-`$12`), which only lacks the
+///   sequence number of each task's last update.
+const COMMIT: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
+        WITH ORDINALITY AS i(org, event, data, user_id, kind, task, ord)
+), counts AS (
+    SELECT org, count(*) AS n FROM input GROUP BY org
+), taken AS (
+    INSERT INTO org_sequences (organization_id, last_seq)
+    SELECT org, n FROM counts ORDER BY org
     ON CONFLICT (organization_id)
     DO UPDATE SET last_seq = org_sequences.last_seq + EXCLUDED.last_seq
-    RETURNING organization_id, last_seq";
-/// Appends the events, their data as `json` (kept byte for byte).
-const INSERT_EVENTS: &str = "INSERT INTO events (organization_id, seq, event, data, user_id)
-    SELECT o, s, e, d::json, u
-    FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[]) AS t(o, s, e, d, u)";
-/// Applies one merged update per execution.
-const UPSERT_EXECUTIONS: &str = "INSERT INTO executions AS x
-    (organization_id, task_id, status, started_at, finished_at, updated_at, data, last_seq)
-    SELECT o, t, st::execution_status,
-    CASE WHEN started THEN now() END,
-    CASE WHEN finished THEN now() END,
-    now(), d::jsonb, s
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::bool[], $6::text[], $7::int8[])
-    AS u(o, t, st, started, finished, d, s)
+    RETURNING organization_id, last_seq
+), numbered AS (
+    SELECT i.*, t.last_seq - c.n + row_number() OVER (PARTITION BY i.org ORDER BY i.ord) AS seq
+    FROM input i
+    JOIN counts c ON c.org = i.org
+    JOIN taken t ON t.organization_id = i.org
+), written_events AS (
+    INSERT INTO events (organization_id, seq, event, data, user_id)
+    SELECT org, seq, event, data::json, user_id FROM numbered
+), written_logs AS (
+    INSERT INTO execution_logs (organization_id, task_id, seq, data)
+    SELECT org, task, seq, data::jsonb FROM numbered WHERE kind = 'log'
+), written_executions AS (
+    INSERT INTO executions AS x
+        (organization_id, task_id, status, started_at, finished_at, updated_at, data, last_seq)
+    SELECT u.o, u.t, u.st::execution_status,
+           CASE WHEN u.started THEN now() END,
+           CASE WHEN u.finished THEN now() END,
+           now(), u.d::jsonb,
+           (SELECT max(n.seq) FROM numbered n
+            WHERE n.org = u.o AND n.task = u.t AND n.kind = 'update')
+    FROM unnest($7::text[], $8::text[], $9::text[], $10::bool[], $11::bool[], $12::text[])
+         AS u(o, t, st, started, finished, d)
     ON CONFLICT (organization_id, task_id) DO UPDATE SET
-    status = EXCLUDED.status,
-    started_at = COALESCE(x.started_at, EXCLUDED.started_at),
-    finished_at = EXCLUDED.finished_at,
-    updated_at = EXCLUDED.updated_at,
-    data = x.data || EXCLUDED.data,
-    last_seq = EXCLUDED.last_seq";
-/// Appends log chunks.
-const INSERT_LOGS: &str = "INSERT INTO execution_logs (organization_id, task_id, seq, data)
-    SELECT o, t, s, d::jsonb
-    FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[]) AS l(o, t, s, d)";
+        status = EXCLUDED.status,
+        started_at = COALESCE(x.started_at, EXCLUDED.started_at),
+        finished_at = EXCLUDED.finished_at,
+        updated_at = EXCLUDED.updated_at,
+        data = x.data || EXCLUDED.data,
+        last_seq = EXCLUDED.last_seq
+)
+SELECT seq FROM numbered ORDER BY ord";
 
-/// Commits `jobs` in one transaction; returns their sequence numbers, in order.
+/// Commits `jobs` in one statement; returns their sequence numbers, in order.
 async fn commit(store: &Store, jobs: &[Job]) -> Result<Vec<u64>, Failure> {
-    let plan = Plan::new(jobs);
-    let mut client = store.client().await.map_err(Failure::Store)?;
+    let client = store.client().await.map_err(Failure::Store)?;
     let classify = |e: tokio_postgres::Error| -> Failure {
         let text = super::describe(&e);
         match e.code() {
@@ -288,42 +311,6 @@ async fn commit(store: &Store, jobs: &[Job]) -> Result<Vec<u64>, Failure> {
             }
         }
     };
-    let tx = client.transaction().await.map_err(classify)?;
-
-    // Sequence numbers: one increment per organization, in sorted order (no deadlocks).
-    let rows = tx
-        .query(
-            &tx.prepare_cached(NEXT_SEQS).await.map_err(classify)?,
-            &[&plan.orgs, &plan.counts],
-        )
-        .await
-        .map_err(classify)?;
-    // RETURNING does not promise input order: match rows to organizations by name.
-    let counts: HashMap<&str, i64> = plan
-        .orgs
-        .iter()
-        .map(String::as_str)
-        .zip(plan.counts.iter().copied())
-        .collect();
-    let mut next: HashMap<String, i64> = HashMap::with_capacity(rows.len());
-    for row in &rows {
-        let org: String = row.get(0);
-        let last: i64 = row.get(1);
-        let count = counts[org.as_str()];
-        next.insert(org, last - count + 1);
-    }
-    let seqs: Vec<i64> = jobs
-        .iter()
-        .map(|job| {
-            let slot = next
-                .get_mut(job.msg.org.as_str())
-                .expect("every organization of the batch got numbers");
-            let seq = *slot;
-            *slot += 1;
-            seq
-        })
-        .collect();
-
     let orgs: Vec<&str> = jobs.iter().map(|j| j.msg.org.as_str()).collect();
     let events: Vec<&str> = jobs.iter().map(|j| j.msg.event.as_str()).collect();
     let data: Vec<&str> = jobs.iter().map(|j| j.msg.data.get()).collect();
@@ -331,66 +318,41 @@ async fn commit(store: &Store, jobs: &[Job]) -> Result<Vec<u64>, Failure> {
         .iter()
         .map(|j| j.msg.user.as_ref().map(|u| u.as_str()))
         .collect();
-    tx.execute(
-        &tx.prepare_cached(INSERT_EVENTS).await.map_err(classify)?,
-        &[&orgs, &seqs, &events, &data, &users],
-    )
-    .await
-    .map_err(classify)?;
-
-    let updates = plan.executions(jobs, &seqs);
-    if !updates.org.is_empty() {
-        tx.execute(
-            &tx.prepare_cached(UPSERT_EXECUTIONS)
-                .await
-                .map_err(classify)?,
+    let (kinds, tasks): (Vec<Option<&str>>, Vec<Option<&str>>) = jobs
+        .iter()
+        .map(|j| match (&j.projection, &j.msg.user) {
+            (Projection::Update { task, .. }, None) => (Some("update"), Some(task.as_str())),
+            (Projection::Log { task }, None) => (Some("log"), Some(task.as_str())),
+            _ => (None, None),
+        })
+        .unzip();
+    let x = executions(jobs);
+    let statement = client.prepare_cached(COMMIT).await.map_err(classify)?;
+    let rows = client
+        .query(
+            &statement,
             &[
-                &updates.org,
-                &updates.task,
-                &updates.status,
-                &updates.started,
-                &updates.finished,
-                &updates.data,
-                &updates.seq,
+                &orgs,
+                &events,
+                &data,
+                &users,
+                &kinds,
+                &tasks,
+                &x.org,
+                &x.task,
+                &x.status,
+                &x.started,
+                &x.finished,
+                &x.data,
             ],
         )
         .await
         .map_err(classify)?;
-    }
-
-    let mut log_org = Vec::new();
-    let mut log_task = Vec::new();
-    let mut log_seq = Vec::new();
-    let mut log_data = Vec::new();
-    for (job, seq) in jobs.iter().zip(&seqs) {
-        if let (Projection::Log { task }, None) = (&job.projection, &job.msg.user) {
-            log_org.push(job.msg.org.as_str());
-            log_task.push(task.as_str());
-            log_seq.push(*seq);
-            log_data.push(job.msg.data.get());
-        }
-    }
-    if !log_org.is_empty() {
-        tx.execute(
-            &tx.prepare_cached(INSERT_LOGS).await.map_err(classify)?,
-            &[&log_org, &log_task, &log_seq, &log_data],
-        )
-        .await
-        .map_err(classify)?;
-    }
-
-    tx.commit().await.map_err(classify)?;
-    Ok(seqs.into_iter().map(|s| s as u64).collect())
-}
-
-/// The organizations of a batch, sorted, with how many events each has.
-struct Plan {
-    orgs: Vec<String>,
-    counts: Vec<i64>,
+    Ok(rows.iter().map(|row| row.get::<_, i64>(0) as u64).collect())
 }
 
 /// One row per execution the batch changes: the batch's updates of a task, merged in
-/// sequence order (the upsert may touch each row once per statement).
+/// batch order (an upsert may touch each row once per statement).
 #[derive(Default)]
 struct ExecutionRows {
     org: Vec<String>,
@@ -399,63 +361,43 @@ struct ExecutionRows {
     started: Vec<bool>,
     finished: Vec<bool>,
     data: Vec<String>,
-    seq: Vec<i64>,
 }
 
-impl Plan {
-    fn new(jobs: &[Job]) -> Self {
-        let mut per_org: BTreeMap<&OrgId, i64> = BTreeMap::new();
-        for job in jobs {
-            *per_org.entry(&job.msg.org).or_default() += 1;
-        }
-        Self {
-            orgs: per_org.keys().map(|o| o.as_str().to_string()).collect(),
-            counts: per_org.values().copied().collect(),
-        }
+fn executions(jobs: &[Job]) -> ExecutionRows {
+    struct Merged {
+        status: ExecutionStatus,
+        started: bool,
+        data: Map<String, Value>,
     }
-
-    fn executions(&self, jobs: &[Job], seqs: &[i64]) -> ExecutionRows {
-        struct Merged<'a> {
-            status: ExecutionStatus,
-            started: bool,
-            data: Map<String, Value>,
-            seq: i64,
-            key: (&'a str, &'a str),
-        }
-        let mut merged: BTreeMap<(&str, &str), Merged<'_>> = BTreeMap::new();
-        for (job, seq) in jobs.iter().zip(seqs) {
-            // User-targeted events stay private: they never reach the shared projections.
-            let (Projection::Update { task, status, data }, None) =
-                (&job.projection, &job.msg.user)
-            else {
-                continue;
-            };
-            let key = (job.msg.org.as_str(), task.as_str());
-            let row = merged.entry(key).or_insert_with(|| Merged {
+    let mut merged: BTreeMap<(&str, &str), Merged> = BTreeMap::new();
+    for job in jobs {
+        // User-targeted events stay private: they never reach the shared projections.
+        let (Projection::Update { task, status, data }, None) = (&job.projection, &job.msg.user)
+        else {
+            continue;
+        };
+        let row = merged
+            .entry((job.msg.org.as_str(), task.as_str()))
+            .or_insert_with(|| Merged {
                 status: *status,
                 started: false,
                 data: Map::new(),
-                seq: *seq,
-                key,
             });
-            row.status = *status;
-            row.started |= *status != ExecutionStatus::Pending;
-            row.data
-                .extend(data.iter().map(|(k, v)| (k.clone(), v.clone())));
-            row.seq = *seq;
-        }
-        let mut rows = ExecutionRows::default();
-        for row in merged.into_values() {
-            rows.org.push(row.key.0.to_string());
-            rows.task.push(row.key.1.to_string());
-            rows.status.push(row.status.as_str());
-            rows.started.push(row.started);
-            rows.finished.push(row.status.is_final());
-            rows.data.push(Value::Object(row.data).to_string());
-            rows.seq.push(row.seq);
-        }
-        rows
+        row.status = *status;
+        row.started |= *status != ExecutionStatus::Pending;
+        row.data
+            .extend(data.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
+    let mut rows = ExecutionRows::default();
+    for ((org, task), row) in merged {
+        rows.org.push(org.to_string());
+        rows.task.push(task.to_string());
+        rows.status.push(row.status.as_str());
+        rows.started.push(row.started);
+        rows.finished.push(row.status.is_final());
+        rows.data.push(Value::Object(row.data).to_string());
+    }
+    rows
 }
 
 #[cfg(test)]
@@ -467,7 +409,7 @@ mod tests {
     fn job(org: &str, user: Option<&str>, projection: Projection) -> Job {
         Job {
             msg: Message {
-                org: OrgId::parse(org).unwrap(),
+                org: crate::protocol::OrgId::parse(org).unwrap(),
                 event: crate::protocol::EventName::parse("execution-updated").unwrap(),
                 data: RawValue::from_string("{}".into()).unwrap(),
                 ts_ms: None,
@@ -489,20 +431,7 @@ mod tests {
     }
 
     #[test]
-    fn organizations_are_locked_in_sorted_order_with_their_counts() {
-        let jobs = [
-            job("zeta", None, Projection::None),
-            job("acme", None, Projection::None),
-            job("zeta", None, Projection::None),
-            job("mid", None, Projection::None),
-        ];
-        let plan = Plan::new(&jobs);
-        assert_eq!(plan.orgs, ["acme", "mid", "zeta"]);
-        assert_eq!(plan.counts, [1, 1, 2]);
-    }
-
-    #[test]
-    fn updates_of_one_task_in_a_batch_merge_into_one_row_in_seq_order() {
+    fn updates_of_one_task_in_a_batch_merge_into_one_row_in_order() {
         use ExecutionStatus::*;
         let jobs = [
             job("acme", None, update("t1", Pending, json!({"a": 1, "b": 1}))),
@@ -516,12 +445,11 @@ mod tests {
             job("acme", None, update("t1", Passed, json!({"c": 3}))),
             job("acme", None, Projection::Log { task: "t1".into() }),
         ];
-        let rows = Plan::new(&jobs).executions(&jobs, &[1, 2, 3, 4, 5, 6]);
+        let rows = executions(&jobs);
         assert_eq!(rows.task, ["t1", "t2"]);
         assert_eq!(rows.status, ["PASSED", "RUNNING"]);
         assert_eq!(rows.started, [true, true]);
         assert_eq!(rows.finished, [true, false]);
-        assert_eq!(rows.seq, [5, 2]);
         let merged: serde_json::Value = serde_json::from_str(&rows.data[0]).unwrap();
         assert_eq!(
             merged,
@@ -537,7 +465,7 @@ mod tests {
             None,
             update("t1", ExecutionStatus::Pending, json!({})),
         )];
-        let rows = Plan::new(&jobs).executions(&jobs, &[7]);
+        let rows = executions(&jobs);
         assert_eq!((rows.started[0], rows.finished[0]), (false, false));
     }
 }
