@@ -5,11 +5,12 @@ Given the output of `kubectl kustomize` for the base and every overlay, it:
 
 1. validates every object against the Kubernetes OpenAPI schemas (kubernetes-validate,
    strict: unknown fields are errors) of the oldest supported Kubernetes version (the
-   chart's kubeVersion) and of the newest one the validator knows; the ServiceMonitor,
-   a CRD, against the subset of its schema that we use;
+   chart's kubeVersion) and of the newest one the validator knows; the ServiceMonitor and
+   the PrometheusRule, CRDs, against the subset of their schemas that we use;
 2. checks the rules the manifests exist to keep (probes on the internal port, shutdown
-   timings that add up, the Ingress never reaching the internal port, ...) on every
-   rendering, so a later edit to one file cannot silently break them;
+   timings that add up, the Ingress never reaching the internal port, the PrometheusRule
+   carrying exactly k8s/observability/alerts.yaml's rules, ...) on every rendering, so a
+   later edit to one file cannot silently break them;
 3. lints and renders the Helm chart with Helm's own Go SDK (the helm-python-sdk wheel:
    no helm binary needed), validates what it renders, and checks the chart's negative
    paths (missing secrets, a conflicting setting);
@@ -38,6 +39,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "fanout"
 K8S = ROOT / "k8s"
+# The alert rules: a plain Prometheus rules file, wrapped into a PrometheusRule by the
+# overlay (k8s/observability/) and by the chart.
+ALERTS = K8S / "observability" / "alerts.yaml"
 
 # Names of the ports, as both renderings must define them.
 PUBLIC_PORT = ("http", 3000)
@@ -46,6 +50,11 @@ INTERNAL_PORT = ("internal", 3001)
 # Kinds the production overlay has and the chart leaves to Helm itself, with the reason.
 KUSTOMIZE_ONLY = {
     "Namespace": "Helm creates the release namespace itself (helm install --create-namespace)",
+}
+
+# Kinds the overlays add to k8s/base, with where they come from.
+OVERLAY_ONLY = {
+    "PrometheusRule": "k8s/observability/, which the overlays include",
 }
 
 # Labels and annotations Helm adds for its own bookkeeping: not part of the comparison.
@@ -173,6 +182,68 @@ SERVICEMONITOR_SCHEMA = {
 }
 
 
+_RULE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["expr"],
+    "properties": {
+        "record": {"type": "string", "pattern": "^[a-zA-Z_:][a-zA-Z0-9_:]*$"},
+        "alert": {"type": "string", "minLength": 1},
+        "expr": {"type": ["string", "integer"]},
+        "for": {"type": "string", "pattern": _DURATION},
+        "keep_firing_for": {"type": "string", "pattern": _DURATION},
+        "labels": _STRING_MAP,
+        "annotations": _STRING_MAP,
+    },
+    # Exactly one of record and alert; annotations and `for` only on alerts.
+    "oneOf": [
+        {
+            "required": ["record"],
+            "not": {"anyOf": [{"required": [k]} for k in ("alert", "annotations", "for")]},
+        },
+        {"required": ["alert"], "not": {"required": ["record"]}},
+    ],
+}
+# The fields of monitoring.coreos.com/v1 PrometheusRule this project may use (rule groups
+# as in a Prometheus rules file), with the types and patterns of the Prometheus Operator's
+# CRD; anything else is rejected.
+PROMETHEUSRULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": SERVICEMONITOR_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": {"type": "string", "pattern": _DURATION},
+                            "limit": {"type": "integer", "minimum": 0},
+                            "rules": {"type": "array", "items": _RULE},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICEMONITOR_SCHEMA,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUSRULE_SCHEMA,
+}
+
+
 def min_kubernetes_version() -> str:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     match = re.match(r"^>=\s*(\d+\.\d+)", chart.get("kubeVersion", ""))
@@ -184,11 +255,9 @@ def min_kubernetes_version() -> str:
 def validate_schemas(name: str, docs: list[dict], versions: list[str], failures: Failures) -> None:
     for doc in docs:
         where = f"{name}: {doc.get('kind')}/{dig(doc, 'metadata', 'name')}"
-        if (
-            doc.get("apiVersion") == "monitoring.coreos.com/v1"
-            and doc.get("kind") == "ServiceMonitor"
-        ):
-            for error in jsonschema.Draft202012Validator(SERVICEMONITOR_SCHEMA).iter_errors(doc):
+        schema = CRD_SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
+        if schema is not None:
+            for error in jsonschema.Draft202012Validator(schema).iter_errors(doc):
                 failures.add(where, f"{'.'.join(map(str, error.absolute_path))}: {error.message}")
             continue
         for version in versions:
@@ -202,7 +271,7 @@ def validate_schemas(name: str, docs: list[dict], versions: list[str], failures:
 
 
 def validator_self_test(docs: list[dict], versions: list[str]) -> None:
-    """The validator must reject an unknown field: otherwise the checks above prove nothing."""
+    """The validators must reject an unknown field: otherwise the checks above prove nothing."""
     deployment = copy.deepcopy(next(d for d in docs if d["kind"] == "Deployment"))
     deployment["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
     probe = Failures()
@@ -211,6 +280,16 @@ def validator_self_test(docs: list[dict], versions: list[str]) -> None:
         raise SystemExit(
             "kubernetes-validate accepted an unknown field: strict validation is not working"
         )
+    rule = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "self-test"},
+        "spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "expr": "1", "fro": "5m"}]}]},
+    }
+    probe = Failures()
+    validate_schemas("self-test", [rule], versions, probe)
+    if not probe.messages:
+        raise SystemExit("the PrometheusRule schema accepted an unknown field")
 
 
 # --- 2. the rules -----------------------------------------------------------------------
@@ -561,6 +640,18 @@ def check_rules(name: str, docs: list[dict], required: set[str], failures: Failu
                     "scrapeTimeout must not exceed interval",
                 )
 
+    # PrometheusRule: exactly the rules of k8s/observability/alerts.yaml, which promtool
+    # tests and plain Prometheus setups (docker-compose) load as is.
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    for rule in by_kind(docs, "PrometheusRule"):
+        rw = f"{name}: PrometheusRule/{rule['metadata']['name']}"
+        failures.check(
+            dig(rule, "spec", "groups") == groups,
+            rw,
+            f"spec.groups must equal the groups of {ALERTS.relative_to(ROOT)} "
+            "(run scripts/observability_check.py --write)",
+        )
+
 
 # --- 3. the chart -----------------------------------------------------------------------
 
@@ -751,6 +842,7 @@ KIND_TOGGLES = {
     "PodDisruptionBudget": "podDisruptionBudget.enabled",
     "NetworkPolicy": "networkPolicy.enabled",
     "ServiceMonitor": "serviceMonitor.enabled",
+    "PrometheusRule": "prometheusRule.enabled",
 }
 ALL_KINDS = set(KIND_TOGGLES)
 
@@ -790,7 +882,10 @@ def main() -> int:
         docs = load_docs(Path(file).read_text())
         rendered[directory] = docs
         validate_schemas(directory, docs, versions, failures)
-        check_rules(directory, docs, ALL_KINDS, failures)
+        required = ALL_KINDS
+        if not directory.startswith("k8s/overlays/"):
+            required = ALL_KINDS - set(OVERLAY_ONLY)
+        check_rules(directory, docs, required, failures)
     validator_self_test(next(iter(rendered.values())), versions)
     example = K8S / "secret.example.yaml"
     validate_schemas(
