@@ -15,6 +15,7 @@ async fn a_redis_restart_is_survived() {
     let mut b = Replica::on(&redis, "b").await;
     let mut alice = a.login("acme", "alice").await;
     let mut bob = b.login("acme", "bob").await;
+    assert_eq!(a.metric("fanout_ready", &[]).await, 1.0);
     a.publish("acme", "before", json!(1)).await;
     assert_eq!(alice.expect("before", QUICK).await, json!(1));
     assert_eq!(bob.expect("before", QUICK).await, json!(1));
@@ -26,6 +27,8 @@ async fn a_redis_restart_is_survived() {
         replica
             .wait_metric("fanout_redis_up", &[], |v| v == 0.0)
             .await;
+        // Set from the same condition as /readyz at each scrape.
+        assert_eq!(replica.metric("fanout_ready", &[]).await, 0.0);
     }
     // A dashboard connecting during the outage is served once Redis is back.
     let mut carol = Client::with_token(a.public, &valid_token("globex", "carol")).await;
@@ -39,6 +42,7 @@ async fn a_redis_restart_is_survived() {
         replica
             .wait_metric("fanout_redis_reconnects_total", &[], |v| v >= 1.0)
             .await;
+        replica.wait_metric("fanout_ready", &[], |v| v == 1.0).await;
     }
     carol.expect("auth-success", SOON).await;
     assert_eq!(

@@ -20,6 +20,7 @@ pub const REDIS_RECONNECTS: &str = "fanout_redis_reconnects_total";
 pub const MALFORMED: &str = "fanout_malformed_messages_total";
 pub const SLOW_CONSUMERS: &str = "fanout_slow_consumer_disconnects_total";
 pub const HTTP_REQUESTS: &str = "fanout_http_requests_total";
+pub const READY: &str = "fanout_ready";
 pub const STORE_UP: &str = "fanout_store_up";
 pub const DURABLE_EVENTS: &str = "fanout_durable_events_total";
 pub const COMMIT_BATCH: &str = "fanout_commit_batch_size";
@@ -107,6 +108,10 @@ fn describe() {
     describe_counter!(
         HTTP_REQUESTS,
         "HTTP requests (internal listener and REST API), by route and status code."
+    );
+    describe_gauge!(
+        READY,
+        "1 while /readyz answers 200, else 0 (Redis subscriber down, or shutting down)."
     );
     describe_gauge!(
         STORE_UP,

@@ -40,16 +40,24 @@ pub fn router(state: OpsState) -> Router {
         .with_state(state)
 }
 
+/// Why the replica should get no new connections, if it should not.
+fn unready(s: &OpsState) -> Option<&'static str> {
+    if s.shutdown.is_triggered() {
+        Some("shutting down")
+    } else if !s.bus.is_up() {
+        Some("redis subscriber is down; reconnecting")
+    } else {
+        None
+    }
+}
+
 /// Ready means "send me connections": shutting down or cut off from the bus is not.
 /// PostgreSQL being down is reported (`"store": "down"`) but keeps the replica ready:
 /// sockets still get every live message, only durable ingest and replay wait for it, and
 /// taking every replica out of the load balancer would stop fan-out too.
 async fn readyz(State(s): State<OpsState>) -> Response {
-    if s.shutdown.is_triggered() {
-        return not_ready("shutting down");
-    }
-    if !s.bus.is_up() {
-        return not_ready("redis subscriber is down; reconnecting");
+    if let Some(reason) = unready(&s) {
+        return not_ready(reason);
     }
     match &s.store {
         None => Json(json!({"status": "ready"})).into_response(),
@@ -78,6 +86,9 @@ fn not_ready(reason: &str) -> Response {
 }
 
 async fn render_metrics(State(s): State<OpsState>) -> impl IntoResponse {
+    // Set from the same condition as /readyz at each scrape, so the two cannot disagree.
+    let ready = if unready(&s).is_none() { 1.0 } else { 0.0 };
+    ::metrics::gauge!(metrics::READY).set(ready);
     s.metrics.run_upkeep();
     (
         [(
