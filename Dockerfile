@@ -16,7 +16,8 @@
 #   probe instead). It probes GET /healthz (liveness: the process answers), not
 #   /readyz: a restart cannot bring Redis back, and routing by readiness is the load
 #   balancer's job (examples/compose/haproxy.cfg checks /readyz; Kubernetes uses its own
-#   probes and ignores HEALTHCHECK).
+#   probes and ignores HEALTHCHECK). It assumes the default FANOUT_INTERNAL_LISTEN port:
+#   with another one, override the healthcheck (compose: `healthcheck.test`).
 #
 # Ports: 3000 public (Socket.IO, REST history), 3001 internal (ingest, /metrics, /healthz,
 # /readyz). Stop with SIGTERM and allow FANOUT_SHUTDOWN_TIMEOUT (10 s) plus a margin:
