@@ -2,9 +2,9 @@
 // stock socket.io-client, so that every test reads as the scenario it checks.
 //
 // A test wraps its body in `scenario(async (bed) => ...)`. The bed starts what the test asks
-// for (`bed.redis()`, `bed.database()`, `bed.replica()`, `bed.fleet(n)`, `bed.connect()`),
-// prints the logs of its processes if the test fails, and stops everything (and drops its
-// databases) when the test ends, pass or fail.
+// for (`bed.redis()`, `bed.database()`, `bed.replica()`, `bed.fleet(n)`, `bed.connect()`,
+// `bed.haproxy()`), prints the logs of its processes if the test fails, and stops everything
+// (and drops its databases) when the test ends, pass or fail.
 // Waiting is on a condition with a deadline (an event, a status), not on a sleep; proving
 // that something did not arrive uses `marker()`. The few timed waits left are part of their
 // scenario (token expiry) or documented where no marker can exist.

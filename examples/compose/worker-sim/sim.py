@@ -246,7 +246,7 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, *args) -> None:  # quiet: the page polls nothing, but browsers retry
+    def log_message(self, *args) -> None:  # quiet: a line per request would bury the executions
         pass
 
 
