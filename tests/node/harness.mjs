@@ -2,17 +2,19 @@
 // stock socket.io-client, so that every test reads as the scenario it checks.
 //
 // A test wraps its body in `scenario(async (bed) => ...)`. The bed starts what the test asks
-// for (`bed.redis()`, `bed.database()`, `bed.replica()`, `bed.fleet(n)`, `bed.connect()`),
-// prints the logs of its processes if the test fails, and stops everything (and drops its
-// databases) when the test ends, pass or fail.
+// for (`bed.redis()`, `bed.database()`, `bed.replica()`, `bed.fleet(n)`, `bed.connect()`,
+// `bed.haproxy()`), prints the logs of its processes if the test fails, and stops everything
+// (and drops its databases) when the test ends, pass or fail.
 // Waiting is on a condition with a deadline (an event, a status), not on a sleep; proving
 // that something did not arrive uses `marker()`. The few timed waits left are part of their
 // scenario (token expiry) or documented where no marker can exist.
 
 import { spawn } from "node:child_process";
 import { randomBytes, randomUUID } from "node:crypto";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import http from "node:http";
 import net from "node:net";
+import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import jwt from "jsonwebtoken";
@@ -25,6 +27,10 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 export const FANOUT_BIN = process.env.FANOUT_BIN ?? path.resolve(here, "../../target/debug/fanout");
 /** `redis-server` from PATH, unless `REDIS_SERVER` names another. */
 export const REDIS_SERVER = process.env.REDIS_SERVER ?? "redis-server";
+/** `haproxy` from PATH, unless `HAPROXY` names another. */
+export const HAPROXY = process.env.HAPROXY ?? "haproxy";
+/** The load balancer configuration of the compose demo, which `bed.haproxy()` runs. */
+export const HAPROXY_CONFIG = path.resolve(here, "../../examples/compose/haproxy.cfg");
 
 export const SECRET = "fanout-contract-tests-secret-0123456789";
 export const INGEST_KEYS = ["ingest-key-current", "ingest-key-next"];
@@ -549,6 +555,125 @@ export class Client {
   }
 }
 
+/**
+ * A request in progress on `replica`'s public port: a replica's drain waits for it, which
+ * keeps the replica (and its internal port) up long enough to watch it drain. It is a
+ * polling POST that sends its headers with `Expect: 100-continue` and never its body; the
+ * "100 Continue" answer proves the replica has started handling it. `end()` lets it go.
+ */
+export async function straggler(replica) {
+  const open = await fetch(`${replica.url}/socket.io/?EIO=4&transport=polling`).then((r) => r.text());
+  const { sid } = JSON.parse(open.slice(1));
+  const sock = net.connect(Number(new URL(replica.url).port), "127.0.0.1");
+  sock.on("error", () => {});
+  let answer = "";
+  await deadline(
+    new Promise((resolve) => {
+      sock.on("data", (chunk) => {
+        answer += chunk;
+        if (answer.includes(" 100 ")) resolve();
+      });
+      sock.write(
+        `POST /socket.io/?EIO=4&transport=polling&sid=${sid} HTTP/1.1\r\nHost: fanout\r\n` +
+          "Content-Type: text/plain\r\nContent-Length: 16\r\nExpect: 100-continue\r\n\r\n",
+      );
+    }),
+    8000,
+    "100 Continue",
+  );
+  return { end: () => sock.destroy() };
+}
+
+// ---------------------------------------------------------------------------------------
+// HAProxy
+
+/**
+ * The repository's HAProxy configuration with its addresses moved to this machine: each
+ * `bind :PORT` to a free loopback port (`ports` maps the configured port to the new one), and
+ * each `server fanout-N fanout-N:3000|3001 ... check port 3001` to replica N's public or
+ * internal port. Nothing else changes; a line of another shape, or a replica the file does
+ * not name, is an error, so the test never runs a configuration other than the one shipped.
+ */
+export function localHaproxyConfig(text, replicas, ports) {
+  const portOf = (replica, configured) => {
+    const url = configured === 3000 ? replica.url : configured === 3001 ? replica.internal : null;
+    if (!url) throw new Error(`haproxy.cfg: a server on port ${configured}, neither 3000 nor 3001`);
+    return new URL(url).port;
+  };
+  const named = new Set();
+  const out = text.split("\n").map((line) => {
+    const bind = line.match(/^(\s*bind\s+):(\d+)(\s.*)?$/);
+    if (bind) {
+      const port = ports[bind[2]];
+      if (!port) throw new Error(`haproxy.cfg: no port given for \`bind :${bind[2]}\``);
+      return `${bind[1]}127.0.0.1:${port}${bind[3] ?? ""}`;
+    }
+    if (/^\s*bind\s/.test(line)) throw new Error(`haproxy.cfg: unexpected bind line: ${line.trim()}`);
+    const server = line.match(/^(\s*server\s+fanout-(\d+)\s+)fanout-(\d+):(\d+)(.*)$/);
+    if (server) {
+      const [, head, n, host, port, rest] = server;
+      const replica = replicas[Number(n) - 1];
+      if (host !== n || !replica) throw new Error(`haproxy.cfg: server fanout-${n} has no replica here: ${line.trim()}`);
+      named.add(Number(n));
+      const check = rest.replace(/\bport 3001\b/, `port ${portOf(replica, 3001)}`);
+      return `${head}127.0.0.1:${portOf(replica, Number(port))}${check}`;
+    }
+    if (/^\s*server\s/.test(line)) throw new Error(`haproxy.cfg: unexpected server line: ${line.trim()}`);
+    return line;
+  });
+  if (named.size !== replicas.length) {
+    throw new Error(`haproxy.cfg names ${named.size} replicas, the test runs ${replicas.length}`);
+  }
+  return out.join("\n");
+}
+
+/** Rows of HAProxy's stats CSV (`/stats;csv`), as objects keyed by the header's names. */
+function statsRows(csv) {
+  const [header, ...lines] = csv.trim().split("\n");
+  const names = header.replace(/^# /, "").split(",");
+  return lines.map((line) => Object.fromEntries(line.split(",").map((v, i) => [names[i], v])));
+}
+
+/** HAProxy running the compose demo's configuration, on loopback: see `Testbed.haproxy`. */
+export class Haproxy {
+  constructor(proc, ports) {
+    this.name = "haproxy";
+    this.proc = proc;
+    /** Dashboards connect here (frontend public), like to a replica. */
+    this.url = `http://127.0.0.1:${ports.public}`;
+    /** Workers publish here (frontend ingest). */
+    this.ingest = `http://127.0.0.1:${ports.ingest}`;
+    this.stats = `http://127.0.0.1:${ports.stats}`;
+  }
+
+  /** `{ status, check }` of every server of backend `fanout` by name, e.g. `{ "fanout-1": { status: "UP", check: "L7OK" } }`. */
+  async servers() {
+    const csv = await (await fetch(`${this.stats}/stats;csv`, { signal: AbortSignal.timeout(2000) })).text();
+    const servers = {};
+    for (const row of statsRows(csv)) {
+      if (row.pxname === "fanout" && !["FRONTEND", "BACKEND"].includes(row.svname)) {
+        servers[row.svname] = { status: row.status, check: row.check_status };
+      }
+    }
+    return servers;
+  }
+
+  /** POSTs `body` to the ingest frontend with an ingest key; resolves to `{ status, body }`. */
+  async post(route, body) {
+    const res = await fetch(`${this.ingest}${route}`, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${INGEST_KEYS[0]}` },
+      body: JSON.stringify(body),
+    });
+    const text = await res.text();
+    let parsed = text;
+    try {
+      parsed = JSON.parse(text);
+    } catch {}
+    return { status: res.status, body: parsed };
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // The test bed
 
@@ -575,6 +700,7 @@ export class Testbed {
     this.clients = [];
     this.servers = [];
     this.databases = [];
+    this.dirs = [];
     this.count = { replica: 0, client: 0 };
   }
 
@@ -742,6 +868,44 @@ export class Testbed {
     };
   }
 
+  /**
+   * HAProxy with the compose demo's configuration (examples/compose/haproxy.cfg: addresses
+   * and ports moved to this machine, nothing else) in front of `replicas`, which must be as
+   * many as the file names (three). Runs in the foreground, its log kept with the bed's;
+   * returns once every replica passed HAProxy's health check (GET /readyz).
+   */
+  async haproxy(replicas) {
+    const ports = { 3000: await freePort(), 3001: await freePort(), 8404: await freePort() };
+    const config = localHaproxyConfig(await readFile(HAPROXY_CONFIG, "utf8"), replicas, ports);
+    const dir = await mkdtemp(path.join(os.tmpdir(), "fanout-haproxy-"));
+    this.dirs.push(dir);
+    const file = path.join(dir, "haproxy.cfg");
+    await writeFile(file, config);
+    const proc = this.#spawn("haproxy", HAPROXY, ["-db", "-f", file], { PATH: process.env.PATH });
+    const lb = new Haproxy(proc, { public: ports[3000], ingest: ports[3001], stats: ports[8404] });
+    await until(
+      async () => {
+        if (proc.exit?.error) {
+          throw new Error(
+            `cannot run ${HAPROXY} (${proc.exit.error.code}): install HAProxy 2.6 or later ` +
+              "(scripts/test installs Debian's haproxy) or set HAPROXY to its path",
+          );
+        }
+        if (!proc.running) throw new Error(`haproxy exited at start: ${JSON.stringify(proc.exit)}`);
+        const servers = await lb.servers().catch(() => ({}));
+        const states = Object.values(servers);
+        return states.length === replicas.length && states.every((s) => s.status === "UP" && s.check === "L7OK");
+      },
+      { timeout: 15_000, what: "haproxy: every replica UP after a passed /readyz check" },
+    );
+    return lb;
+  }
+
+  /** Runs another program of the scenario (e.g. the compose demo's worker simulator); its output joins the bed's logs. */
+  run(name, command, args, env) {
+    return this.#spawn(name, command, args, env);
+  }
+
   #spawn(name, command, args, env) {
     const proc = new Proc(name, command, args, env);
     this.procs.push(proc);
@@ -760,6 +924,7 @@ export class Testbed {
       for (const sock of open) sock.destroy();
     }
     await Promise.all(this.procs.map((p) => p.stop()));
+    await Promise.all(this.dirs.map((d) => rm(d, { recursive: true, force: true })));
     const dropped = await Promise.allSettled(this.databases.map((db) => db.drop()));
     for (const [i, r] of dropped.entries()) {
       if (r.status === "rejected") process.stderr.write(`could not drop test database ${this.databases[i].name}: ${r.reason}\n`);

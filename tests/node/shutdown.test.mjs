@@ -2,38 +2,8 @@
 // after "io server disconnect"), exit 0 within FANOUT_SHUTDOWN_TIMEOUT.
 
 import assert from "node:assert/strict";
-import net from "node:net";
 import { test } from "node:test";
-import { deadline, scenario, token, until } from "./harness.mjs";
-
-/**
- * A request in progress on the public port: the drain waits for it, which keeps the replica
- * (and its internal port) up long enough to watch it drain. It is a polling POST that sends
- * its headers with `Expect: 100-continue` and never its body; the "100 Continue" answer
- * proves the replica has started handling it. `end()` lets it go.
- */
-async function straggler(replica) {
-  const open = await fetch(`${replica.url}/socket.io/?EIO=4&transport=polling`).then((r) => r.text());
-  const { sid } = JSON.parse(open.slice(1));
-  const sock = net.connect(Number(new URL(replica.url).port), "127.0.0.1");
-  sock.on("error", () => {});
-  let answer = "";
-  await deadline(
-    new Promise((resolve) => {
-      sock.on("data", (chunk) => {
-        answer += chunk;
-        if (answer.includes(" 100 ")) resolve();
-      });
-      sock.write(
-        `POST /socket.io/?EIO=4&transport=polling&sid=${sid} HTTP/1.1\r\nHost: fanout\r\n` +
-          "Content-Type: text/plain\r\nContent-Length: 16\r\nExpect: 100-continue\r\n\r\n",
-      );
-    }),
-    8000,
-    "100 Continue",
-  );
-  return { end: () => sock.destroy() };
-}
+import { deadline, scenario, straggler, token, until } from "./harness.mjs";
 
 test("SIGTERM: /readyz 503, websocket and polling clients see 'transport close' and retry, exit 0 in time", scenario(async (bed) => {
   const TIMEOUT_MS = 5000;
