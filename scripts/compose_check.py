@@ -20,8 +20,9 @@ it checks:
    dashboards, checks of /readyz on the internal port, sticky cookie, timeouts above the
    Engine.IO ping), Prometheus scraping each replica and loading the project's alert rules,
    Grafana provisioned with the project's dashboard, the worker simulator using the
-   replicas' keys, healthchecks and depends_on conditions, ports on loopback only, every
-   bind mount present.
+   replicas' keys, the dashboard page (examples/dashboard/) served by the simulator and
+   routed by HAProxy's public frontend under /dashboard/ (fanout's origin), healthchecks
+   and depends_on conditions, ports on loopback only, every bind mount present.
 
 The files of k8s/observability/ (alert rules, dashboard) belong to the observability work:
 when one is missing, the check says so on a line of its own instead of failing.
@@ -46,6 +47,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "examples" / "compose"
+DASHBOARD = ROOT / "examples" / "dashboard"
 REPLICAS = ["fanout-1", "fanout-2", "fanout-3"]
 PUBLIC_PORT, INTERNAL_PORT = 3000, 3001
 # Engine.IO defaults (README): a balancer's idle timeouts must exceed interval + timeout.
@@ -580,7 +582,7 @@ def check_compose(config: dict, failures: Failures) -> None:
         else:
             pending("k8s/observability/grafana/fanout-dashboard.json does not exist (yet): Grafana would show no dashboard")
 
-    # The worker simulator: the replicas' keys, HAProxy's ingest frontend, an allowed origin.
+    # The worker simulator: the replicas' keys, HAProxy's ingest frontend, the dashboard's files.
     sim = services["worker-sim"]
     sim_env = env_of(sim)
     w = f"{where} worker-sim"
@@ -588,16 +590,41 @@ def check_compose(config: dict, failures: Failures) -> None:
     failures.check(sim_env.get("INGEST_KEY") in replica_env.get("FANOUT_INGEST_KEYS", "").split(","), w, "INGEST_KEY must be one of the replicas' FANOUT_INGEST_KEYS")
     failures.check(sim_env.get("JWT_SECRET") == replica_env.get("JWT_SECRET"), w, "JWT_SECRET must be the replicas' (it mints the demo's tokens)")
     failures.check(sim_env.get("INGEST_URL") == f"http://haproxy:{INTERNAL_PORT}", w, "must publish through HAProxy's ingest frontend")
-    origins = replica_env.get("FANOUT_CORS_ORIGINS", "").split(",")
-    demo_url = sim_env.get("DEMO_URL", "")
-    failures.check(demo_url in origins, where, f"FANOUT_CORS_ORIGINS must allow the demo page's origin {demo_url}")
     demo_port = int(sim_env.get("DEMO_LISTEN", ":0").rpartition(":")[2])
-    failures.check(any(c == demo_port for _, _, c in published(sim)), w, "must publish the demo page's port")
+    failures.check(any(c == demo_port for _, _, c in published(sim)), w, "must publish its port (the demo's tokens)")
     haproxy_host = {c: h for _, h, c in published(haproxy)}
+    public_url = f"http://localhost:{haproxy_host.get(PUBLIC_PORT)}"
+    failures.check(sim_env.get("PUBLIC_URL") == public_url, w, "PUBLIC_URL must be HAProxy's public port as published on the host")
+    # The dashboard: examples/dashboard/ as the simulator serves it, behind HAProxy's
+    # /dashboard/ on fanout's public origin (same origin: no CORS, the affinity cookie sent).
+    dashboard_dir = host_path(bind_mounts(sim), sim_env.get("DASHBOARD_DIR", "/nowhere"))
+    failures.check(dashboard_dir == DASHBOARD, w, "DASHBOARD_DIR must be examples/dashboard/, mounted")
+    failures.check((DASHBOARD / "index.html").is_file(), "examples/dashboard", "index.html is missing")
+    if cfg_path == COMPOSE / "haproxy.cfg":
+        check_dashboard_route(haproxy_sections(cfg_path.read_text()), demo_port, failures)
+    origins = replica_env.get("FANOUT_CORS_ORIGINS", "*").split(",")
     failures.check(
-        sim_env.get("PUBLIC_URL") == f"http://localhost:{haproxy_host.get(PUBLIC_PORT)}",
-        w,
-        "PUBLIC_URL must be HAProxy's public port as published on the host",
+        origins == ["*"] or public_url in origins,
+        where,
+        f"FANOUT_CORS_ORIGINS must be * or list the dashboard's origin {public_url}",
+    )
+
+
+def check_dashboard_route(sections: dict[str, list[list[str]]], demo_port: int, failures: Failures) -> None:
+    """HAProxy's public frontend sends /dashboard/ to the simulator's web server, and only that."""
+    where = "examples/compose/haproxy.cfg"
+    public = next((v for k, v in sections.items() if k.startswith(("frontend ", "listen ")) and [f":{PUBLIC_PORT}"] in directives(v, "bind")), [])
+    failures.check(
+        ["dashboard", "if", "{", "path_beg", "/dashboard/", "}"] in directives(public, "use_backend"),
+        where,
+        "the public frontend must route /dashboard/ (use_backend dashboard if { path_beg /dashboard/ })",
+    )
+    failures.check(directives(public, "default_backend") == [["fanout"]], where, "the public frontend's default backend must be fanout")
+    servers = [s[1] for s in directives(sections.get("backend dashboard", []), "server")]
+    failures.check(
+        servers == [f"worker-sim:{demo_port}"],
+        where,
+        f"backend dashboard must be the worker simulator's web server (worker-sim:{demo_port}), not {servers}",
     )
 
 
@@ -618,7 +645,11 @@ def check_haproxy(sections: dict[str, list[list[str]]], service: dict, failures:
         for port in ports:
             routes[port] = used
     public_backends = routes.get(PUBLIC_PORT, set())
-    failures.check(public_backends == {"fanout"}, where, f"port {PUBLIC_PORT} must route to backend fanout only, not {public_backends}")
+    failures.check(
+        public_backends == {"fanout", "dashboard"},
+        where,
+        f"port {PUBLIC_PORT} must route to backends fanout and dashboard (the page's files) only, not {public_backends}",
+    )
 
     # The public backend: the replicas' public port, sticky, checked on /readyz.
     fanout = backends.get("fanout", [])

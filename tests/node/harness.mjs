@@ -3,8 +3,8 @@
 //
 // A test wraps its body in `scenario(async (bed) => ...)`. The bed starts what the test asks
 // for (`bed.redis()`, `bed.database()`, `bed.replica()`, `bed.fleet(n)`, `bed.connect()`,
-// `bed.haproxy()`), prints the logs of its processes if the test fails, and stops everything
-// (and drops its databases) when the test ends, pass or fail.
+// `bed.haproxy()`, `bed.serve()`), prints the logs of its processes if the test fails, and
+// stops everything (and drops its databases) when the test ends, pass or fail.
 // Waiting is on a condition with a deadline (an event, a status), not on a sleep; proving
 // that something did not arrive uses `marker()`. The few timed waits left are part of their
 // scenario (token expiry) or documented where no marker can exist.
@@ -589,12 +589,14 @@ export async function straggler(replica) {
 
 /**
  * The repository's HAProxy configuration with its addresses moved to this machine: each
- * `bind :PORT` to a free loopback port (`ports` maps the configured port to the new one), and
+ * `bind :PORT` to a free loopback port (`ports` maps the configured port to the new one),
  * each `server fanout-N fanout-N:3000|3001 ... check port 3001` to replica N's public or
- * internal port. Nothing else changes; a line of another shape, or a replica the file does
- * not name, is an error, so the test never runs a configuration other than the one shipped.
+ * internal port, and `server dashboard worker-sim:PORT ...` (the dashboard's static files)
+ * to `dashboard`, a loopback port. Nothing else changes; a line of another shape, or a
+ * replica the file does not name, is an error, so the test never runs a configuration
+ * other than the one shipped.
  */
-export function localHaproxyConfig(text, replicas, ports) {
+export function localHaproxyConfig(text, replicas, ports, dashboard) {
   const portOf = (replica, configured) => {
     const url = configured === 3000 ? replica.url : configured === 3001 ? replica.internal : null;
     if (!url) throw new Error(`haproxy.cfg: a server on port ${configured}, neither 3000 nor 3001`);
@@ -618,6 +620,8 @@ export function localHaproxyConfig(text, replicas, ports) {
       const check = rest.replace(/\bport 3001\b/, `port ${portOf(replica, 3001)}`);
       return `${head}127.0.0.1:${portOf(replica, Number(port))}${check}`;
     }
+    const statics = line.match(/^(\s*server\s+dashboard\s+)worker-sim:\d+(\s.*)?$/);
+    if (statics) return `${statics[1]}127.0.0.1:${dashboard}${statics[2] ?? ""}`;
     if (/^\s*server\s/.test(line)) throw new Error(`haproxy.cfg: unexpected server line: ${line.trim()}`);
     return line;
   });
@@ -646,12 +650,15 @@ export class Haproxy {
     this.stats = `http://127.0.0.1:${ports.stats}`;
   }
 
-  /** `{ status, check }` of every server of backend `fanout` by name, e.g. `{ "fanout-1": { status: "UP", check: "L7OK" } }`. */
-  async servers() {
+  /**
+   * `{ status, check }` of every server of `backend` (default `fanout`) by name, e.g.
+   * `{ "fanout-1": { status: "UP", check: "L7OK" } }`.
+   */
+  async servers(backend = "fanout") {
     const csv = await (await fetch(`${this.stats}/stats;csv`, { signal: AbortSignal.timeout(2000) })).text();
     const servers = {};
     for (const row of statsRows(csv)) {
-      if (row.pxname === "fanout" && !["FRONTEND", "BACKEND"].includes(row.svname)) {
+      if (row.pxname === backend && !["FRONTEND", "BACKEND"].includes(row.svname)) {
         servers[row.svname] = { status: row.status, check: row.check_status };
       }
     }
@@ -871,12 +878,15 @@ export class Testbed {
   /**
    * HAProxy with the compose demo's configuration (examples/compose/haproxy.cfg: addresses
    * and ports moved to this machine, nothing else) in front of `replicas`, which must be as
-   * many as the file names (three). Runs in the foreground, its log kept with the bed's;
-   * returns once every replica passed HAProxy's health check (GET /readyz).
+   * many as the file names (three). `dashboard`: the URL of the server of the dashboard's
+   * static files (its backend, under /dashboard/); without it, a port where nothing listens
+   * (that backend is DOWN). Runs in the foreground, its log kept with the bed's; returns
+   * once every replica passed HAProxy's health check (GET /readyz).
    */
-  async haproxy(replicas) {
+  async haproxy(replicas, { dashboard } = {}) {
     const ports = { 3000: await freePort(), 3001: await freePort(), 8404: await freePort() };
-    const config = localHaproxyConfig(await readFile(HAPROXY_CONFIG, "utf8"), replicas, ports);
+    const statics = dashboard ? new URL(dashboard).port : await freePort();
+    const config = localHaproxyConfig(await readFile(HAPROXY_CONFIG, "utf8"), replicas, ports, statics);
     const dir = await mkdtemp(path.join(os.tmpdir(), "fanout-haproxy-"));
     this.dirs.push(dir);
     const file = path.join(dir, "haproxy.cfg");
@@ -899,6 +909,22 @@ export class Testbed {
       { timeout: 15_000, what: "haproxy: every replica UP after a passed /readyz check" },
     );
     return lb;
+  }
+
+  /**
+   * An HTTP server of the scenario on a free loopback port (e.g. a page's static files),
+   * closed with the bed; resolves to its URL.
+   */
+  async serve(handler) {
+    const server = http.createServer(handler);
+    const open = new Set();
+    server.on("connection", (sock) => {
+      open.add(sock);
+      sock.on("close", () => open.delete(sock));
+    });
+    await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+    this.servers.push({ server, open });
+    return `http://127.0.0.1:${server.address().port}`;
   }
 
   /** Runs another program of the scenario (e.g. the compose demo's worker simulator); its output joins the bed's logs. */

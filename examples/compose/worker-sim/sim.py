@@ -6,10 +6,12 @@ progress) -> PASSED, FAILED or ERROR, and sending a log line per test case, thro
 ingest API (POST /executions/update and /executions/log with the ingest key). In compose
 that is HAProxy's ingest frontend, which spreads the requests over the ready replicas.
 
-It also serves the demo dashboard (index.html next to this file) and mints its tokens:
-GET /token?org=acme signs a one-hour token with JWT_SECRET. That is what makes the demo
-work without copying a token, and why it is a demo and nothing else: anyone who can reach
-that port gets a token for any organization.
+It also serves the dashboard's static files (examples/dashboard/, under /dashboard/; in
+compose, HAProxy's public frontend routes /dashboard/ here, so that the page shares fanout's
+origin) and mints demo tokens: GET /token?org=acme answers a one-hour token signed with
+JWT_SECRET, and GET /?org=acme redirects to the dashboard with such a token in the URL's
+fragment. That is what makes the demo work without copying a token, and why it is a demo
+and nothing else: anyone who can reach that port gets a token for any organization.
 
 Python standard library only, so it runs in the stock python image. Settings (environment):
 
@@ -21,8 +23,10 @@ Python standard library only, so it runs in the stock python image. Settings (en
   SPEED          time factor: 2 runs twice as fast        (1)
   EXECUTIONS     executions per org slot, then exit; 0 = forever (0)
   PUBLIC_URL     fanout as the browser reaches it         (http://localhost:3000)
+                 (the dashboard is PUBLIC_URL/dashboard/, through the balancer)
   DEMO_URL       this server as the browser reaches it    (http://localhost:8080)
-  DEMO_LISTEN    host:port of the demo page; empty: none  (0.0.0.0:8080)
+  DEMO_LISTEN    host:port of this server; empty: none    (0.0.0.0:8080)
+  DASHBOARD_DIR  the dashboard's files                    (../../dashboard from here)
   INGEST_HOST_URL  the ingest API as the host reaches it, for the printed curl line
                                                           (http://localhost:3001)
 """
@@ -47,6 +51,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# What the dashboard's folder holds, as served: nothing else is.
+STATIC_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".md": "text/plain; charset=utf-8",
+    "": "text/plain; charset=utf-8",  # LICENSE
+}
 ORG_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 SUITES = {
@@ -211,29 +223,55 @@ def worker_loop(ingest: Ingest, org: str, speed: float, count: int) -> None:
 
 
 class DemoHandler(BaseHTTPRequestHandler):
-    """The demo page, its settings and its tokens."""
+    """The dashboard's files, and the demo's tokens."""
 
     secret = ""
-    config: dict = {}
+    orgs: list[str] = []
+    dashboard_url = ""
+    dashboard_dir = HERE
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         url = urllib.parse.urlsplit(self.path)
         query = urllib.parse.parse_qs(url.query)
-        if url.path in ("/", "/index.html"):
-            self.reply(200, (HERE / "index.html").read_bytes(), "text/html; charset=utf-8")
-        elif url.path == "/config":
-            self.reply_json(200, self.config)
-        elif url.path == "/token":
-            org = query.get("org", [self.config["orgs"][0]])[0]
+        if url.path.startswith("/dashboard/"):
+            self.static(urllib.parse.unquote(url.path[len("/dashboard/"):]))
+        elif url.path == "/dashboard":
+            self.redirect("/dashboard/")
+        elif url.path in ("/", "/token"):
+            org = query.get("org", [self.orgs[0]])[0]
             user = query.get("user", ["demo-viewer"])[0]
             if not ORG_ID.match(org) or not 0 < len(user) <= 256:
                 self.reply_json(400, {"error": "org must be 1-128 of [A-Za-z0-9._-]; user 1-256 characters"})
                 return
             ttl = 3600
-            self.reply_json(200, {"token": mint_token(self.secret, org, user, ttl=ttl),
-                                  "organizationId": org, "userId": user, "expiresIn": ttl})
+            token = mint_token(self.secret, org, user, ttl=ttl)
+            if url.path == "/":
+                # The dashboard through the balancer, logged in (the fragment never leaves the browser).
+                self.redirect(f"{self.dashboard_url}#token={token}")
+            else:
+                self.reply_json(200, {"token": token, "organizationId": org, "userId": user, "expiresIn": ttl})
         else:
             self.reply_json(404, {"error": "not found"})
+
+    def static(self, name: str) -> None:
+        root = self.dashboard_dir
+        try:
+            path = (root / (name or "index.html")).resolve()
+            inside = root in path.parents and not any(p.startswith(".") for p in path.relative_to(root).parts)
+            found = inside and path.is_file() and path.suffix in STATIC_TYPES
+        except (ValueError, OSError):  # a NUL byte, a name too long
+            found = False
+        if not found:
+            self.reply_json(404, {"error": "not found"})
+            return
+        self.reply(200, path.read_bytes(), STATIC_TYPES[path.suffix])
+
+    def redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
 
     def reply_json(self, status: int, body: dict) -> None:
         self.reply(status, json.dumps(body).encode(), "application/json")
@@ -243,6 +281,7 @@ class DemoHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
         self.end_headers()
         self.wfile.write(body)
 
@@ -264,15 +303,21 @@ def main() -> int:
     public_url = setting("PUBLIC_URL", "http://localhost:3000")
     demo_url = setting("DEMO_URL", "http://localhost:8080")
     demo_listen = os.environ.get("DEMO_LISTEN", "0.0.0.0:8080")
+    dashboard_dir = Path(setting("DASHBOARD_DIR", str(HERE.parent.parent / "dashboard"))).resolve()
+    dashboard_url = f"{public_url.rstrip('/')}/dashboard/"
     ingest_host_url = setting("INGEST_HOST_URL", "http://localhost:3001")
 
     signal.signal(signal.SIGTERM, lambda *_: STOP.set())
     signal.signal(signal.SIGINT, lambda *_: STOP.set())
 
     if demo_listen:
+        if not (dashboard_dir / "index.html").is_file():
+            sys.exit(f"worker-sim: no index.html in DASHBOARD_DIR {dashboard_dir}")
         host, _, port = demo_listen.rpartition(":")
         DemoHandler.secret = secret
-        DemoHandler.config = {"publicUrl": public_url, "orgs": orgs}
+        DemoHandler.orgs = orgs
+        DemoHandler.dashboard_url = dashboard_url
+        DemoHandler.dashboard_dir = dashboard_dir
         server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), DemoHandler)
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -281,9 +326,11 @@ def main() -> int:
     print(
         f"""
 === fanout demo: NOT FOR PRODUCTION (fixed demo secrets in docker-compose.yml) ===
-Live dashboard:  {demo_url}/   (other organizations: {demo_url}/#org={orgs[-1]})
+Live dashboard:  {demo_url}/   (a fresh token, then {dashboard_url} through the balancer;
+                 other organizations: {demo_url}/?org={orgs[-1]})
 Token (org "{orgs[0]}", user "you", 12h):
 {token}
+Or directly:     {dashboard_url}#token={token}
 Socket.IO:       io("{public_url}", {{ auth: {{ token }} }})
 REST history:    curl -H "Authorization: Bearer $TOKEN" {public_url}/v1/executions
 Publish:         curl -X POST {ingest_host_url}/executions/update -H 'Authorization: Bearer {key}' \\
