@@ -86,7 +86,12 @@ test("behind a load balancer, clients of a stopping replica reconnect to another
 
   a.proc.signal("SIGTERM");
   for (const c of clients) {
-    assert.equal(await c.next("disconnect"), "transport close", c.name);
+    // The long-poll seen held above may have been answered (a ping) just before SIGTERM
+    // landed: a polling client between two polls sees "transport error" (docs/protocol.md;
+    // that case has its own test below). Either way it must reconnect by itself.
+    const expected = c.name === "polling" ? ["transport close", "transport error"] : ["transport close"];
+    const reason = await c.next("disconnect");
+    assert.ok(expected.includes(reason), `${c.name}: ${reason}`);
     // Reconnected (through the balancer, to b) and authenticated again with the same token.
     await c.until((x) => x.all("connect").length === 2, "a second connect");
     await c.authenticated();
