@@ -45,6 +45,8 @@ struct Seen {
     foreign: Vec<Value>,
     connections: usize,
     resyncs: Vec<Value>,
+    /// Per connection: the replica, the lastSeq sent, the first and last seq received.
+    log: Vec<(usize, u64, Option<(u64, u64)>)>,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,6 +65,10 @@ async fn every_client_sees_every_event_once_in_order_across_random_reconnects() 
             .name(name)
             .redis(&redis)
             .database(&db)
+            .env(
+                "RUST_LOG",
+                "info,fanout::delivery=debug,fanout::gateway=debug",
+            )
             .start()
             .await;
         r.wait_store_up().await;
@@ -132,7 +138,9 @@ async fn every_client_sees_every_event_once_in_order_across_random_reconnects() 
                     if total.is_some_and(|t| last >= t) {
                         return seen;
                     }
-                    let target = publics[rng.below(publics.len() as u64) as usize];
+                    let replica = rng.below(publics.len() as u64) as usize;
+                    let target = publics[replica];
+                    let first_of_connection = seen.seqs.len();
                     let auth = json!({"token": valid_token(org, &user), "lastSeq": last});
                     let mut client = Client::connect(target, Some(auth)).await;
                     client.expect("auth-success", QUICK).await;
@@ -177,6 +185,9 @@ async fn every_client_sees_every_event_once_in_order_across_random_reconnects() 
                         }
                     }
                     drop(client);
+                    let got = &seen.seqs[first_of_connection..];
+                    let range = got.first().map(|f| (*f, *got.last().unwrap()));
+                    seen.log.push((replica, last, range));
                     // Stay away until a few more events were accepted (or all were).
                     let away = 1 + rng.below(30);
                     let back_at = seen.seqs.last().copied().unwrap_or(0) + away;
@@ -223,7 +234,9 @@ async fn every_client_sees_every_event_once_in_order_across_random_reconnects() 
         let expected: Vec<u64> = (1..=totals[org]).collect();
         assert_eq!(
             seen.seqs, expected,
-            "client {i} of {org}: every event once and in order (seed {seed})"
+            "client {i} of {org}: every event once and in order (seed {seed}); \
+             connections (replica, lastSeq, first..last received): {:?}",
+            seen.log
         );
         connections += seen.connections;
     }

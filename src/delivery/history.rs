@@ -91,6 +91,8 @@ struct State {
     known_last: u64,
     /// Whether a task is filling the gap (one per stream).
     filling: bool,
+    /// Set when the stream was forgotten: nothing may be emitted through it any more.
+    closed: bool,
 }
 
 /// Why a client is told to resync; the label of `fanout_resyncs_total`.
@@ -145,6 +147,7 @@ impl History {
                 pending: BTreeMap::new(),
                 known_last: 0,
                 filling: true,
+                closed: false,
             }),
             cursor: watch::Sender::new(None),
             replaying: AtomicUsize::new(0),
@@ -154,12 +157,22 @@ impl History {
         stream
     }
 
-    /// Forgets `org`'s stream once no socket of it is left. Checked under the streams
-    /// lock, after presence changed: a socket admitted meanwhile opens a fresh stream.
-    pub(super) fn close_if_unused(&self, presence: &Presence, org: &OrgId) {
+    /// Forgets `org`'s stream once no socket of it is left, and closes it: a task still
+    /// holding it (a gap fill waiting on the store, say) must not emit into the room that a
+    /// fresh stream's sockets will join. Closing takes the stream's lock, so it waits for
+    /// an emission in progress, and every emission checks `closed` under that lock.
+    /// Presence is checked under the streams lock, which `open` takes too: a socket
+    /// admitted meanwhile either keeps this stream alive or opens a fresh one after it.
+    pub(super) async fn close_if_unused(&self, presence: &Presence, org: &OrgId) {
+        let Some(stream) = self.stream(org) else {
+            return;
+        };
+        let mut state = stream.state.lock().await;
         let mut streams = self.streams.lock().unwrap();
-        if presence.org_sockets(org) == 0 {
+        let current = streams.get(org).is_some_and(|s| Arc::ptr_eq(s, &stream));
+        if current && presence.org_sockets(org) == 0 {
             streams.remove(org);
+            state.closed = true;
         }
     }
 
@@ -171,7 +184,14 @@ impl History {
         mut rooms: Vec<String>,
         last_seq: Option<u64>,
     ) -> Option<Seam> {
-        let stream = self.open(delivery, org);
+        // The caller is counted in presence, so the stream cannot be closed from here on;
+        // one closed just before (its last socket left as this one came) is replaced.
+        let stream = loop {
+            let stream = self.open(delivery, org);
+            if !stream.state.lock().await.closed {
+                break stream;
+            }
+        };
         let _state = stream.state.lock().await;
         let seam = last_seq.map(|last_seq| {
             rooms.push(replay_room(org));
@@ -192,6 +212,9 @@ impl History {
         };
         let seq = msg.seq.expect("durable events have a sequence number");
         let mut state = stream.state.lock().await;
+        if state.closed {
+            return;
+        }
         state.known_last = state.known_last.max(seq);
         match state.cursor {
             Some(cursor) if seq <= cursor => {} // already delivered (read back, or twice)
@@ -226,6 +249,9 @@ impl History {
         for stream in streams {
             let known = last.get(stream.org.as_str()).copied().unwrap_or(0);
             let mut state = stream.state.lock().await;
+            if state.closed {
+                continue;
+            }
             state.known_last = state.known_last.max(known);
             let behind = state.cursor.is_some_and(|c| c < state.known_last);
             if behind && !state.filling {
@@ -276,6 +302,7 @@ impl History {
                         break Err((stream.state.lock().await, Resync::Expired, cursor));
                     }
                     let last = range.events.last().and_then(|m| m.seq);
+                    tracing::debug!(sid = %socket.id, %org, from, cursor, events = range.events.len(), "replaying");
                     for msg in &range.events {
                         match send_patiently(socket, msg, deadline).await {
                             Sent::Queued => sent += 1,
@@ -470,6 +497,9 @@ impl Delivery {
         loop {
             let (cursor, target) = {
                 let mut state = stream.state.lock().await;
+                if state.closed {
+                    return;
+                }
                 self.drain(&stream, &mut state).await;
                 let target = match state.pending.first_key_value() {
                     Some((first, _)) => first - 1,
@@ -493,6 +523,9 @@ impl Delivery {
                     .map(Step::Events),
             };
             let mut state = stream.state.lock().await;
+            if state.closed {
+                return;
+            }
             match step {
                 Ok(Step::Init(last)) => {
                     state.known_last = state.known_last.max(last);

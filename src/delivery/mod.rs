@@ -172,9 +172,14 @@ impl Delivery {
     }
 
     /// Called when the last socket of `org` left this replica.
-    pub fn left(&self, org: &OrgId) {
-        if let Some(history) = &self.history {
-            history.close_if_unused(&self.presence, org);
+    pub fn left(self: &Arc<Self>, org: &OrgId) {
+        if self.history.is_some() {
+            let (delivery, org) = (self.clone(), org.clone());
+            tokio::spawn(async move {
+                if let Some(history) = &delivery.history {
+                    history.close_if_unused(&delivery.presence, &org).await;
+                }
+            });
         }
     }
 
