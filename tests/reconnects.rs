@@ -45,9 +45,12 @@ struct Seen {
     foreign: Vec<Value>,
     connections: usize,
     resyncs: Vec<Value>,
-    /// Per connection: the replica, the lastSeq sent, the first and last seq received.
-    log: Vec<(usize, u64, Option<(u64, u64)>)>,
+    log: Vec<Connection>,
 }
+
+/// One connection of a client: the replica, the lastSeq sent, the first and last seq
+/// received (for failure messages).
+type Connection = (usize, u64, Option<(u64, u64)>);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_client_sees_every_event_once_in_order_across_random_reconnects() {
