@@ -237,6 +237,39 @@ impl StepCounters {
 }
 
 /// µs from 1 to 60 s, 3 significant digits.
+/// Waits for the last deliveries of a step: until `unique` reaches `expected`, nothing new
+/// arrives for `idle`, or `max` has passed; then leaves room for duplicates to show up.
+/// Returns the seconds it took.
+pub(crate) async fn drain(unique: &AtomicU64, expected: u64, max: Duration, idle: Duration) -> f64 {
+    let start = Instant::now();
+    let mut last = (unique.load(Ordering::Relaxed), Instant::now());
+    loop {
+        let got = unique.load(Ordering::Relaxed);
+        if got >= expected || start.elapsed() > max {
+            break;
+        }
+        if got != last.0 {
+            last = (got, Instant::now());
+        } else if last.1.elapsed() > idle {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    start.elapsed().as_secs_f64()
+}
+
+/// The latency histograms of the shards, merged.
+pub(crate) fn merged(shards: &[Mutex<Histogram<u64>>]) -> Histogram<u64> {
+    let mut all = histogram();
+    for shard in shards {
+        if let Ok(h) = shard.lock() {
+            let _ = all.add(&*h);
+        }
+    }
+    all
+}
+
 pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
 }
@@ -433,30 +466,8 @@ pub async fn run(p: Params) -> anyhow::Result<Report> {
         publishers.sort_by_key(Publisher::id);
         let expected: u64 = sent_per_org.iter().zip(&members).map(|(s, m)| s * m).sum();
 
-        let drain_start = Instant::now();
-        let mut last = (counters.unique.load(Ordering::Relaxed), Instant::now());
-        loop {
-            let got = counters.unique.load(Ordering::Relaxed);
-            if got >= expected || drain_start.elapsed() > DRAIN_MAX {
-                break;
-            }
-            if got != last.0 {
-                last = (got, Instant::now());
-            } else if last.1.elapsed() > DRAIN_IDLE {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // Room for duplicates to show up.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let drain_s = drain_start.elapsed().as_secs_f64();
-
-        let mut hist = histogram();
-        for shard in &counters.latency {
-            if let Ok(h) = shard.lock() {
-                let _ = hist.add(&*h);
-            }
-        }
+        let drain_s = drain(&counters.unique, expected, DRAIN_MAX, DRAIN_IDLE).await;
+        let hist = merged(&counters.latency);
         let received = counters.unique.load(Ordering::Relaxed);
         let window_s = (until_us - from_us) as f64 / 1e6;
         let in_window = counters.in_window.load(Ordering::Relaxed) as f64;

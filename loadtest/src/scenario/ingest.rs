@@ -43,7 +43,7 @@ use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::fanout::{MAX_SEQ, MIN_ACHIEVED, P99_LIMIT_MS, SHARDS, Seen, histogram};
+use super::fanout::{MAX_SEQ, MIN_ACHIEVED, P99_LIMIT_MS, SHARDS, Seen, drain, histogram, merged};
 use super::{Fleet, Layout, Servers, open_fleet};
 use crate::http::HttpClient;
 use crate::message::{BodyWriter, now_us, org_name, parse_body};
@@ -953,30 +953,8 @@ async fn run_phase(
         .map(|(s, m)| s * m)
         .sum();
 
-    let drain_start = Instant::now();
-    let mut last = (counters.unique.load(Ordering::Relaxed), Instant::now());
-    loop {
-        let got = counters.unique.load(Ordering::Relaxed);
-        if got >= expected || drain_start.elapsed() > DRAIN_MAX {
-            break;
-        }
-        if got != last.0 {
-            last = (got, Instant::now());
-        } else if last.1.elapsed() > DRAIN_IDLE {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Room for duplicates to show up.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let drain_s = drain_start.elapsed().as_secs_f64();
-
-    let mut delivery = histogram();
-    for shard in &counters.latency {
-        if let Ok(h) = shard.lock() {
-            let _ = delivery.add(&*h);
-        }
-    }
+    let drain_s = drain(&counters.unique, expected, DRAIN_MAX, DRAIN_IDLE).await;
+    let delivery = merged(&counters.latency);
     let window_s = (until_us - from_us) as f64 / 1e6;
     let events_per_s = total.ok_in_window as f64 / window_s;
     let cpu_s = (cpu_until.at - cpu_from.at).as_secs_f64();
