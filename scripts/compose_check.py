@@ -41,9 +41,10 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import yaml
+
+from checks import Failures, step
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "examples" / "compose"
@@ -55,18 +56,7 @@ PING_INTERVAL, PING_TIMEOUT = 25, 20
 OBSERVABILITY = ROOT / "k8s" / "observability"
 
 
-class Failures:
-    def __init__(self) -> None:
-        self.messages: list[str] = []
 
-    def check(self, condition: Any, where: str, message: str) -> bool:
-        if not condition:
-            self.messages.append(f"{where}: {message}")
-        return bool(condition)
-
-
-def step(message: str) -> None:
-    print(f"  - {message}", flush=True)
 
 
 def pending(message: str) -> None:
@@ -719,12 +709,7 @@ def main() -> int:
     step("docker-compose.yml with examples/compose/ (HAProxy, Prometheus, Grafana, worker simulator)")
     check_compose(yaml.safe_load(Path(args.compose_config).read_text()), failures)
 
-    if failures.messages:
-        print(f"\n{len(failures.messages)} problem(s):", file=sys.stderr)
-        for message in failures.messages:
-            print(f"  {message}", file=sys.stderr)
-        return 1
-    return 0
+    return failures.report()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ import kubernetes_validate
 import kubernetes_validate.utils
 import yaml
 
+from checks import Failures, step
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "fanout"
 K8S = ROOT / "k8s"
@@ -61,23 +63,7 @@ OVERLAY_ONLY = {
 HELM_LABELS = {"helm.sh/chart", "app.kubernetes.io/version", "app.kubernetes.io/managed-by"}
 
 
-class Failures:
-    def __init__(self) -> None:
-        self.messages: list[str] = []
 
-    def add(self, where: str, message: str) -> None:
-        line = f"{where}: {message}"
-        if line not in self.messages:  # helm lint repeats itself
-            self.messages.append(line)
-
-    def check(self, condition: bool, where: str, message: str) -> bool:
-        if not condition:
-            self.add(where, message)
-        return condition
-
-
-def step(message: str) -> None:
-    print(f"  - {message}", flush=True)
 
 
 def load_docs(text: str) -> list[dict[str, Any]]:
@@ -951,12 +937,7 @@ def main() -> int:
     step("helm chart: .Values references, unused values, README")
     check_chart_statically(failures)
 
-    if failures.messages:
-        print(f"\n{len(failures.messages)} problem(s):", file=sys.stderr)
-        for message in failures.messages:
-            print(f"  {message}", file=sys.stderr)
-        return 1
-    return 0
+    return failures.report()
 
 
 if __name__ == "__main__":

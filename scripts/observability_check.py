@@ -27,9 +27,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import yaml
+
+from checks import Failures
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS_RS = ROOT / "src" / "ops" / "metrics.rs"
@@ -48,20 +49,6 @@ NOT_GRAPHED: dict[str, str] = {}
 SEVERITIES = {"warning", "critical"}
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 
-
-class Failures:
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-
-    def add(self, where: str, message: str) -> None:
-        line = f"{where}: {message}"
-        if line not in self.messages:
-            self.messages.append(line)
-
-    def check(self, condition: bool, where: str, message: str) -> bool:
-        if not condition:
-            self.add(where, message)
-        return condition
 
 
 def rel(path: Path) -> str:
@@ -428,12 +415,7 @@ def main() -> int:
     print(f"  - {rel(DASHBOARD)}: panels, variables, metric names, promtool's parser", flush=True)
     check_dashboard(known, promtool, failures)
 
-    if failures.messages:
-        print(f"\n{len(failures.messages)} problem(s):", file=sys.stderr)
-        for message in failures.messages:
-            print(f"  {message}", file=sys.stderr)
-        return 1
-    return 0
+    return failures.report()
 
 
 if __name__ == "__main__":
