@@ -717,12 +717,5 @@ pub fn finish(report: &CompareReport) -> anyhow::Result<bool> {
     for s in &report.skipped {
         println!("skipped: {s}");
     }
-    if let Some(path) = &report.options.out {
-        report::write_json(path, report)?;
-        eprintln!("wrote {}", path.display());
-    }
-    for f in &report.failures {
-        eprintln!("FAILED: {f}");
-    }
-    Ok(report.failures.is_empty())
+    report::finish(report.options.out.as_deref(), report, &report.failures)
 }

@@ -411,6 +411,36 @@ fn commit_cells(d: Option<&PhaseReport>) -> [String; 3] {
     }
 }
 
+/// The columns both tables share, ephemeral side `e` against durable side `d`: HTTP and
+/// delivery latency, group commit, server and PostgreSQL CPU.
+fn compared(e: Option<&PhaseReport>, d: Option<&PhaseReport>) -> [String; 9] {
+    let get = |p: Option<&PhaseReport>, f: fn(&PhaseReport) -> Option<f64>| p.and_then(f);
+    let [commits, batch, commit_ms] = commit_cells(d);
+    [
+        versus(get(e, |p| p.http_ms_p50), get(d, |p| p.http_ms_p50), 2),
+        versus(get(e, |p| p.http_ms_p99), get(d, |p| p.http_ms_p99), 2),
+        versus(
+            get(e, |p| p.delivery_ms_p50),
+            get(d, |p| p.delivery_ms_p50),
+            2,
+        ),
+        versus(
+            get(e, |p| p.delivery_ms_p99),
+            get(d, |p| p.delivery_ms_p99),
+            2,
+        ),
+        commits,
+        batch,
+        commit_ms,
+        format!(
+            "{} → {}",
+            num(get(e, |p| p.server_cpu_us_per_event), 1),
+            num(get(d, |p| p.server_cpu_us_per_event), 1)
+        ),
+        num(get(d, |p| p.pg_cpu_us_per_event), 1),
+    ]
+}
+
 /// Closed-loop phases: throughput and latency by number of publishers, both sides.
 pub fn closed_table(r: &scenario::Report) -> Table {
     let mut t = Table::new([
@@ -433,9 +463,7 @@ pub fn closed_table(r: &scenario::Report) -> Table {
             continue;
         };
         let (e, d) = pair(r, k);
-        let get = |p: Option<&PhaseReport>, f: fn(&PhaseReport) -> Option<f64>| p.and_then(f);
-        let [commits, batch, commit_ms] = commit_cells(d);
-        t.row([
+        let cells = [
             int(publishers as u64),
             e.map_or("-".into(), |p| int(p.events_per_s.round() as u64)),
             d.map_or("-".into(), |p| int(p.events_per_s.round() as u64)),
@@ -445,28 +473,10 @@ pub fn closed_table(r: &scenario::Report) -> Table {
                 }
                 _ => "-".into(),
             },
-            versus(get(e, |p| p.http_ms_p50), get(d, |p| p.http_ms_p50), 2),
-            versus(get(e, |p| p.http_ms_p99), get(d, |p| p.http_ms_p99), 2),
-            versus(
-                get(e, |p| p.delivery_ms_p50),
-                get(d, |p| p.delivery_ms_p50),
-                2,
-            ),
-            versus(
-                get(e, |p| p.delivery_ms_p99),
-                get(d, |p| p.delivery_ms_p99),
-                2,
-            ),
-            commits,
-            batch,
-            commit_ms,
-            format!(
-                "{} → {}",
-                num(get(e, |p| p.server_cpu_us_per_event), 1),
-                num(get(d, |p| p.server_cpu_us_per_event), 1)
-            ),
-            num(get(d, |p| p.pg_cpu_us_per_event), 1),
-        ]);
+        ]
+        .into_iter()
+        .chain(compared(e, d));
+        t.row(cells);
     }
     t
 }
@@ -491,7 +501,6 @@ pub fn open_table(r: &scenario::Report) -> Table {
             continue;
         };
         let (e, d) = pair(r, k);
-        let get = |p: Option<&PhaseReport>, f: fn(&PhaseReport) -> Option<f64>| p.and_then(f);
         let achieved = |p: Option<&PhaseReport>| {
             p.map_or("-".into(), |p| {
                 let pct = format!("{:.0}%", p.achieved_ratio.unwrap_or(0.0) * 100.0);
@@ -502,32 +511,13 @@ pub fn open_table(r: &scenario::Report) -> Table {
                 }
             })
         };
-        let [commits, batch, commit_ms] = commit_cells(d);
-        t.row([
+        let cells = [
             int(events_per_s),
             format!("{} / {}", achieved(e), achieved(d)),
-            versus(get(e, |p| p.http_ms_p50), get(d, |p| p.http_ms_p50), 2),
-            versus(get(e, |p| p.http_ms_p99), get(d, |p| p.http_ms_p99), 2),
-            versus(
-                get(e, |p| p.delivery_ms_p50),
-                get(d, |p| p.delivery_ms_p50),
-                2,
-            ),
-            versus(
-                get(e, |p| p.delivery_ms_p99),
-                get(d, |p| p.delivery_ms_p99),
-                2,
-            ),
-            commits,
-            batch,
-            commit_ms,
-            format!(
-                "{} → {}",
-                num(get(e, |p| p.server_cpu_us_per_event), 1),
-                num(get(d, |p| p.server_cpu_us_per_event), 1)
-            ),
-            num(get(d, |p| p.pg_cpu_us_per_event), 1),
-        ]);
+        ]
+        .into_iter()
+        .chain(compared(e, d));
+        t.row(cells);
     }
     t
 }
@@ -615,14 +605,7 @@ pub fn finish(report: &IngestReport) -> anyhow::Result<bool> {
     for n in &report.notes {
         println!("note: {n}");
     }
-    if let Some(path) = &report.options.out {
-        report::write_json(path, report)?;
-        eprintln!("wrote {}", path.display());
-    }
-    for f in &report.failures {
-        eprintln!("FAILED: {f}");
-    }
-    Ok(report.failures.is_empty())
+    report::finish(report.options.out.as_deref(), report, &report.failures)
 }
 
 #[cfg(test)]

@@ -28,7 +28,25 @@ use crate::http::HttpClient;
 use crate::message::{BodyWriter, now_us, org_name, redis_envelope};
 
 /// How far behind its schedule a publisher may run before it skips sends.
-const MAX_LAG: Duration = Duration::from_millis(50);
+pub(crate) const MAX_LAG: Duration = Duration::from_millis(50);
+
+/// Waits for the send scheduled at `due`. A sender more than [`MAX_LAG`] late skips the
+/// sends it missed (counted in `skipped`, `due` moved past them) and returns false: the
+/// caller re-checks its schedule instead of sending.
+pub(crate) async fn keep_pace(due: &mut Instant, interval: Duration, skipped: &mut u64) -> bool {
+    let now = Instant::now();
+    if *due > now {
+        tokio::time::sleep_until(*due).await;
+    } else if now - *due > MAX_LAG {
+        let missed = ((now - *due - MAX_LAG).as_secs_f64() / interval.as_secs_f64())
+            .ceil()
+            .max(1.0) as u32;
+        *skipped += missed as u64;
+        *due += interval * missed;
+        return false;
+    }
+    true
+}
 /// fanout's default channel prefix (`FANOUT_REDIS_PREFIX`).
 const CHANNEL_PREFIX: &str = "fanout:org:";
 
@@ -160,15 +178,7 @@ impl Publisher {
             let mut turn = 0usize;
             let mut failing = 0u32;
             while due < end {
-                let now = Instant::now();
-                if due > now {
-                    tokio::time::sleep_until(due).await;
-                } else if now - due > MAX_LAG {
-                    let missed = ((now - due - MAX_LAG).as_secs_f64() / interval.as_secs_f64())
-                        .ceil()
-                        .max(1.0) as u32;
-                    out.skipped += missed as u64;
-                    due += interval * missed;
+                if !keep_pace(&mut due, interval, &mut out.skipped).await {
                     continue;
                 }
                 let slot = turn % self.orgs.len();

@@ -93,6 +93,23 @@ pub fn int(value: u64) -> String {
     out
 }
 
+/// The end of a command: writes the report to `out` if asked, prints the failures, and
+/// says whether there were none.
+pub fn finish(
+    out: Option<&Path>,
+    report: &impl Serialize,
+    failures: &[String],
+) -> anyhow::Result<bool> {
+    if let Some(path) = out {
+        write_json(path, report)?;
+        eprintln!("wrote {}", path.display());
+    }
+    for f in failures {
+        eprintln!("FAILED: {f}");
+    }
+    Ok(failures.is_empty())
+}
+
 /// Writes `value` as pretty JSON to `path`.
 pub fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value)?;

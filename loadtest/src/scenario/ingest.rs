@@ -48,6 +48,7 @@ use super::{Fleet, Layout, Servers, open_fleet};
 use crate::http::HttpClient;
 use crate::message::{BodyWriter, now_us, org_name, parse_body};
 use crate::prom::Scrape;
+use crate::publish::keep_pace;
 use crate::report::{Table, int, num};
 use crate::{pg, procs};
 
@@ -58,8 +59,6 @@ const DRAIN_MAX: Duration = Duration::from_secs(20);
 const DRAIN_IDLE: Duration = Duration::from_secs(6);
 /// A request unanswered for this long counts as an error (and its connection is dropped).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How far behind its schedule an open-loop publisher may run before it skips sends.
-const MAX_LAG: Duration = Duration::from_millis(50);
 /// Between the publishers' start and the phase's start: time to spawn them.
 const LEAD: Duration = Duration::from_millis(200);
 
@@ -555,15 +554,7 @@ async fn publisher(
                 if due >= work.end {
                     break;
                 }
-                let now = Instant::now();
-                if due > now {
-                    tokio::time::sleep_until(due).await;
-                } else if now - due > MAX_LAG {
-                    let missed = ((now - due - MAX_LAG).as_secs_f64() / interval.as_secs_f64())
-                        .ceil()
-                        .max(1.0) as u32;
-                    out.skipped += missed as u64;
-                    due += interval * missed;
+                if !keep_pace(&mut due, interval, &mut out.skipped).await {
                     continue;
                 }
                 due += interval;
