@@ -11,9 +11,7 @@ use serde_json::{Value, json};
 use support::*;
 
 async fn durable_replica(db: &TestDb) -> Replica {
-    let r = Replica::builder().database(db).start().await;
-    r.wait_store_up().await;
-    r
+    Replica::builder().database(db).start_with_store().await
 }
 
 /// Replicas `a` and `b` on one Redis and one database, their stores up.
@@ -24,9 +22,8 @@ async fn durable_pair(redis: &RedisServer, db: &TestDb) -> (Replica, Replica) {
             .name(name)
             .redis(redis)
             .database(db)
-            .start()
+            .start_with_store()
             .await;
-        r.wait_store_up().await;
         pair.push(r);
     }
     let b = pair.pop().unwrap();
@@ -348,9 +345,8 @@ async fn too_far_behind_or_invalid_last_seq_gets_resync_required() {
     let r = Replica::builder()
         .database(&db)
         .env("FANOUT_REPLAY_MAX", 5)
-        .start()
+        .start_with_store()
         .await;
-    r.wait_store_up().await;
     for i in 1..=8 {
         post_update(&r, &update("acme", &format!("t{i}"), "RUNNING", json!({}))).await;
     }
@@ -495,9 +491,8 @@ async fn postgres_stopped_and_restarted_mid_run() {
     let r = Replica::builder()
         .redis(&redis)
         .database_url(&pg.url())
-        .start()
+        .start_with_store()
         .await;
-    r.wait_store_up().await;
     let mut alice = r.login("acme", "alice").await;
     for i in 1..=5 {
         post_update(&r, &update("acme", &format!("t{i}"), "RUNNING", json!({}))).await;
@@ -568,9 +563,8 @@ async fn a_replay_longer_than_the_socket_queue_is_sent_whole() {
     let r = Replica::builder()
         .database(&db)
         .env("FANOUT_SOCKET_BUFFER", 16)
-        .start()
+        .start_with_store()
         .await;
-    r.wait_store_up().await;
     for i in 1..=300 {
         post_update(&r, &update("acme", &format!("t{i}"), "RUNNING", json!({}))).await;
     }
@@ -618,8 +612,11 @@ async fn event_data_is_stored_as_written() {
 async fn committed_but_never_published_events_are_read_back_in_order() {
     let redis = RedisServer::start().await;
     let db = TestDb::create().await;
-    let r = Replica::builder().redis(&redis).database(&db).start().await;
-    r.wait_store_up().await;
+    let r = Replica::builder()
+        .redis(&redis)
+        .database(&db)
+        .start_with_store()
+        .await;
     let mut alice = r.login("acme", "alice").await;
     post_update(&r, &update("acme", "t1", "RUNNING", json!({}))).await;
     assert_eq!(durable_events(&mut alice, 1).await[0].0, 1);

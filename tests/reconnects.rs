@@ -72,9 +72,8 @@ async fn every_client_sees_every_event_once_in_order_across_random_reconnects() 
                 "RUST_LOG",
                 "info,fanout::delivery=debug,fanout::gateway=debug",
             )
-            .start()
+            .start_with_store()
             .await;
-        r.wait_store_up().await;
         replicas.push(r);
     }
     let publics: Arc<Vec<_>> = Arc::new(replicas.iter().map(|r| r.public).collect());

@@ -84,6 +84,14 @@ impl ReplicaBuilder {
         self
     }
 
+    /// Starts the replica and waits until `/readyz` answers 200 and says its store is up
+    /// (migrated and reachable): for replicas with a database.
+    pub async fn start_with_store(self) -> Replica {
+        let replica = self.start().await;
+        replica.wait_store_up().await;
+        replica
+    }
+
     /// Starts the replica and waits until `/readyz` answers 200.
     pub async fn start(self) -> Replica {
         let mut replica = self.spawn().await;
