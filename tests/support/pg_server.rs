@@ -62,13 +62,22 @@ fn run_as() -> Option<(u32, u32)> {
     Some((id("-u"), id("-g")))
 }
 
-/// The directory holding `initdb` and `postgres`: `pg_config --bindir`, else the newest
-/// `/usr/lib/postgresql/*/bin` (Debian keeps the server binaries off PATH).
+/// The directory holding `initdb` and `postgres`: `FANOUT_PG_BINDIR` (set by scripts/test),
+/// else `pg_config --bindir`, else the newest `/usr/lib/postgresql/*/bin` (Debian keeps the
+/// server binaries off PATH).
 fn bindir() -> &'static Path {
     static BINDIR: OnceLock<PathBuf> = OnceLock::new();
     BINDIR.get_or_init(|| {
         let has_server =
             |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
+        if let Some(dir) = std::env::var_os("FANOUT_PG_BINDIR").map(PathBuf::from) {
+            assert!(
+                has_server(&dir),
+                "FANOUT_PG_BINDIR={} has no initdb and postgres",
+                dir.display()
+            );
+            return dir;
+        }
         let from_pg_config = Command::new("pg_config")
             .arg("--bindir")
             .output()

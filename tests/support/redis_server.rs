@@ -28,7 +28,7 @@ impl RedisServer {
                 return server;
             }
         }
-        panic!("redis-server did not start (is it installed and on PATH?)");
+        panic!("redis-server did not start (is it installed and on PATH, or named by REDIS_SERVER?)");
     }
 
     pub fn port(&self) -> u16 {
@@ -65,7 +65,8 @@ impl RedisServer {
     /// answered.
     async fn spawn(&mut self) -> bool {
         let port = self.port.to_string();
-        let mut child = Command::new("redis-server")
+        let program = std::env::var_os("REDIS_SERVER").unwrap_or_else(|| "redis-server".into());
+        let mut child = Command::new(program)
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", "no", "--protected-mode", "no"])
             .stdin(Stdio::null())
