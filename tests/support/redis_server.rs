@@ -28,7 +28,9 @@ impl RedisServer {
                 return server;
             }
         }
-        panic!("redis-server did not start (is it installed and on PATH, or named by REDIS_SERVER?)");
+        panic!(
+            "redis-server did not start (is it installed and on PATH, or named by REDIS_SERVER?)"
+        );
     }
 
     pub fn port(&self) -> u16 {
