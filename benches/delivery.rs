@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use engineioxide_core::Packet;
 use fanout::delivery::Delivery;
-use fanout::gateway::conn::Transports;
 use fanout::presence::Presence;
 use fanout::protocol::{Message, OrgId, UserId};
+use fanout::transport::Transports;
 use metrics_exporter_prometheus::PrometheusHandle;
 use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
@@ -87,7 +87,7 @@ impl Room {
         for i in 0..n {
             presence.add(&org, &UserId::parse(&format!("usr_{i}")).unwrap());
         }
-        let delivery = Delivery::new(io.clone(), presence, Transports::default());
+        let delivery = Delivery::new(io.clone(), presence, Transports::new(usize::MAX));
         Self {
             n,
             delivery,

@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 
 use crate::auth::{AuthError, Verifier};
 use crate::ops::{self, metrics};
-use crate::protocol::{ExecutionStatus, OrgId};
+use crate::protocol::{ExecutionStatus, OrgId, TaskId};
 use crate::retry::RateLimit;
 use crate::store::read::{self, Cursor};
 use crate::store::{Store, StoreError};
@@ -236,6 +236,12 @@ impl Params {
     }
 }
 
+/// The `{taskId}` of a path, checked before it reaches PostgreSQL (which refuses a NUL).
+fn task(text: &str) -> Result<TaskId, ApiError> {
+    TaskId::parse(text)
+        .map_err(|e| ApiError::BadRequest(format!("bad \"taskId\" in the path: it {e}")))
+}
+
 #[derive(Serialize)]
 struct ExecutionList {
     executions: Vec<Box<RawValue>>,
@@ -302,6 +308,7 @@ async fn get_execution(
     let org = s.authenticate(&headers)?;
     let store = s.store()?;
     Params::read(query)?;
+    let task_id = task(&task_id)?;
     s.guarded(read::execution(store, &org, &task_id))
         .await?
         .map(Json)
@@ -321,6 +328,7 @@ async fn get_logs(
     let org = s.authenticate(&headers)?;
     let store = s.store()?;
     let params = Params::read(query)?;
+    let task_id = task(&task_id)?;
     let after_seq = match params.after_seq.as_deref() {
         None => 0,
         Some(text) => text.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {

@@ -26,6 +26,14 @@ pub struct Identity {
     pub raw_user: serde_json::Value,
 }
 
+impl Identity {
+    /// When the session ends, in milliseconds since the Unix epoch: `exp` plus `leeway_ms`,
+    /// saturating rather than wrapping for an absurdly distant `exp`.
+    pub fn expires_at_ms(&self, leeway_ms: u64) -> u64 {
+        self.exp.saturating_mul(1000).saturating_add(leeway_ms)
+    }
+}
+
 /// Why a token was refused. `reason()` is the metric label; `client_message()` is what the
 /// client is told.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,6 +42,8 @@ pub enum AuthError {
     Missing,
     #[error("token expired")]
     Expired,
+    #[error("token not valid yet (nbf)")]
+    NotYetValid,
     #[error("malformed token: {0}")]
     Malformed(String),
     #[error("bad signature")]
@@ -54,6 +64,7 @@ impl AuthError {
         match self {
             Self::Missing => "missing_token",
             Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
             Self::Malformed(_) => "malformed",
             Self::BadSignature => "bad_signature",
             Self::WrongAlgorithm(_) => "wrong_algorithm",
@@ -178,6 +189,8 @@ impl Verifier {
         let mut validation = Validation::new(alg);
         validation.leeway = cfg.leeway_seconds;
         validation.validate_exp = true;
+        // Like the Node backend's jsonwebtoken: a token is refused before its `nbf`.
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp"]);
         match &cfg.issuer {
             Some(iss) => {
@@ -236,6 +249,11 @@ impl Verifier {
             jsonwebtoken::decode::<RawClaims>(token, &self.key, &self.validation).map_err(|e| {
                 match e.kind() {
                     ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                    ErrorKind::InvalidClaimFormat(c) => AuthError::BadClaim {
+                        claim: if c == "nbf" { "nbf" } else { "exp" },
+                        problem: "is not a number".into(),
+                    },
                     ErrorKind::InvalidSignature => AuthError::BadSignature,
                     ErrorKind::InvalidAlgorithm => AuthError::WrongAlgorithm(self.algorithm),
                     ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => {
@@ -414,6 +432,33 @@ mod tests {
             verify(&v, &sign(c, Algorithm::HS256, SECRET)),
             Err(AuthError::Expired)
         );
+    }
+
+    #[test]
+    fn rejects_a_token_not_valid_yet() {
+        let v = hs_verifier();
+        let mut c = good_claims();
+        c["nbf"] = json!(now() + 300);
+        let err = verify(&v, &sign(c.clone(), Algorithm::HS256, SECRET)).unwrap_err();
+        assert_eq!(err, AuthError::NotYetValid);
+        assert_eq!(err.reason(), "not_yet_valid");
+        assert_eq!(err.client_message(), "Invalid or expired token");
+        c["nbf"] = json!(now() - 1);
+        assert!(verify(&v, &sign(c.clone(), Algorithm::HS256, SECRET)).is_ok());
+        c["nbf"] = json!("soon");
+        let err = verify(&v, &sign(c, Algorithm::HS256, SECRET)).unwrap_err();
+        assert_eq!(err.reason(), "bad_claims");
+    }
+
+    #[test]
+    fn a_distant_exp_saturates_instead_of_wrapping() {
+        let v = hs_verifier();
+        let mut c = good_claims();
+        c["exp"] = json!(u64::MAX / 1000 + 1);
+        let id = verify(&v, &sign(c, Algorithm::HS256, SECRET)).unwrap();
+        assert_eq!(id.expires_at_ms(60_000), u64::MAX);
+        let id = verify(&v, &sign(good_claims(), Algorithm::HS256, SECRET)).unwrap();
+        assert_eq!(id.expires_at_ms(1500), id.exp * 1000 + 1500);
     }
 
     #[test]

@@ -114,6 +114,21 @@ pub struct ServeArgs {
     /// Engine.IO ping timeout.
     #[arg(long, env = "FANOUT_PING_TIMEOUT", default_value = "20s")]
     pub ping_timeout: String,
+    /// Most open connections on the public listener; `auto`: the open-file limit less a
+    /// reserve (a tenth of it, 256 to 4096) for the internal listener, Redis and PostgreSQL.
+    #[arg(long, env = "FANOUT_MAX_CONNECTIONS", default_value = "auto")]
+    pub max_connections: String,
+    /// Time a client has to send a request's head (request line and headers), on both
+    /// listeners; also how long an idle keep-alive connection stays open.
+    #[arg(long, env = "FANOUT_HEADER_READ_TIMEOUT", default_value = "10s")]
+    pub header_read_timeout: String,
+    /// Most Engine.IO sessions opened and not yet authenticated; beyond, a handshake is
+    /// answered 503.
+    #[arg(long, env = "FANOUT_MAX_PENDING_SESSIONS", default_value = "4096")]
+    pub max_pending_sessions: String,
+    /// Time a new session has to send its Socket.IO CONNECT (with its token).
+    #[arg(long, env = "FANOUT_HANDSHAKE_TIMEOUT", default_value = "10s")]
+    pub handshake_timeout: String,
     /// Log format: `text` or `json` (level from RUST_LOG).
     #[arg(long, env = "FANOUT_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -199,6 +214,11 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
+    /// Cap on public connections; `None`: derived from the open-file limit at start.
+    pub max_connections: Option<usize>,
+    pub header_read_timeout: Duration,
+    pub max_pending_sessions: usize,
+    pub handshake_timeout: Duration,
     pub log_format: LogFormat,
     /// Set when no JWT key was configured and fanout generated a secret and an ingest key.
     pub dev_mode: Option<DevMode>,
@@ -562,6 +582,28 @@ impl Config {
                 return Err(invalid(setting, "must be at least 100ms"));
             }
         }
+        let max_connections = match args.max_connections.trim() {
+            "auto" => None,
+            text => Some(parse_count("FANOUT_MAX_CONNECTIONS", text, 1, 10_000_000)?),
+        };
+        let header_read_timeout =
+            parse_duration("FANOUT_HEADER_READ_TIMEOUT", &args.header_read_timeout)?;
+        let handshake_timeout =
+            parse_duration("FANOUT_HANDSHAKE_TIMEOUT", &args.handshake_timeout)?;
+        for (setting, d) in [
+            ("FANOUT_HEADER_READ_TIMEOUT", header_read_timeout),
+            ("FANOUT_HANDSHAKE_TIMEOUT", handshake_timeout),
+        ] {
+            if d < Duration::from_millis(100) || d > Duration::from_secs(600) {
+                return Err(invalid(setting, "must be from 100ms to 10m"));
+            }
+        }
+        let max_pending_sessions = parse_count(
+            "FANOUT_MAX_PENDING_SESSIONS",
+            &args.max_pending_sessions,
+            1,
+            10_000_000,
+        )?;
         let log_format = match args.log_format.trim() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -588,6 +630,10 @@ impl Config {
             shutdown_timeout,
             ping_interval,
             ping_timeout,
+            max_connections,
+            header_read_timeout,
+            max_pending_sessions,
+            handshake_timeout,
             log_format,
             dev_mode,
         })

@@ -9,7 +9,8 @@
 //! and then published; an execution update must then carry a known status, because it also
 //! updates the `executions` projection.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -26,8 +27,9 @@ use crate::auth::IngestKeys;
 use crate::bus::{Bus, BusError};
 use crate::ops::metrics;
 use crate::protocol::{
-    EventName, ExecutionStatus, InvalidId, MAX_USER_ID_LEN, Message, OrgId, UserId, now_ms,
+    EventName, ExecutionStatus, InvalidId, Message, OrgId, TaskId, UserId, now_ms,
 };
+use crate::retry::RateLimit;
 use crate::store::StoreError;
 use crate::store::write::{Projection, Writer};
 
@@ -39,6 +41,9 @@ pub struct IngestState {
     /// Set when the replica has a store: accepted messages are durable events.
     pub writer: Option<Writer>,
 }
+
+/// At most one warning per this interval while ingest refuses messages (503).
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The event names whose data feed the projections.
 const EXECUTION_UPDATED: &str = "execution-updated";
@@ -104,7 +109,16 @@ impl IntoResponse for IngestError {
     fn into_response(self) -> Response {
         let status = self.status();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            tracing::warn!("ingest refused a message: {self}");
+            // An outage refuses every request: one line per period says so, with a count.
+            static WARN: LazyLock<Mutex<RateLimit>> =
+                LazyLock::new(|| Mutex::new(RateLimit::new(WARN_EVERY)));
+            match WARN.lock().unwrap().check() {
+                Some(suppressed) => tracing::warn!(
+                    suppressed_since_last = suppressed,
+                    "ingest refused a message: {self}"
+                ),
+                None => tracing::debug!("ingest refused a message: {self}"),
+            }
         }
         let mut resp = (status, Json(json!({ "error": self.to_string() }))).into_response();
         if status == StatusCode::UNAUTHORIZED {
@@ -236,11 +250,7 @@ fn task_id(value: Option<&Value>) -> Result<String, IngestError> {
         Some(Value::Number(n)) if n.is_u64() => n.to_string(),
         Some(_) => return Err(IngestError::field("taskId", InvalidId::WrongType)),
     };
-    // Same rules as a user id: the REST API addresses executions by it.
-    UserId::parse(&text).map_err(|e| match e {
-        InvalidId::TooLong(_) => IngestError::field("taskId", InvalidId::TooLong(MAX_USER_ID_LEN)),
-        e => IngestError::field("taskId", e),
-    })?;
+    TaskId::parse(&text).map_err(|e| IngestError::field("taskId", e))?;
     Ok(text)
 }
 
@@ -265,6 +275,7 @@ async fn broadcast_body(
         user: None,
         via_ingest: true,
         seq: None,
+        sig: None,
     };
     send(state, msg, "broadcasted").await
 }
@@ -330,6 +341,7 @@ async fn publish(
         user,
         via_ingest: true,
         seq: None,
+        sig: None,
     };
     send(&s, msg, "published").await
 }

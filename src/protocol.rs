@@ -125,6 +125,21 @@ impl UserId {
     }
 }
 
+/// A task (execution) id: the same rules as a user id, since the REST API addresses
+/// executions by it and PostgreSQL stores it as text (which cannot hold a NUL).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct TaskId(Arc<str>);
+
+impl TaskId {
+    pub fn parse(s: &str) -> Result<Self, InvalidId> {
+        UserId::parse(s).map(|id| Self(id.0))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// The room of one user's sockets within one organization.
 pub fn user_room(org: &OrgId, user: &UserId) -> String {
     format!("user:{}:{}", org.0, user.0)
@@ -146,10 +161,11 @@ impl EventName {
                 "letters, digits, '.', '_', ':' and '-'",
             ));
         }
-        if RESERVED_EVENTS.contains(&s) {
+        // Case-insensitively: a dashboard that lowercases event names must not mistake one.
+        if RESERVED_EVENTS.iter().any(|r| r.eq_ignore_ascii_case(s)) {
             return Err(InvalidId::Reserved("a Socket.IO event"));
         }
-        if s.starts_with("auth-") {
+        if s.len() >= 5 && s[..5].eq_ignore_ascii_case("auth-") {
             return Err(InvalidId::Reserved("auth-* events come from fanout only"));
         }
         Ok(Self(s.into()))
@@ -174,7 +190,7 @@ macro_rules! display_as_str {
         }
     )*};
 }
-display_as_str!(OrgId, UserId, EventName);
+display_as_str!(OrgId, UserId, EventName, TaskId);
 
 /// One message for the sockets of an organization (or of one user in it).
 ///
@@ -195,6 +211,122 @@ pub struct Message {
     /// The organization-wide sequence number of a durable event (committed to the history
     /// before it was published); `None` for ephemeral messages.
     pub seq: Option<u64>,
+    /// A durable event's signature by the replica that committed it (see [`BusKey`]).
+    pub sig: Option<Signature>,
+}
+
+/// Deepest nesting of arrays and objects accepted in a message's `data`: serde_json's own
+/// limit, which the HTTP ingest meets when it parses a body, applied to bus envelopes too.
+pub const MAX_JSON_DEPTH: usize = 127;
+
+/// How deeply `json` nests arrays and objects. `json` must be valid JSON: brackets inside
+/// strings are skipped, nothing else is checked.
+pub fn json_depth(json: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// The key durable envelopes are signed with (HMAC-SHA256), shared by the replicas of one
+/// history through the database (`bus_key`, made by migration 4).
+///
+/// Why: anyone who can PUBLISH to Redis can put an envelope on an organization's channel,
+/// and a durable event's `seq` moves the receiving replica's cursor. Unsigned, one forged
+/// `seq` far ahead would make the replica skip to it and then drop every real event below
+/// it. A replica believes a `seq` only with a valid signature: only a replica that
+/// committed the event to the database holding the key can make one.
+#[derive(Clone)]
+pub struct BusKey(Arc<[u8]>);
+
+/// HMAC-SHA256 of an envelope's parts: written as 64 hex digits in `sig`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Signature([u8; 32]);
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signature({})", self.to_hex())
+    }
+}
+
+impl Signature {
+    fn to_hex(self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn from_hex(text: &str) -> Option<Self> {
+        if text.len() != 64 || !text.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(out))
+    }
+}
+
+impl BusKey {
+    /// A key of at least 32 bytes.
+    pub fn new(bytes: &[u8]) -> Option<Self> {
+        (bytes.len() >= 32).then(|| Self(bytes.into()))
+    }
+
+    fn mac(&self, msg: &Message, seq: u64) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.0)
+            .expect("HMAC takes keys of any length");
+        // Length-prefixed parts: no two different envelopes have the same input.
+        let user = msg.user.as_ref().map_or("", UserId::as_str);
+        for part in [
+            b"fanout-envelope-v1".as_slice(),
+            msg.org.as_str().as_bytes(),
+            msg.event.as_str().as_bytes(),
+            &[u8::from(msg.user.is_some())],
+            user.as_bytes(),
+            &seq.to_be_bytes(),
+            msg.data.get().as_bytes(),
+        ] {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part);
+        }
+        mac
+    }
+
+    /// Signs a durable event (one with a `seq`).
+    pub fn sign(&self, msg: &Message) -> Option<Signature> {
+        use hmac::Mac;
+        let seq = msg.seq?;
+        Some(Signature(self.mac(msg, seq).finalize().into_bytes().into()))
+    }
+
+    /// Whether `msg` carries a valid signature of its `seq` and content (compared in
+    /// constant time).
+    pub fn verify(&self, msg: &Message) -> bool {
+        use hmac::Mac;
+        match (msg.seq, msg.sig) {
+            (Some(seq), Some(sig)) => self.mac(msg, seq).verify_slice(&sig.0).is_ok(),
+            _ => false,
+        }
+    }
 }
 
 /// The second Socket.IO argument of a durable event: `socket.on(event, (data, meta) => ...)`.
@@ -216,6 +348,10 @@ pub enum EnvelopeError {
     User(InvalidId),
     #[error("bad \"seq\": must be a positive integer")]
     Seq,
+    #[error("bad \"sig\": must be 64 hex digits")]
+    Sig,
+    #[error("\"data\" nests deeper than {MAX_JSON_DEPTH} levels")]
+    TooDeep,
 }
 
 impl EnvelopeError {
@@ -227,6 +363,8 @@ impl EnvelopeError {
             Self::Event(_) => "bad_event",
             Self::User(_) => "bad_user_id",
             Self::Seq => "bad_seq",
+            Self::Sig => "bad_sig",
+            Self::TooDeep => "too_deep",
         }
     }
 }
@@ -244,6 +382,8 @@ struct EnvelopeIn<'a> {
     src: Option<&'a str>,
     #[serde(default)]
     seq: Option<serde_json::Value>,
+    #[serde(default)]
+    sig: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -258,6 +398,8 @@ struct EnvelopeOut<'a> {
     src: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sig: Option<String>,
 }
 
 /// Marks envelopes written by fanout's own ingest, so that metrics can tell them from
@@ -265,8 +407,9 @@ struct EnvelopeOut<'a> {
 const SRC_INGEST: &str = "http";
 
 impl Message {
-    /// Decodes a bus envelope (`{"event", "data", "ts"?, "userId"?}`) received on `org`'s
-    /// channel. The organization comes from the channel, never from the payload.
+    /// Decodes a bus envelope (`{"event", "data", "ts"?, "userId"?, "seq"?, "sig"?}`)
+    /// received on `org`'s channel. The organization comes from the channel, never from the
+    /// payload. A `seq` is decoded but not trusted here: see [`BusKey`].
     pub fn from_envelope(org: OrgId, payload: &[u8], limit: usize) -> Result<Self, EnvelopeError> {
         if payload.len() > limit {
             return Err(EnvelopeError::TooLarge {
@@ -291,6 +434,13 @@ impl Message {
             None | Some(serde_json::Value::Null) => None,
             Some(v) => Some(v.as_u64().filter(|s| *s > 0).ok_or(EnvelopeError::Seq)?),
         };
+        let sig = env
+            .sig
+            .map(|text| Signature::from_hex(text).ok_or(EnvelopeError::Sig))
+            .transpose()?;
+        if json_depth(env.data.get()) > MAX_JSON_DEPTH {
+            return Err(EnvelopeError::TooDeep);
+        }
         // A negative, fractional or absurd `ts` is only a latency hint: ignore it.
         let ts_ms = env
             .ts
@@ -304,6 +454,7 @@ impl Message {
             user,
             via_ingest: env.src == Some(SRC_INGEST),
             seq,
+            sig,
         })
     }
 
@@ -316,6 +467,7 @@ impl Message {
             user_id: self.user.as_ref().map(UserId::as_str),
             src: self.via_ingest.then_some(SRC_INGEST),
             seq: self.seq,
+            sig: self.sig.map(Signature::to_hex),
         };
         serde_json::to_vec(&out).expect("serialising an envelope of valid parts cannot fail")
     }

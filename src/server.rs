@@ -23,14 +23,15 @@ use crate::auth::{IngestKeys, Verifier};
 use crate::bus::{Bus, RedisSettings};
 use crate::config::{Config, CorsOrigins};
 use crate::delivery::Delivery;
-use crate::gateway::conn::{self, Conn, Listener, Transports};
-use crate::gateway::{Expiry, Gateway};
+use crate::gateway::{self, Expiry, Gateway, Handshakes};
 use crate::ingest::{self, IngestState};
 use crate::ops::shutdown::Shutdown;
 use crate::ops::{self, OpsState};
 use crate::presence::Presence;
 use crate::store::write::Writer;
 use crate::store::{Store, retention};
+use crate::transport::serve::{self, Internal};
+use crate::transport::{self, Listener, Transports};
 
 /// Why a replica could not start.
 #[derive(Debug, thiserror::Error)]
@@ -65,17 +66,28 @@ pub async fn run(
             source,
         })?;
 
+    let descriptor_limit = transport::raise_descriptor_limit();
+    let max_connections = config
+        .max_connections
+        .unwrap_or_else(|| transport::default_max_connections(descriptor_limit));
+    // The largest Engine.IO payload, advertised to clients as `maxPayload`. Also the size of
+    // one long-polling response, so it must fit the largest message we accept with its
+    // Socket.IO framing; and the most a client may send in one request or WebSocket
+    // message (or frame), before authentication or after: a bigger one closes the
+    // connection before it is buffered.
+    let max_payload = (2 * config.max_payload_bytes + 4096).max(100_000);
     let (sio_layer, io) = SocketIo::builder()
         .ping_interval(config.ping_interval)
         .ping_timeout(config.ping_timeout)
         .max_buffer_size(config.socket_buffer)
         .ws_read_buffer_size(1024)
-        // Also the size of one long-polling response: it must fit the largest message we
-        // accept, with its Socket.IO framing.
-        .max_payload((2 * config.max_payload_bytes as u64 + 4096).max(100_000))
+        .max_payload(max_payload as u64)
+        .ws_max_message_size(max_payload)
+        .ws_max_frame_size(max_payload)
+        .connect_timeout(config.handshake_timeout)
         .build_layer();
     let presence = Arc::new(Presence::new());
-    let transports = Transports::default();
+    let transports = Transports::new(max_connections);
     // Not awaited: the store connects and migrates in the background (then retention runs
     // there too), so a replica starting while PostgreSQL is down still serves fan-out.
     let store = match &config.database {
@@ -130,8 +142,8 @@ pub async fn run(
         .layer(sio_layer)
         .layer(cors(&config.cors_origins))
         .layer(middleware::from_fn_with_state(
-            transports.clone(),
-            conn::track,
+            Handshakes::new(transports.clone(), config.max_pending_sessions),
+            gateway::middleware,
         ));
     let internal_app = ingest::router(IngestState {
         bus: bus.clone(),
@@ -142,6 +154,7 @@ pub async fn run(
     .merge(ops::router(OpsState {
         store: store.clone(),
         bus: bus.clone(),
+        transports: transports.clone(),
         shutdown: shutdown.clone(),
         metrics,
     }))
@@ -153,37 +166,26 @@ pub async fn run(
         internal = %config.internal_listen,
         bus = if config.redis_url.is_some() { "redis" } else { "memory" },
         store = if config.database.is_some() { "postgres" } else { "none" },
+        max_connections,
+        descriptor_limit,
         "fanout is listening"
     );
 
     let internal_stop = Shutdown::new();
-    let internal_task = tokio::spawn({
-        let stop = internal_stop.clone();
-        async move {
-            axum::serve(internal, internal_app)
-                .with_graceful_shutdown(async move { stop.wait().await })
-                .await
-        }
-    });
-    let public_task = tokio::spawn({
-        let stop = shutdown.clone();
-        axum::serve(
-            Listener::new(public),
-            public_app.into_make_service_with_connect_info::<Conn>(),
-        )
-        .with_graceful_shutdown(async move { stop.wait().await })
-        .into_future()
-    });
-    let sweeper = tokio::spawn({
-        let transports = transports.clone();
-        async move {
-            let mut every = tokio::time::interval(Duration::from_secs(30));
-            loop {
-                every.tick().await;
-                transports.sweep();
-            }
-        }
-    });
+    let internal_task = tokio::spawn(serve::serve(
+        Internal(internal),
+        internal_app,
+        config.header_read_timeout,
+        "internal",
+        internal_stop.clone(),
+    ));
+    let public_task = tokio::spawn(serve::serve(
+        Listener::new(public, transports.clone()),
+        public_app,
+        config.header_read_timeout,
+        "public",
+        shutdown.clone(),
+    ));
 
     shutdown.wait().await;
     tracing::info!(
@@ -203,7 +205,6 @@ pub async fn run(
             "FANOUT_SHUTDOWN_TIMEOUT reached with connections still open; exiting anyway"
         );
     }
-    sweeper.abort();
     internal_stop.trigger();
     let _ = tokio::time::timeout(Duration::from_secs(1), internal_task).await;
     tracing::info!("shutdown complete");
@@ -227,8 +228,10 @@ fn bind_with_backlog(addr: std::net::SocketAddr) -> std::io::Result<TcpListener>
 }
 
 fn cors(origins: &CorsOrigins) -> CorsLayer {
+    // Preflights allow GET only: the REST API is read-only, and Socket.IO's polling POSTs
+    // are simple requests (text/plain), which browsers send without a preflight.
     let layer = CorsLayer::new()
-        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_methods([axum::http::Method::GET])
         .allow_headers([
             axum::http::header::CONTENT_TYPE,
             axum::http::header::AUTHORIZATION,

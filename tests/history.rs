@@ -656,8 +656,8 @@ async fn committed_but_never_published_events_are_read_back_in_order() {
     assert_eq!(seqs, [4, 5]);
     assert!(r.metric("fanout_gap_fills_total", &[]).await >= 3.0);
 
-    // A sequence number the history does not have (a worker copying an envelope into Redis)
-    // is dropped, and holds nothing up.
+    // A sequence number no replica signed (a worker copying an envelope into Redis) is
+    // dropped, and holds nothing up.
     redis
         .publish(
             "fanout:org:acme",
@@ -666,7 +666,7 @@ async fn committed_but_never_published_events_are_read_back_in_order() {
         .await;
     r.wait_metric(
         "fanout_malformed_messages_total",
-        &[("reason", "unknown_seq")],
+        &[("reason", "unsigned_seq")],
         |v| v == 1.0,
     )
     .await;

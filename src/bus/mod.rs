@@ -23,6 +23,10 @@ use crate::protocol::{Message, OrgId};
 pub enum BusError {
     #[error("Redis is unreachable ({0}); the message was not published, retry later")]
     Unavailable(String),
+    #[error(
+        "the bus is re-subscribing after a Redis outage; the message was not published, retry shortly"
+    )]
+    Resubscribing,
 }
 
 pub struct Bus {
@@ -65,7 +69,8 @@ impl Bus {
     }
 
     /// Publishes to every replica holding sockets of `msg.org`. `Ok` means the bus has
-    /// the message (Redis acknowledged the PUBLISH), not that any socket was there for it.
+    /// the message (Redis acknowledged the PUBLISH) while this replica's subscriptions were
+    /// all in place, not that any socket was there for it.
     pub async fn publish(&self, msg: Message) -> Result<(), BusError> {
         match &self.inner {
             Inner::Memory(m) => {

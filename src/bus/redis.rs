@@ -16,7 +16,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_redis::{PoolConfig, Runtime, Timeouts};
@@ -51,6 +51,9 @@ pub struct RedisBus {
     pool: deadpool_redis::Pool,
     prefix: String,
     up: Arc<AtomicBool>,
+    /// Subscriber sessions that came up so far: a change means the subscriptions were lost
+    /// and made again meanwhile.
+    sessions: Arc<AtomicU64>,
     requests: mpsc::UnboundedSender<Request>,
 }
 
@@ -87,6 +90,7 @@ impl RedisBus {
             .create_pool(Some(Runtime::Tokio1))
             .map_err(|e| format!("invalid REDIS_URL: {e}"))?;
         let up = Arc::new(AtomicBool::new(false));
+        let sessions = Arc::new(AtomicU64::new(0));
         let (tx, rx) = mpsc::unbounded_channel();
         ::metrics::gauge!(metrics::REDIS_UP).set(0.0);
         ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(0.0);
@@ -97,6 +101,7 @@ impl RedisBus {
             presence,
             delivery,
             up: up.clone(),
+            sessions: sessions.clone(),
             shutdown,
             subscribed: HashSet::new(),
         };
@@ -105,11 +110,29 @@ impl RedisBus {
             pool,
             prefix: settings.prefix,
             up,
+            sessions,
             requests: tx,
         })
     }
 
+    /// Publishes one ephemeral message, only while this replica's subscriptions are all in
+    /// place: after a Redis restart, Redis takes a PUBLISH again before the subscriber has
+    /// re-subscribed, and a message published then reaches no one (its publisher must be
+    /// told to retry). Nor is it accepted when the subscriptions were lost while it was
+    /// being published.
     pub async fn publish(&self, msg: Message) -> Result<(), BusError> {
+        let session = self.sessions.load(Ordering::Acquire);
+        if !self.is_up() {
+            return Err(BusError::Resubscribing);
+        }
+        self.publish_now(msg).await?;
+        if !self.is_up() || self.sessions.load(Ordering::Acquire) != session {
+            return Err(BusError::Resubscribing);
+        }
+        Ok(())
+    }
+
+    async fn publish_now(&self, msg: Message) -> Result<(), BusError> {
         let channel = channel(&self.prefix, &msg.org);
         let payload = msg.to_envelope();
         let mut conn = self
@@ -188,6 +211,7 @@ struct Subscriber {
     presence: Arc<Presence>,
     delivery: Arc<Delivery>,
     up: Arc<AtomicBool>,
+    sessions: Arc<AtomicU64>,
     shutdown: Shutdown,
     /// Channels Redis has confirmed, as org ids. Only this task touches it.
     subscribed: HashSet<OrgId>,
@@ -278,6 +302,7 @@ impl Subscriber {
             }
             self.subscribed.extend(chunk.iter().cloned());
         }
+        self.sessions.fetch_add(1, Ordering::AcqRel);
         self.up.store(true, Ordering::Release);
         ::metrics::gauge!(metrics::REDIS_UP).set(1.0);
         ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(self.subscribed.len() as f64);

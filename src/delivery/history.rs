@@ -33,7 +33,7 @@ use super::Delivery;
 use crate::ops::metrics;
 use crate::presence::Presence;
 use crate::protocol::{Message, Meta, OrgId, UserId};
-use crate::retry::Backoff;
+use crate::retry::{Backoff, RateLimit};
 use crate::store::Store;
 use crate::store::events::CHUNK;
 
@@ -47,6 +47,8 @@ const FILL_GIVE_UP: Duration = Duration::from_secs(3);
 pub(super) const TAIL_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Longest a replay may take, including waiting for a slow client's queue.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(30);
+/// At most one warning per this interval about envelopes dropped for their signature.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 /// How long a client ahead of this replica (it saw events another replica delivered
 /// first) waits for this replica to catch up.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
@@ -55,6 +57,8 @@ pub(super) struct History {
     store: Store,
     replay_max: u64,
     streams: Mutex<HashMap<OrgId, Arc<Stream>>>,
+    /// Warnings about durable envelopes dropped for their signature, at most one per period.
+    warn: Mutex<RateLimit>,
 }
 
 /// Where a joining client's replay starts.
@@ -93,6 +97,9 @@ struct State {
     filling: bool,
     /// Set when the stream was forgotten: nothing may be emitted through it any more.
     closed: bool,
+    /// Set when a durable event was dropped because the store (and so the key that
+    /// verifies it) was not reached yet: the first cursor then comes with a resync.
+    unverified: bool,
 }
 
 /// Why a client is told to resync; the label of `fanout_resyncs_total`.
@@ -127,6 +134,7 @@ impl History {
             store,
             replay_max,
             streams: Mutex::new(HashMap::new()),
+            warn: Mutex::new(RateLimit::new(WARN_EVERY)),
         }
     }
 
@@ -148,6 +156,7 @@ impl History {
                 known_last: 0,
                 filling: true,
                 closed: false,
+                unverified: false,
             }),
             cursor: watch::Sender::new(None),
             replaying: AtomicUsize::new(0),
@@ -211,6 +220,28 @@ impl History {
             return; // no socket of this organization here
         };
         let seq = msg.seq.expect("durable events have a sequence number");
+        // A `seq` moves the cursor: it is believed only when signed with the history's key.
+        let key = self.store.bus_key();
+        if !key.is_some_and(|key| key.verify(&msg)) {
+            let reason = match (key, msg.sig) {
+                (None, _) => "unverified_seq",
+                (Some(_), None) => "unsigned_seq",
+                (Some(_), Some(_)) => "bad_signature",
+            };
+            ::metrics::counter!(metrics::MALFORMED, "reason" => reason).increment(1);
+            if let Some(suppressed) = self.warn.lock().unwrap().check() {
+                tracing::warn!(
+                    org = %msg.org,
+                    seq,
+                    suppressed_since_last = suppressed,
+                    "durable event dropped ({reason}): a \"seq\" is only believed with the signature of a replica of this history; workers publishing straight to Redis must not set one"
+                );
+            }
+            if key.is_none() {
+                stream.state.lock().await.unverified = true;
+            }
+            return;
+        }
         let mut state = stream.state.lock().await;
         if state.closed {
             return;
@@ -532,8 +563,15 @@ impl Delivery {
                     if state.cursor.is_none() {
                         // Sockets already here receive what arrived since they joined.
                         let first_pending = state.pending.first_key_value().map(|(s, _)| s - 1);
-                        state.cursor = Some(first_pending.map_or(last, |p| p.min(last)));
+                        let cursor = first_pending.map_or(last, |p| p.min(last));
+                        state.cursor = Some(cursor);
                         stream.cursor.send_replace(state.cursor);
+                        if std::mem::take(&mut state.unverified) {
+                            // Events were dropped unverified before the store was reached:
+                            // the clients here cannot know which, so they refetch.
+                            self.skip_to(&stream, &mut state, Resync::Unavailable, cursor)
+                                .await;
+                        }
                     }
                 }
                 Ok(Step::TooFar) => {

@@ -21,12 +21,12 @@ use socketioxide::{BroadcastError, SendError, SocketError, SocketIo};
 use history::History;
 pub use history::Seam;
 
-use crate::gateway::conn::Transports;
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
 use crate::protocol::{Message, Meta, OrgId, UserId, now_ms, user_room};
 use crate::store::Store;
+use crate::transport::Transports;
 
 pub struct Delivery {
     io: SocketIo,
@@ -56,10 +56,12 @@ impl Delivery {
     }
 
     /// Entry point of the bus: every message received for this replica's sockets.
-    pub async fn dispatch(self: &Arc<Self>, msg: Message) {
+    pub async fn dispatch(self: &Arc<Self>, mut msg: Message) {
         if self.history.is_some() && msg.seq.is_some() {
             self.sequenced(msg).await;
         } else {
+            // Without a history a `seq` means nothing here: clients never see one as `meta`.
+            msg.seq = None;
             self.deliver(&msg).await;
         }
     }

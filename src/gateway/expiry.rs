@@ -8,15 +8,17 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use serde_json::json;
 use socketioxide::SocketIo;
 use socketioxide::socket::Sid;
 use tokio::sync::mpsc;
 
-use super::conn::Transports;
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 use crate::protocol::now_ms;
+use crate::transport::Transports;
+
+/// The longest the task sleeps: a far-away deadline is looked at again after this.
+const IDLE_WAKE: Duration = Duration::from_secs(3600);
 
 enum Command {
     /// The session of `Sid` ends at this time (ms since the epoch).
@@ -56,9 +58,9 @@ async fn run(
     let mut deadline_of: HashMap<Sid, u64> = HashMap::new();
     loop {
         let wait = match queue.first() {
-            Some(&(at, _)) => Duration::from_millis(at.saturating_sub(now_ms())),
+            Some(&(at, _)) => Duration::from_millis(at.saturating_sub(now_ms())).min(IDLE_WAKE),
             // Nothing scheduled: wake now and then anyway, harmlessly.
-            None => Duration::from_secs(3600),
+            None => IDLE_WAKE,
         };
         tokio::select! {
             _ = shutdown.wait() => return,
@@ -87,10 +89,7 @@ async fn run(
                     if let Some(socket) = io.get_socket(sid) {
                         ::metrics::counter!(metrics::AUTH_FAILURES, "reason" => "session_expired").increment(1);
                         tracing::info!(%sid, "token expired without refresh; disconnecting");
-                        let _ = socket.emit("auth-error", &json!({"error": "Token expired"}));
-                        if socket.clone().disconnect().is_err() {
-                            transports.close(&socket);
-                        }
+                        super::refuse(&socket, &transports, "Token expired");
                     }
                 }
             }

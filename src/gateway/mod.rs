@@ -11,8 +11,8 @@
 //! - a client that sends `auth.lastSeq` is sent the durable events it missed, in order,
 //!   before any live durable event (see `delivery::history`).
 
-pub mod conn;
 mod expiry;
+mod handshake;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,15 +22,16 @@ use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::socket::Sid;
 use socketioxide::{SendError, SocketError, SocketIo};
 
-use crate::auth::{AuthError, Identity, Verifier};
+use crate::auth::{Identity, Verifier};
 use crate::bus::Bus;
 use crate::delivery::Delivery;
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
 use crate::protocol::{OrgId, UserId};
-use conn::Transports;
+use crate::transport::Transports;
 pub use expiry::Expiry;
+pub use handshake::{Handshakes, middleware};
 
 /// The gateway and the parts of the replica it works with.
 pub struct Gateway {
@@ -68,8 +69,15 @@ impl Gateway {
         let token = auth.as_ref().and_then(|a| a.get("token"));
         let identity = match self.verifier.verify(token) {
             Ok(id) => id,
-            Err(e) => return reject(&socket, &e),
+            Err(e) => {
+                ::metrics::counter!(metrics::AUTH_FAILURES, "reason" => e.reason()).increment(1);
+                ::metrics::counter!(metrics::CONNECTIONS_TOTAL, "result" => "rejected")
+                    .increment(1);
+                tracing::debug!(sid = %socket.id, reason = e.reason(), "rejected: {e}");
+                return refuse(&socket, &self.transports, e.client_message());
+            }
         };
+        handshake::authenticated(&socket);
         let (org, user) = (identity.org.clone(), identity.user.clone());
         let last_seq = last_seq(auth.as_ref());
 
@@ -105,7 +113,7 @@ impl Gateway {
             return admission.end(socket.id);
         }
         self.expiry
-            .set(socket.id, identity.exp * 1000 + self.leeway_ms);
+            .set(socket.id, identity.expires_at_ms(self.leeway_ms));
         self.listen_for_refresh(&socket, &identity);
         let sent = socket.emit(
             "auth-success",
@@ -154,7 +162,7 @@ impl Gateway {
                         json!({"ok": false, "error": "Token is for another organization or user"})
                     }
                     Ok(fresh) => {
-                        gw.expiry.set(socket.id, fresh.exp * 1000 + gw.leeway_ms);
+                        gw.expiry.set(socket.id, fresh.expires_at_ms(gw.leeway_ms));
                         json!({"ok": true, "exp": fresh.exp})
                     }
                 };
@@ -201,14 +209,21 @@ impl Admission {
     }
 }
 
-/// Tells the client why and disconnects it. The `auth-error` is queued before the
-/// disconnect packet on the same ordered queue, so it always arrives first.
-fn reject(socket: &SocketRef, err: &AuthError) {
-    ::metrics::counter!(metrics::AUTH_FAILURES, "reason" => err.reason()).increment(1);
-    ::metrics::counter!(metrics::CONNECTIONS_TOTAL, "result" => "rejected").increment(1);
-    tracing::debug!(sid = %socket.id, reason = err.reason(), "rejected: {err}");
-    let _ = socket.emit("auth-error", &json!({"error": err.client_message()}));
+/// How long a refused client has to read its `auth-error` before its transport is closed.
+const REFUSAL_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Tells the client why (`auth-error`), disconnects it, and a moment later ends its
+/// session: the `auth-error` is queued before the disconnect packet on the same ordered
+/// queue, so it always arrives first, and a stock client closes its transport on that
+/// disconnect; one that keeps polling or answering pings has it closed for it.
+fn refuse(socket: &SocketRef, transports: &Transports, message: &str) {
+    let _ = socket.emit("auth-error", &json!({ "error": message }));
     let _ = socket.clone().disconnect();
+    let (socket, transports) = (socket.clone(), transports.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(REFUSAL_GRACE).await;
+        transports.end_session(&socket);
+    });
 }
 
 #[cfg(test)]

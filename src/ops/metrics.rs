@@ -31,6 +31,10 @@ pub const REPLAYS: &str = "fanout_replays_total";
 pub const REPLAYED_EVENTS: &str = "fanout_replayed_events_total";
 pub const RESYNCS: &str = "fanout_resyncs_total";
 pub const RETENTION_DELETED: &str = "fanout_events_deleted_total";
+pub const PUBLIC_CONNECTIONS: &str = "fanout_public_connections";
+pub const PENDING_SESSIONS: &str = "fanout_pending_sessions";
+pub const CONNECTIONS_REFUSED: &str = "fanout_connections_refused_total";
+pub const ACCEPT_ERRORS: &str = "fanout_accept_errors_total";
 
 /// Installs the process-wide recorder. Call once, before any metric is touched.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -145,4 +149,20 @@ fn describe() {
     );
     describe_counter!(RESYNCS, "resync-required sent to clients, by reason.");
     describe_counter!(RETENTION_DELETED, "Durable events deleted by retention.");
+    describe_gauge!(
+        PUBLIC_CONNECTIONS,
+        "Open TCP connections on the public listener (FANOUT_MAX_CONNECTIONS caps them)."
+    );
+    describe_gauge!(
+        PENDING_SESSIONS,
+        "Engine.IO sessions opened and not yet authenticated (FANOUT_MAX_PENDING_SESSIONS caps them)."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections and handshakes refused or closed by a limit, by reason (max_connections, max_pending, header_timeout)."
+    );
+    describe_counter!(
+        ACCEPT_ERRORS,
+        "Failed accept() calls on either listener (out of file descriptors, most likely)."
+    );
 }

@@ -19,6 +19,7 @@ use serde_json::json;
 
 use crate::bus::Bus;
 use crate::store::Store;
+use crate::transport::Transports;
 use shutdown::Shutdown;
 
 /// What `/readyz` and `/metrics` need to answer.
@@ -28,6 +29,8 @@ pub struct OpsState {
     /// The history, when configured: its state is reported, but does not make the
     /// replica unready (see `readyz`).
     pub store: Option<Store>,
+    /// The public connections, against their cap.
+    pub transports: Transports,
     pub shutdown: Shutdown,
     pub metrics: PrometheusHandle,
 }
@@ -41,11 +44,16 @@ pub fn router(state: OpsState) -> Router {
 }
 
 /// Why the replica should get no new connections, if it should not.
-fn unready(s: &OpsState) -> Option<&'static str> {
+fn unready(s: &OpsState) -> Option<String> {
     if s.shutdown.is_triggered() {
-        Some("shutting down")
+        Some("shutting down".into())
     } else if !s.bus.is_up() {
-        Some("redis subscriber is down; reconnecting")
+        Some("redis subscriber is down; reconnecting".into())
+    } else if s.transports.is_full() {
+        let (open, max) = s.transports.load();
+        Some(format!(
+            "public connection limit reached ({open} of FANOUT_MAX_CONNECTIONS={max}); new connections are refused"
+        ))
     } else {
         None
     }
@@ -57,7 +65,7 @@ fn unready(s: &OpsState) -> Option<&'static str> {
 /// taking every replica out of the load balancer would stop fan-out too.
 async fn readyz(State(s): State<OpsState>) -> Response {
     if let Some(reason) = unready(&s) {
-        return not_ready(reason);
+        return not_ready(&reason);
     }
     match &s.store {
         None => Json(json!({"status": "ready"})).into_response(),

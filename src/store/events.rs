@@ -87,6 +87,7 @@ impl Store {
                 user: user.and_then(|u| UserId::parse(u).ok()),
                 via_ingest: true,
                 seq: Some(seq as u64),
+                sig: None,
             });
         }
         Ok(Range {

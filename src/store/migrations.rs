@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "read_indexes",
         sql: include_str!("migrations/0003_read_indexes.sql"),
     },
+    Migration {
+        version: 4,
+        name: "bus_key",
+        sql: include_str!("migrations/0004_bus_key.sql"),
+    },
 ];
 
 /// The key of the advisory lock that serializes migrations: "fanout" in ASCII, as a number,

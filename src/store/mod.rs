@@ -19,8 +19,8 @@ pub mod read;
 pub mod retention;
 pub mod write;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -31,6 +31,7 @@ pub use migrations::{MIGRATIONS, Migration, migrate};
 
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
+use crate::protocol::BusKey;
 use crate::retry::{Backoff, RateLimit};
 
 /// Used when `DATABASE_URL` sets no `connect_timeout`, so an unreachable server is reported
@@ -132,6 +133,8 @@ pub struct Store {
     pool: Pool,
     migrated: Arc<AtomicBool>,
     health: Arc<Health>,
+    /// The key of signed envelopes, read once the schema is current.
+    bus_key: Arc<OnceLock<BusKey>>,
 }
 
 /// Whether PostgreSQL answers, as last seen. Any caller that sees a connection fail marks it
@@ -163,10 +166,16 @@ impl Store {
                 up: AtomicBool::new(false),
                 down: Notify::new(),
             }),
+            bus_key: Arc::new(OnceLock::new()),
         };
         ::metrics::gauge!(metrics::STORE_UP).set(0.0);
         tokio::spawn(store.clone().watch(target(config), shutdown));
         Ok(store)
+    }
+
+    /// The key durable envelopes are signed with; `None` until the database was reached.
+    pub fn bus_key(&self) -> Option<&BusKey> {
+        self.bus_key.get()
     }
 
     /// Whether the background migration has succeeded.
@@ -268,11 +277,16 @@ impl Store {
         let mut failures = 0u64;
         loop {
             let result = match self.pool.get().await {
-                Ok(mut client) => migrate(&mut client).await.map_err(|e| describe(&e)),
+                Ok(mut client) => match migrate(&mut client).await {
+                    Ok(applied) => read_bus_key(&client).await.map(|key| (applied, key)),
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| describe(&e)),
                 Err(e) => Err(describe(&e)),
             };
             match result {
-                Ok(applied) => {
+                Ok((applied, key)) => {
+                    let _ = self.bus_key.set(key);
                     self.migrated.store(true, Ordering::Release);
                     if applied.is_empty() {
                         tracing::info!(database = %target, "database is up to date");
@@ -305,6 +319,13 @@ impl Store {
             }
         }
     }
+}
+
+/// The history's envelope key (migration 4 made it).
+async fn read_bus_key(client: &tokio_postgres::Client) -> Result<BusKey, tokio_postgres::Error> {
+    let row = client.query_one("SELECT key FROM bus_key", &[]).await?;
+    let bytes: Vec<u8> = row.get(0);
+    Ok(BusKey::new(&bytes).expect("the bus_key table holds keys of 32 bytes or more"))
 }
 
 /// `1 (init), 2 (...)`: the migrations applied, for messages.

@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 use tokio_postgres::types::ToSql;
 
 use super::{Store, StoreError};
-use crate::protocol::{ExecutionStatus, OrgId};
+use crate::protocol::{ExecutionStatus, OrgId, TaskId};
 
 /// `timestamptz` column → RFC 3339 text in UTC with milliseconds (`null` stays `null`).
 macro_rules! utc {
@@ -91,7 +91,8 @@ impl Cursor {
         let plain = String::from_utf8(bytes).ok()?;
         let (version, rest) = plain.split_once(':')?;
         let (micros, task_id) = rest.split_once(':')?;
-        if version != CURSOR_VERSION || task_id.is_empty() {
+        // The task id goes to PostgreSQL: it must be one (no NUL or other control).
+        if version != CURSOR_VERSION || TaskId::parse(task_id).is_err() {
             return None;
         }
         // `parse` accepts a leading '+'; a cursor we made never has one.
@@ -206,7 +207,7 @@ pub async fn executions(
 pub async fn execution(
     store: &Store,
     org: &OrgId,
-    task_id: &str,
+    task_id: &TaskId,
 ) -> Result<Option<Box<RawValue>>, StoreError> {
     let client = store.client().await?;
     let statement = client
@@ -216,7 +217,7 @@ pub async fn execution(
         .await
         .map_err(|e| store.failed(&e))?;
     let row = client
-        .query_opt(&statement, &[&org.as_str(), &task_id])
+        .query_opt(&statement, &[&org.as_str(), &task_id.as_str()])
         .await
         .map_err(|e| store.failed(&e))?;
     row.map(|row| raw(row.get(0))).transpose()
@@ -227,7 +228,7 @@ pub async fn execution(
 pub async fn logs(
     store: &Store,
     org: &OrgId,
-    task_id: &str,
+    task_id: &TaskId,
     after_seq: i64,
     limit: u32,
 ) -> Result<LogPage, StoreError> {
@@ -243,7 +244,12 @@ pub async fn logs(
     let rows = client
         .query(
             &statement,
-            &[&org.as_str(), &task_id, &after_seq, &i64::from(limit)],
+            &[
+                &org.as_str(),
+                &task_id.as_str(),
+                &after_seq,
+                &i64::from(limit),
+            ],
         )
         .await
         .map_err(|e| store.failed(&e))?;

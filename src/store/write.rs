@@ -120,9 +120,7 @@ async fn commit_loop(
                 let mut messages = Vec::with_capacity(jobs.len());
                 let mut replies = Vec::with_capacity(jobs.len());
                 for (job, seq) in jobs.into_iter().zip(seqs) {
-                    let mut msg = job.msg;
-                    msg.seq = Some(seq);
-                    messages.push(msg);
+                    messages.push(numbered(&store, job.msg, seq));
                     replies.push(job.reply);
                 }
                 let _ = committed.send(Committed { messages, replies });
@@ -140,10 +138,8 @@ async fn commit_loop(
                     match commit_with_retry(&store, &one).await {
                         Ok(seqs) => {
                             let [job] = one;
-                            let mut msg = job.msg;
-                            msg.seq = Some(seqs[0]);
                             let _ = committed.send(Committed {
-                                messages: vec![msg],
+                                messages: vec![numbered(&store, job.msg, seqs[0])],
                                 replies: vec![job.reply],
                             });
                         }
@@ -161,6 +157,14 @@ async fn commit_loop(
             }
         }
     }
+}
+
+/// A committed message with its sequence number, signed so that receiving replicas believe
+/// the number (see [`crate::protocol::BusKey`]).
+fn numbered(store: &Store, mut msg: Message, seq: u64) -> Message {
+    msg.seq = Some(seq);
+    msg.sig = store.bus_key().and_then(|key| key.sign(&msg));
+    msg
 }
 
 async fn publish_loop(bus: Arc<Bus>, mut committed: mpsc::UnboundedReceiver<Committed>) {
@@ -416,6 +420,7 @@ mod tests {
                 user: user.map(|u| crate::protocol::UserId::parse(u).unwrap()),
                 via_ingest: true,
                 seq: None,
+                sig: None,
             },
             projection,
             reply: oneshot::channel().0,

@@ -1,0 +1,256 @@
+//! In front of Socket.IO: the middleware of the public router, and the sessions that have
+//! not authenticated yet.
+//!
+//! Opening an Engine.IO session costs one anonymous request, and each session costs the
+//! replica memory until it ends; unchecked, a flood of handshakes grows a replica by
+//! hundreds of megabytes. So a session that has not yet presented a valid token is
+//! *pending*, and pending sessions are bounded in number (`FANOUT_MAX_PENDING_SESSIONS`:
+//! past it a handshake is answered 503, and clients retry) and in lifetime
+//! (`FANOUT_HANDSHAKE_TIMEOUT`, socketioxide's connect timeout). A pending session is
+//! counted by a [`PendingSlot`] put in the extensions of the request that opens it:
+//! socketioxide keeps that request's head for the session's whole life, so the slot is freed
+//! when the session is dropped, however it ends, or earlier, when its token is verified.
+//!
+//! The middleware also remembers which connection carries each session (see
+//! [`crate::transport`]), refuses sessions fanout has ended, and detaches the head of
+//! every request that may open a session from hyper's read buffer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Json, Response};
+use serde_json::json;
+use socketioxide::extract::SocketRef;
+use socketioxide::socket::Sid;
+
+use crate::ops::metrics;
+use crate::transport::{Conn, Transports};
+
+/// What the middleware needs: the connections, and the count of pending sessions.
+#[derive(Clone)]
+pub struct Handshakes {
+    transports: Transports,
+    pending: Arc<Pending>,
+}
+
+struct Pending {
+    count: AtomicUsize,
+    max: usize,
+}
+
+/// One pending session's place in the count, held by the request head the session keeps.
+#[derive(Clone)]
+pub struct PendingSlot(Arc<Slot>);
+
+struct Slot {
+    pending: Arc<Pending>,
+    freed: AtomicBool,
+}
+
+impl Slot {
+    fn free(&self) {
+        if !self.freed.swap(true, Ordering::AcqRel) {
+            self.pending.count.fetch_sub(1, Ordering::AcqRel);
+            ::metrics::gauge!(metrics::PENDING_SESSIONS).decrement(1.0);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
+
+impl Handshakes {
+    pub fn new(transports: Transports, max_pending: usize) -> Self {
+        Self {
+            transports,
+            pending: Arc::new(Pending {
+                count: AtomicUsize::new(0),
+                max: max_pending,
+            }),
+        }
+    }
+
+    /// Sessions opened and not yet authenticated.
+    pub fn pending(&self) -> usize {
+        self.pending.count.load(Ordering::Acquire)
+    }
+
+    fn take_slot(&self) -> Option<PendingSlot> {
+        let pending = &self.pending;
+        pending
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < pending.max).then_some(n + 1)
+            })
+            .ok()?;
+        ::metrics::gauge!(metrics::PENDING_SESSIONS).increment(1.0);
+        Some(PendingSlot(Arc::new(Slot {
+            pending: pending.clone(),
+            freed: AtomicBool::new(false),
+        })))
+    }
+}
+
+/// `socket` presented a valid token: its session no longer counts as pending.
+pub fn authenticated(socket: &SocketRef) {
+    if let Some(PendingSlot(slot)) = socket.req_parts().extensions.get::<PendingSlot>() {
+        slot.free();
+    }
+}
+
+/// Middleware on the public router.
+pub async fn middleware(
+    State(handshakes): State<Handshakes>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    match session_id(req.uri().query()) {
+        Some(sid) => {
+            if handshakes.transports.is_ended(sid) {
+                // What Engine.IO answers for a session it does not know.
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({"code": 1, "message": "Session ID unknown"})),
+                )
+                    .into_response();
+            }
+            if let Some(ConnectInfo(conn)) = req.extensions().get::<ConnectInfo<Conn>>() {
+                handshakes.transports.record(sid, conn);
+            }
+        }
+        None => {
+            detach_head(&mut req);
+            if opens_session(&req) {
+                let Some(slot) = handshakes.take_slot() else {
+                    ::metrics::counter!(metrics::CONNECTIONS_REFUSED, "reason" => "max_pending")
+                        .increment(1);
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [(header::RETRY_AFTER, "1")],
+                        Json(json!({
+                            "error": "too many connections are authenticating on this replica; retry shortly"
+                        })),
+                    )
+                        .into_response();
+                };
+                req.extensions_mut().insert(slot);
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// An Engine.IO handshake: a request to the Socket.IO path that names no session.
+fn opens_session(req: &Request) -> bool {
+    req.uri().path().starts_with("/socket.io")
+        && req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("EIO=")))
+}
+
+/// Copies the URI and headers of a request into allocations of their own.
+///
+/// hyper parses them as slices of its 8-16 KiB connection read buffer, and socketioxide
+/// keeps the request head of the request that opened a session for the session's whole
+/// life; without the copy, every idle connection pins a read buffer (measured: 16 KiB of
+/// its ~30 KiB, see BENCHMARKS.md). The copy costs a few hundred bytes once per session.
+fn detach_head(req: &mut Request) {
+    use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
+    let headers = std::mem::take(req.headers_mut());
+    let mut fresh = HeaderMap::with_capacity(headers.len());
+    for (name, value) in &headers {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_str().as_bytes()),
+            HeaderValue::from_bytes(value.as_bytes()),
+        ) else {
+            continue;
+        };
+        fresh.append(name, value);
+    }
+    *req.headers_mut() = fresh;
+    if let Ok(uri) = Uri::try_from(req.uri().to_string()) {
+        *req.uri_mut() = uri;
+    }
+}
+
+fn session_id(query: Option<&str>) -> Option<Sid> {
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("sid="))
+        .and_then(|s| s.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detached_heads_keep_their_content_but_not_the_read_buffer() {
+        let buffer = bytes::Bytes::from(
+            "GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nx-custom: v\r\n".repeat(100),
+        );
+        let uri = axum::http::Uri::from_maybe_shared(buffer.slice(4..41)).unwrap();
+        let mut req = Request::builder()
+            .uri(uri)
+            .header(
+                "x-custom",
+                axum::http::HeaderValue::from_maybe_shared(buffer.slice(62..63)).unwrap(),
+            )
+            .body(axum::body::Body::empty())
+            .unwrap();
+        detach_head(&mut req);
+        assert_eq!(req.uri(), "/socket.io/?EIO=4&transport=websocket");
+        assert_eq!(req.headers()["x-custom"], "v");
+        // The request no longer holds a reference to the buffer: it is uniquely owned again.
+        assert!(buffer.is_unique(), "the read buffer is still referenced");
+    }
+
+    #[test]
+    fn finds_the_session_id() {
+        let sid = Sid::new();
+        let q = format!("EIO=4&transport=websocket&sid={sid}");
+        assert_eq!(session_id(Some(&q)), Some(sid));
+        assert_eq!(session_id(Some("EIO=4&transport=polling")), None);
+        assert_eq!(session_id(Some("sid=bad")), None);
+        assert_eq!(session_id(None), None);
+    }
+
+    #[test]
+    fn handshakes_are_engine_io_requests_without_a_session() {
+        let req = |uri: &str| {
+            Request::builder()
+                .uri(uri)
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        assert!(opens_session(&req("/socket.io/?EIO=4&transport=polling")));
+        assert!(opens_session(&req("/socket.io/?transport=websocket&EIO=4")));
+        assert!(!opens_session(&req("/v1/executions")));
+        assert!(!opens_session(&req("/socket.io/")));
+    }
+
+    #[test]
+    fn pending_slots_are_bounded_and_freed_once() {
+        let handshakes = Handshakes::new(Transports::new(10), 2);
+        let a = handshakes.take_slot().unwrap();
+        let b = handshakes.take_slot().unwrap();
+        assert!(handshakes.take_slot().is_none(), "the cap is 2");
+        // Freed by authentication, then dropped: counted once.
+        a.0.free();
+        let a_copy = a.clone();
+        drop(a);
+        drop(a_copy);
+        assert_eq!(handshakes.pending(), 1);
+        // Freed when the session (the last holder of its request head) is dropped.
+        drop(b);
+        assert_eq!(handshakes.pending(), 0);
+        assert!(handshakes.take_slot().is_some());
+    }
+}
