@@ -215,8 +215,9 @@ pub struct Message {
     pub sig: Option<Signature>,
 }
 
-/// Deepest nesting of arrays and objects accepted in a message's `data`: serde_json's own
-/// limit, which the HTTP ingest meets when it parses a body, applied to bus envelopes too.
+/// Deepest nesting of arrays and objects accepted in a message, its body or envelope object
+/// included: serde_json's own limit, which HTTP ingest meets when it parses a body, applied
+/// to bus envelopes too.
 pub const MAX_JSON_DEPTH: usize = 127;
 
 /// How deeply `json` nests arrays and objects. `json` must be valid JSON: brackets inside
@@ -350,7 +351,7 @@ pub enum EnvelopeError {
     Seq,
     #[error("bad \"sig\": must be 64 hex digits")]
     Sig,
-    #[error("\"data\" nests deeper than {MAX_JSON_DEPTH} levels")]
+    #[error("envelope nests deeper than {MAX_JSON_DEPTH} levels")]
     TooDeep,
 }
 
@@ -438,7 +439,8 @@ impl Message {
             .sig
             .map(|text| Signature::from_hex(text).ok_or(EnvelopeError::Sig))
             .transpose()?;
-        if json_depth(env.data.get()) > MAX_JSON_DEPTH {
+        // The envelope object is a level, as the body object is for HTTP ingest.
+        if json_depth(env.data.get()) + 1 > MAX_JSON_DEPTH {
             return Err(EnvelopeError::TooDeep);
         }
         // A negative, fractional or absurd `ts` is only a latency hint: ignore it.

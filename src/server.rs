@@ -171,6 +171,7 @@ pub async fn run(
         "fanout is listening"
     );
 
+    ops::memory::start(shutdown.clone());
     let internal_stop = Shutdown::new();
     let internal_task = tokio::spawn(serve::serve(
         Internal(internal),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use fanout::protocol::ExecutionStatus;
 use fanout::store::MIGRATIONS;
-use support::replica::{BIN, run_to_end};
+use support::replica::{bin, run_to_end};
 use support::*;
 
 /// Every migration, once, as `(version, name)`.
@@ -54,7 +54,7 @@ async fn concurrent_migrate_runs_apply_each_migration_once() {
     let db = TestDb::create().await;
     let children: Vec<_> = (0..3)
         .map(|_| {
-            Command::new(BIN)
+            Command::new(bin())
                 .arg("migrate")
                 .env_clear()
                 .env("DATABASE_URL", db.url())

@@ -8,6 +8,7 @@
 mod baseline;
 mod client;
 mod compare;
+mod hostile;
 mod http;
 mod ingest;
 mod message;
@@ -66,6 +67,9 @@ enum Command {
     /// same rate, group-commit batches, exactness. Starts its own Redis, fanout replicas and
     /// database.
     Ingest(IngestArgs),
+    /// What anonymous clients can make a replica spend: oversized WebSocket messages, a
+    /// handshake flood, descriptor exhaustion; for one or several builds side by side.
+    Hostile(HostileArgs),
     /// One process's share of a `connect` run too large for one open-file limit.
     #[command(hide = true)]
     ConnectShard(ShardArgs),
@@ -310,6 +314,32 @@ struct IngestArgs {
     redis_server: PathBuf,
 }
 
+#[derive(Args)]
+struct HostileArgs {
+    /// A build to measure, as LABEL=PATH (repeat to compare builds side by side) [default:
+    /// `fanout` next to this executable].
+    #[arg(long = "build")]
+    builds: Vec<String>,
+    /// Scenarios, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "oversize,flood,descriptors"
+    )]
+    scenarios: Vec<hostile::Scenario>,
+    /// Handshakes of the flood.
+    #[arg(long, default_value_t = 40_000)]
+    handshakes: u64,
+    /// Ports: the first build's replica listens on base (public) and base+1 (internal), the
+    /// next one on base+10, ...
+    #[arg(long, default_value_t = 17_800)]
+    base_port: u16,
+    /// Write everything as JSON to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -391,6 +421,32 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Ingest(a) => {
             let report = ingest::run(ingest_options(a)?).await?;
             ingest::finish(&report)
+        }
+        Command::Hostile(a) => {
+            let builds = if a.builds.is_empty() {
+                vec![("fanout".to_string(), fanout_bin(None)?)]
+            } else {
+                a.builds
+                    .iter()
+                    .map(|b| match b.split_once('=') {
+                        Some((label, path)) if !label.is_empty() => {
+                            Ok((label.to_string(), PathBuf::from(path)))
+                        }
+                        _ => Err(anyhow::anyhow!("--build {b:?}: expected LABEL=PATH")),
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            };
+            let report = hostile::run(hostile::Options {
+                builds,
+                scenarios: a.scenarios,
+                handshakes: a.handshakes,
+                base_port: a.base_port,
+            })
+            .await?;
+            for (title, table) in hostile::tables(&report) {
+                println!("\n{title}\n{}", table.render());
+            }
+            finish_scenario(a.out.as_deref(), &report, Vec::new())
         }
     }
 }

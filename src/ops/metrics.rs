@@ -32,6 +32,7 @@ pub const REPLAYED_EVENTS: &str = "fanout_replayed_events_total";
 pub const RESYNCS: &str = "fanout_resyncs_total";
 pub const RETENTION_DELETED: &str = "fanout_events_deleted_total";
 pub const PUBLIC_CONNECTIONS: &str = "fanout_public_connections";
+pub const PUBLIC_CONNECTIONS_LIMIT: &str = "fanout_public_connections_limit";
 pub const PENDING_SESSIONS: &str = "fanout_pending_sessions";
 pub const CONNECTIONS_REFUSED: &str = "fanout_connections_refused_total";
 pub const ACCEPT_ERRORS: &str = "fanout_accept_errors_total";
@@ -152,6 +153,10 @@ fn describe() {
     describe_gauge!(
         PUBLIC_CONNECTIONS,
         "Open TCP connections on the public listener (FANOUT_MAX_CONNECTIONS caps them)."
+    );
+    describe_gauge!(
+        PUBLIC_CONNECTIONS_LIMIT,
+        "The cap on public connections (FANOUT_MAX_CONNECTIONS, or the open-file limit less a reserve)."
     );
     describe_gauge!(
         PENDING_SESSIONS,

@@ -3,6 +3,7 @@
 //! These routes live on the internal listener with the ingest API, never on the public one:
 //! dashboards on the internet must not reach `/metrics` or the publish endpoints.
 
+pub mod memory;
 pub mod metrics;
 pub mod shutdown;
 

@@ -225,6 +225,7 @@ struct Ended {
 impl Transports {
     /// A registry for a listener that accepts at most `max_connections` at once.
     pub fn new(max_connections: usize) -> Self {
+        ::metrics::gauge!(metrics::PUBLIC_CONNECTIONS_LIMIT).set(max_connections as f64);
         Self {
             inner: Arc::new(Inner {
                 max_connections,

@@ -157,3 +157,22 @@ test("the public port serves Socket.IO only: no ingest, no metrics, no health", 
   await marker(fanout, "acme", [client]);
   assert.deepEqual(client.serverEvents(), ["auth-success", "marker"]);
 }));
+
+test("the payload limits let legitimate large messages through: a 64 KiB execution-log over WebSocket and polling, a 16 KiB token", scenario(async (bed) => {
+  const fanout = await bed.replica();
+  // A token with a large claim, as a backend with many roles might mint: well under maxPayload.
+  const claims = { organizationId: "acme", userId: "big", roles: "r".repeat(16 * 1024) };
+  const ws = await bed.join(fanout, claims, { transports: ["websocket"] });
+  const polling = await bed.join(fanout, { ...claims, userId: "big-polling" }, { transports: ["polling"] });
+  // The largest body FANOUT_MAX_PAYLOAD_BYTES (64 KiB) allows, most of it one log chunk.
+  const envelope = JSON.stringify({ organizationId: "acme", taskId: "t-big", log: "" });
+  const body = { organizationId: "acme", taskId: "t-big", log: "x".repeat(65536 - envelope.length) };
+  assert.equal(JSON.stringify(body).length, 65536);
+  assert.equal((await fanout.post("/executions/log", body)).status, 200);
+  assert.deepEqual(await ws.next("execution-log"), body);
+  assert.deepEqual(await polling.next("execution-log"), body);
+  // One byte more is refused, saying why.
+  const over = await fanout.post("/executions/log", { ...body, log: `${body.log}x` });
+  assert.equal(over.status, 413);
+  assert.match(over.body.error, /FANOUT_MAX_PAYLOAD_BYTES/);
+}));

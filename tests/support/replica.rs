@@ -19,14 +19,19 @@ use super::metrics::Metrics;
 use super::redis_server::RedisServer;
 use super::{INGEST_KEY, INGEST_KEY_NEXT, SECRET, SOON, free_port, valid_token};
 
-/// Path of the binary under test.
-pub const BIN: &str = env!("CARGO_BIN_EXE_fanout");
+/// Path of the binary under test: `FANOUT_BIN` when set (to run the suite against another
+/// build, such as one without a fix, to see its regression test fail), else this crate's.
+pub fn bin() -> String {
+    std::env::var("FANOUT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_fanout").to_string())
+}
 
 /// Settings of a replica before it starts. Defaults: `JWT_SECRET` = [`SECRET`], two ingest
 /// keys, `RUST_LOG=info`, in-process bus.
 pub struct ReplicaBuilder {
     name: String,
     env: BTreeMap<String, String>,
+    /// The open-file limit (soft and hard) the process starts with, if set.
+    nofile: Option<u64>,
 }
 
 pub struct Replica {
@@ -78,6 +83,12 @@ impl ReplicaBuilder {
         self
     }
 
+    /// Starts the process with this open-file limit, soft and hard (as `prlimit --nofile`).
+    pub fn descriptor_limit(mut self, limit: u64) -> Self {
+        self.nofile = Some(limit);
+        self
+    }
+
     /// Removes a default setting (e.g. `JWT_SECRET`, for dev mode).
     pub fn unset(mut self, key: &str) -> Self {
         self.env.remove(key);
@@ -103,7 +114,7 @@ impl ReplicaBuilder {
     /// not (e.g. while its Redis is down). Needs `RUST_LOG` to keep fanout's info lines.
     pub async fn spawn(self) -> Replica {
         for _ in 0..3 {
-            let mut replica = Replica::launch(&self.name, &self.env);
+            let mut replica = Replica::launch(&self.name, &self.env, self.nofile);
             let deadline = Instant::now() + SOON;
             loop {
                 // The log line comes after both binds: from then on, the ports are ours.
@@ -149,6 +160,7 @@ impl Replica {
         ReplicaBuilder {
             name: "replica".into(),
             env: env.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            nofile: None,
         }
     }
 
@@ -157,10 +169,28 @@ impl Replica {
         Self::builder().name(name).redis(redis).start().await
     }
 
-    fn launch(name: &str, env: &BTreeMap<String, String>) -> Self {
+    fn launch(name: &str, env: &BTreeMap<String, String>, nofile: Option<u64>) -> Self {
         let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let internal: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(bin());
+        if let Some(limit) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only an async-signal-safe system call between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlimit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command
             .env_clear()
             .envs(env)
             .env("FANOUT_LISTEN", public.to_string())
@@ -435,7 +465,7 @@ fn collect(stream: impl Read + Send + 'static) -> Arc<Mutex<String>> {
 /// Runs the binary to completion with `args` and exactly the environment `env`; panics if
 /// it is still running after 10 s (an invalid setting that was accepted, say).
 pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let child = Command::new(BIN)
+    let child = Command::new(bin())
         .args(args)
         .env_clear()
         .envs(env.iter().copied())

@@ -1,0 +1,36 @@
+//! Giving freed memory back to the operating system after a spike.
+//!
+//! glibc's allocator keeps what a burst freed (a flood of handshakes, a reconnect storm)
+//! mapped in its arenas: it only returns the top of each heap, and fragmentation keeps the
+//! top in use, so a replica's resident memory stays at its highest point ever and the
+//! orchestrator sees a replica that never shrinks. `malloc_trim(0)` releases the free pages
+//! inside every arena (`madvise(MADV_DONTNEED)`). It walks the arenas' free lists, which takes
+//! well under a millisecond when there is nothing to give back, so one task calls it every
+//! few seconds. Other allocators (musl, or a replacement) return memory by themselves; the
+//! task is then not started.
+
+use std::time::Duration;
+
+use crate::ops::shutdown::Shutdown;
+
+/// How often freed memory is handed back.
+const EVERY: Duration = Duration::from_secs(5);
+
+/// Starts the task (with glibc only).
+pub fn start(shutdown: Shutdown) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = shutdown.wait() => return,
+            }
+            // SAFETY: malloc_trim has no preconditions; it only releases free memory.
+            tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) });
+        }
+    });
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = shutdown;
+}
