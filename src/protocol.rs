@@ -643,7 +643,17 @@ mod tests {
                 Err(InvalidId::Reserved(_))
             ));
         }
-        for auth in ["auth-success", "auth-error", "auth-refresh", "auth-x"] {
+        for auth in [
+            "auth-success",
+            "auth-error",
+            "auth-refresh",
+            "auth-x",
+            "AUTH-SUCCESS",
+            "Auth-Error",
+            "CONNECT",
+            "Disconnect",
+            "newlistener",
+        ] {
             assert!(matches!(
                 EventName::parse(auth),
                 Err(InvalidId::Reserved(_))
@@ -718,6 +728,87 @@ mod tests {
         let big = format!(r#"{{"event":"e","data":"{}"}}"#, "x".repeat(100));
         let err = Message::from_envelope(org(), big.as_bytes(), 50).unwrap_err();
         assert_eq!(err.reason(), "too_large");
+    }
+
+    #[test]
+    fn json_depth_counts_brackets_outside_strings() {
+        assert_eq!(json_depth("1"), 0);
+        assert_eq!(json_depth("[]"), 1);
+        assert_eq!(json_depth(r#"{"a":[1,{"b":[]}],"c":{}}"#), 4);
+        let tricky = r#"["[[[[", "\"[[", "\\", {"k]]": "}}"}]"#;
+        assert!(serde_json::from_str::<serde_json::Value>(tricky).is_ok());
+        assert_eq!(json_depth(tricky), 2);
+        let deep = format!("{}{}", "[".repeat(127), "]".repeat(127));
+        assert_eq!(json_depth(&deep), 127);
+    }
+
+    #[test]
+    fn envelopes_nest_at_most_as_deep_as_http_bodies() {
+        let nested = |depth: usize| format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let envelope = |depth: usize| format!(r#"{{"event":"e","data":{}}}"#, nested(depth));
+        assert!(Message::from_envelope(org(), envelope(126).as_bytes(), 10_000).is_ok());
+        let err = Message::from_envelope(org(), envelope(127).as_bytes(), 10_000).unwrap_err();
+        assert_eq!(err.reason(), "too_deep");
+    }
+
+    fn durable(seq: u64) -> Message {
+        let mut msg = Message::from_envelope(
+            org(),
+            br#"{"event":"execution-log","data":{"taskId":"t1","log":"x"},"userId":"u1"}"#,
+            1000,
+        )
+        .unwrap();
+        msg.seq = Some(seq);
+        msg
+    }
+
+    #[test]
+    fn a_durable_envelope_is_believed_only_with_its_own_signature() {
+        let key = BusKey::new(&[7u8; 32]).unwrap();
+        let mut msg = durable(42);
+        assert!(!key.verify(&msg), "unsigned");
+        msg.sig = key.sign(&msg);
+        assert!(key.verify(&msg));
+        // The signature survives the envelope, and covers every part of it.
+        let again = Message::from_envelope(org(), &msg.to_envelope(), 1000).unwrap();
+        assert_eq!(again.sig, msg.sig);
+        assert!(key.verify(&again));
+        let tampered: [fn(&mut Message); 5] = [
+            |m| m.seq = Some(43),
+            |m| m.org = OrgId::parse("globex").unwrap(),
+            |m| m.user = None,
+            |m| m.event = EventName::parse("execution-updated").unwrap(),
+            |m| m.data = RawValue::from_string(r#"{"taskId":"t1","log":"y"}"#.into()).unwrap(),
+        ];
+        for tamper in tampered {
+            let mut forged = msg.clone();
+            tamper(&mut forged);
+            assert!(!key.verify(&forged), "{forged:?}");
+        }
+        let other = BusKey::new(&[8u8; 32]).unwrap();
+        assert!(!other.verify(&msg), "another history's key");
+        assert!(
+            BusKey::new(&[1u8; 16]).is_none(),
+            "keys are 32 bytes or more"
+        );
+    }
+
+    #[test]
+    fn signatures_are_64_hex_digits() {
+        let mut msg = durable(1);
+        msg.sig = BusKey::new(&[1u8; 32]).unwrap().sign(&msg);
+        let text = String::from_utf8(msg.to_envelope()).unwrap();
+        let sig = serde_json::from_str::<serde_json::Value>(&text).unwrap()["sig"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(sig.len(), 64);
+        assert!(sig.bytes().all(|b| b.is_ascii_hexdigit()));
+        for bad in ["00", "zz", &"0".repeat(63), &format!("{}é", "0".repeat(62))] {
+            let raw = format!(r#"{{"event":"e","data":1,"seq":1,"sig":"{bad}"}}"#);
+            let err = Message::from_envelope(org(), raw.as_bytes(), 1000).unwrap_err();
+            assert_eq!(err.reason(), "bad_sig", "{bad}");
+        }
     }
 
     #[test]

@@ -139,7 +139,11 @@ async fn replica(
         // prlimit sets the limit, then runs the replica in its place.
         Some(n) => (
             PathBuf::from("prlimit"),
-            vec![format!("--nofile={n}"), "--".into(), bin.display().to_string()],
+            vec![
+                format!("--nofile={n}"),
+                "--".into(),
+                bin.display().to_string(),
+            ],
         ),
         None => (bin.to_path_buf(), vec![]),
     };
@@ -323,7 +327,11 @@ async fn descriptors(label: &str, bin: &std::path::Path, port: u16) -> anyhow::R
     .await?;
     let mut idle = Vec::with_capacity(IDLE_CONNECTIONS);
     for _ in 0..IDLE_CONNECTIONS {
-        idle.push(TcpStream::connect(public).await.context("idle connection")?);
+        idle.push(
+            TcpStream::connect(public)
+                .await
+                .context("idle connection")?,
+        );
     }
     // Let the replica take them all (or fail trying).
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -354,7 +362,13 @@ async fn descriptors(label: &str, bin: &std::path::Path, port: u16) -> anyhow::R
             .await?;
         let mut buf = vec![0u8; 512];
         let n = tcp.read(&mut buf).await?;
-        anyhow::Ok(String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or("closed").to_string())
+        anyhow::Ok(
+            String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or("closed")
+                .to_string(),
+        )
     })
     .await
     {
@@ -416,7 +430,8 @@ pub fn tables(report: &Report) -> Vec<(String, Table)> {
             ]);
         }
         out.push((
-            "oversize: unauthenticated WebSockets, each a CONNECT of 3 unfinished 15 MB fragments".into(),
+            "oversize: unauthenticated WebSockets, each a CONNECT of 3 unfinished 15 MB fragments"
+                .into(),
             t,
         ));
     }
