@@ -177,14 +177,12 @@ pub async fn run(
         Internal(internal),
         internal_app,
         config.header_read_timeout,
-        "internal",
         internal_stop.clone(),
     ));
     let public_task = tokio::spawn(serve::serve(
         Listener::new(public, transports.clone()),
         public_app,
         config.header_read_timeout,
-        "public",
         shutdown.clone(),
     ));
 

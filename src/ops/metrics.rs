@@ -116,7 +116,7 @@ fn describe() {
     );
     describe_gauge!(
         READY,
-        "1 while /readyz answers 200, else 0 (Redis subscriber down, or shutting down)."
+        "1 while /readyz answers 200, else 0 (Redis subscriber down, public connection limit reached, or shutting down)."
     );
     describe_gauge!(
         STORE_UP,

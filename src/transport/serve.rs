@@ -33,13 +33,8 @@ pub const MAX_HEAD: usize = 32 * 1024;
 /// Serves `app` on `listener` until `stop`, then drains: in-flight requests finish, idle
 /// connections close, and this returns once every connection is gone. Each request carries
 /// `ConnectInfo<L::Addr>`.
-pub async fn serve<L>(
-    mut listener: L,
-    app: Router,
-    header_read_timeout: Duration,
-    name: &'static str,
-    stop: Shutdown,
-) where
+pub async fn serve<L>(mut listener: L, app: Router, header_read_timeout: Duration, stop: Shutdown)
+where
     L: Listener,
     L::Addr: Clone + Send + Sync + 'static,
 {
@@ -79,7 +74,7 @@ pub async fn serve<L>(
             if let Err(e) = result
                 && e.is_timeout()
             {
-                ::metrics::counter!(metrics::CONNECTIONS_REFUSED, "reason" => "header_timeout", "listener" => name)
+                ::metrics::counter!(metrics::CONNECTIONS_REFUSED, "reason" => "header_timeout")
                     .increment(1);
             }
         });
