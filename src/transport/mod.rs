@@ -425,11 +425,17 @@ mod tests {
         axum::serve::Listener::accept(listener).await
     }
 
-    #[tokio::test]
-    async fn killing_fails_pending_reads_and_closes_the_peer() {
+    /// A listener on a free loopback port, capped at `max`.
+    async fn listener(max: usize) -> (Listener, SocketAddr, Transports) {
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
-        let mut listener = Listener::new(tcp, Transports::new(10));
+        let transports = Transports::new(max);
+        (Listener::new(tcp, transports.clone()), addr, transports)
+    }
+
+    #[tokio::test]
+    async fn killing_fails_pending_reads_and_closes_the_peer() {
+        let (mut listener, addr, _) = listener(10).await;
         let client = tokio::spawn(async move {
             let mut c = TcpStream::connect(addr).await.unwrap();
             let mut buf = [0u8; 1];
@@ -458,10 +464,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_beyond_the_cap_are_answered_503_and_closed() {
-        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = tcp.local_addr().unwrap();
-        let transports = Transports::new(2);
-        let mut listener = Listener::new(tcp, transports.clone());
+        let (mut listener, addr, transports) = listener(2).await;
         let _c1 = TcpStream::connect(addr).await.unwrap();
         let _c2 = TcpStream::connect(addr).await.unwrap();
         let (s1, _) = accept(&mut listener).await;
@@ -490,10 +493,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_session_registry_holds_one_session_per_open_connection() {
-        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = tcp.local_addr().unwrap();
-        let transports = Transports::new(10);
-        let mut listener = Listener::new(tcp, transports.clone());
+        let (mut listener, addr, transports) = listener(10).await;
         let _c1 = TcpStream::connect(addr).await.unwrap();
         let _c2 = TcpStream::connect(addr).await.unwrap();
         let (s1, conn1) = accept(&mut listener).await;
