@@ -448,8 +448,13 @@ async fn a_refused_socket_loses_its_transport_within_a_second() {
         .await
         .unwrap();
     assert_eq!(post.status(), 200);
-    let poll = http.get(&url).send().await.unwrap().text().await.unwrap();
-    assert!(poll.contains("auth-error"), "{poll}");
+    // Polls until the auth-error arrives (an Engine.IO ping may come first).
+    let mut polled = String::new();
+    while !polled.contains("auth-error") {
+        let poll = http.get(&url).send().await.unwrap();
+        assert_eq!(poll.status(), 200, "{polled}");
+        polled.push_str(&poll.text().await.unwrap());
+    }
     let refused = eventually(
         "the session to be refused",
         Duration::from_secs(1),

@@ -10,6 +10,8 @@
 //! - `descriptors`: the replica under a descriptor limit of 1,100 and 1,150 idle TCP
 //!   connections to its public port: does the internal listener (readiness, ingest) answer,
 //!   how fast is a new client refused, how many `accept` errors.
+//! - `sids`: polling requests naming random (unknown) Engine.IO session ids, on keep-alive
+//!   connections: memory before and after (what fanout remembers per named session).
 //!
 //! Memory is the replica's resident set (`VmRSS`), sampled every 50 ms.
 
@@ -53,6 +55,7 @@ pub enum Scenario {
     Oversize,
     Flood,
     Descriptors,
+    Sids,
 }
 
 #[derive(Serialize, Default)]
@@ -60,6 +63,16 @@ pub struct Report {
     pub oversize: Vec<Oversize>,
     pub flood: Vec<Flood>,
     pub descriptors: Vec<Descriptors>,
+    pub sids: Vec<Sids>,
+}
+
+#[derive(Serialize)]
+pub struct Sids {
+    pub build: String,
+    pub requests: u64,
+    pub requests_per_s: f64,
+    pub rss_before_mib: f64,
+    pub rss_after_mib: f64,
 }
 
 #[derive(Serialize)]
@@ -120,6 +133,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                 Scenario::Descriptors => report
                     .descriptors
                     .push(descriptors(label, bin, port).await?),
+                Scenario::Sids => report.sids.push(sids(label, bin, port).await?),
             }
         }
     }
@@ -394,6 +408,45 @@ async fn descriptors(label: &str, bin: &std::path::Path, port: u16) -> anyhow::R
     })
 }
 
+const SID_REQUESTS: u64 = 470_000;
+const SID_CONNECTIONS: usize = 32;
+
+async fn sids(label: &str, bin: &std::path::Path, port: u16) -> anyhow::Result<Sids> {
+    let (proc, public, _) = replica(&format!("sids-{label}"), bin, port, None).await?;
+    let before = mib(procs::rss_kib(Some(proc.pid)));
+    let left = Arc::new(AtomicU64::new(SID_REQUESTS));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for connection in 0..SID_CONNECTIONS {
+        let left = left.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = HttpClient::new(public);
+            let mut n = connection as u64;
+            while left
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                // A well-formed sid (16 characters of base64url) that no session has.
+                n = n.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                let sid = format!("{:016x}", n);
+                let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+                let _ = client.request(Method::GET, &path, Bytes::new(), None).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Sids {
+        build: label.to_string(),
+        requests: SID_REQUESTS,
+        requests_per_s: SID_REQUESTS as f64 / seconds,
+        rss_before_mib: before,
+        rss_after_mib: mib(procs::rss_kib(Some(proc.pid))),
+    })
+}
+
 /// Runs `request` with a 5 s bound: its status (0 for no answer or an error), and the time.
 async fn timed(
     request: impl std::future::Future<Output = anyhow::Result<(u16, Bytes)>>,
@@ -491,6 +544,24 @@ pub fn tables(report: &Report) -> Vec<(String, Table)> {
         out.push((
             format!(
                 "descriptors: open-file limit {DESCRIPTOR_LIMIT}, {IDLE_CONNECTIONS} idle TCP connections to the public port (status 0: no answer in 5 s)"
+            ),
+            t,
+        ));
+    }
+    if !report.sids.is_empty() {
+        let mut t = Table::new(["build", "requests", "per s", "RSS before (MiB)", "after"]);
+        for r in &report.sids {
+            t.row([
+                r.build.clone(),
+                r.requests.to_string(),
+                num(Some(r.requests_per_s), 0),
+                num(Some(r.rss_before_mib), 1),
+                num(Some(r.rss_after_mib), 1),
+            ]);
+        }
+        out.push((
+            format!(
+                "sids: polling requests naming unknown session ids, on {SID_CONNECTIONS} keep-alive connections"
             ),
             t,
         ));

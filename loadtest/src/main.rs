@@ -325,7 +325,7 @@ struct HostileArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "oversize,flood,descriptors"
+        default_value = "oversize,flood,descriptors,sids"
     )]
     scenarios: Vec<hostile::Scenario>,
     /// Handshakes of the flood.
