@@ -560,3 +560,93 @@ async fn envelopes_from_redis_meet_the_json_depth_limit_of_http_ingest() {
         1.0
     );
 }
+
+/// A door in front of the test PostgreSQL: while shut, connections through it are dropped at
+/// once (as with PostgreSQL down); once opened, they are forwarded.
+struct Door {
+    url: String,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Door {
+    /// A shut door to `db`; `url` is the `DATABASE_URL` that goes through it.
+    async fn shut(db: &TestDb) -> Self {
+        use std::str::FromStr;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let config = tokio_postgres::Config::from_str(db.url()).unwrap();
+        let target = match &config.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(host) => {
+                format!("{host}:{}", config.get_ports().first().unwrap_or(&5432))
+            }
+            other => panic!("the test PostgreSQL is not on TCP: {other:?}"),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(false));
+        let gate = open.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !gate.load(Ordering::Acquire) {
+                    continue;
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        let user = config.get_user().unwrap_or("postgres");
+        let password = config
+            .get_password()
+            .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+            .unwrap_or_default();
+        let url = format!(
+            "postgres://{user}{password}@127.0.0.1:{port}/{}?connect_timeout=1",
+            config.get_dbname().unwrap()
+        );
+        Self { url, open }
+    }
+
+    fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_events_a_replica_cannot_verify_yet_are_dropped_then_its_clients_resync() {
+    let (redis, db, a) = durable().await;
+    // B shares Redis and the database, but cannot reach the database yet: it has no key to
+    // verify signatures with.
+    let door = Door::shut(&db).await;
+    let b = Replica::builder()
+        .name("b")
+        .redis(&redis)
+        .database_url(&door.url)
+        .start()
+        .await;
+    let mut bob = b.login("acme", "bob").await;
+    assert_eq!(post_update(&a, "t1").await, 1);
+    b.wait_metric(
+        "fanout_malformed_messages_total",
+        &[("reason", "unverified_seq")],
+        |v| v == 1.0,
+    )
+    .await;
+    assert!(bob.next(Duration::from_millis(300)).await.is_none());
+
+    // An outage longer than a gap fill keeps retrying (3 s): B's periodic tail check, not
+    // that fill, finds the database back. Then its clients are told they may have missed
+    // something, and live events flow again, verified.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    door.open();
+    b.wait_store_up().await;
+    let resync = bob.expect("resync-required", SOON).await;
+    assert_eq!(resync["reason"], "history_unavailable", "{resync}");
+    assert_eq!(resync["latestSeq"], 1, "{resync}");
+    assert_eq!(post_update(&a, "t2").await, 2);
+    let (_, data, seq) = bob.next_durable(QUICK).await;
+    assert_eq!((seq, &data["taskId"]), (Some(2), &json!("t2")), "{data}");
+}

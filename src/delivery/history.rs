@@ -263,7 +263,8 @@ impl History {
         }
     }
 
-    /// Compares every stream's cursor with the store and starts filling where behind.
+    /// Compares every stream's cursor with the store and starts filling where behind, or
+    /// where no cursor was read yet.
     pub(super) async fn check_tails(&self, delivery: &Arc<Delivery>) {
         let streams: Vec<Arc<Stream>> = self.streams.lock().unwrap().values().cloned().collect();
         if streams.is_empty() {
@@ -284,7 +285,8 @@ impl History {
                 continue;
             }
             state.known_last = state.known_last.max(known);
-            let behind = state.cursor.is_some_and(|c| c < state.known_last);
+            // A stream without a cursor (the store was down when it opened) gets one now.
+            let behind = state.cursor.is_none_or(|c| c < state.known_last);
             if behind && !state.filling {
                 state.filling = true;
                 tokio::spawn(delivery.clone().fill(stream.clone()));
