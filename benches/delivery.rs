@@ -102,7 +102,7 @@ impl Room {
         let elapsed = rt.block_on(async {
             let start = Instant::now();
             for _ in 0..count {
-                self.delivery.deliver(msg).await;
+                self.delivery.deliver_now(msg).await;
             }
             start.elapsed()
         });
@@ -163,7 +163,7 @@ fn deliver(c: &mut Criterion) {
         group.measurement_time(Duration::from_secs(secs));
         for (name, msg) in &messages {
             // Once: every socket receives the packet socketioxide encodes for this message.
-            rt.block_on(room.delivery.deliver(msg));
+            rt.block_on(room.delivery.deliver_now(msg));
             // The Socket.IO EVENT packet; the transport adds the Engine.IO message type `4`.
             let expected = format!(r#"2["{}",{}]"#, msg.event, msg.data.get());
             rt.block_on(room.drain(1, Some(&expected)));

@@ -2,6 +2,7 @@
 //!
 //! See `ARCHITECTURE.md` for the map of these modules and the invariants they keep.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod bus;

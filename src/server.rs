@@ -18,17 +18,18 @@ use socketioxide::SocketIo;
 use tokio::net::TcpListener;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::admin::{self, AdminState};
 use crate::api::{self, ApiState};
 use crate::auth::{IngestKeys, Verifier};
 use crate::bus::{Bus, RedisSettings};
 use crate::config::{Config, CorsOrigins};
 use crate::delivery::Delivery;
 use crate::gateway::{self, Expiry, Gateway, Handshakes};
+use crate::ingest::durable::Writer;
 use crate::ingest::{self, IngestState};
+use crate::ops;
 use crate::ops::shutdown::Shutdown;
-use crate::ops::{self, OpsState};
 use crate::presence::Presence;
-use crate::store::write::Writer;
 use crate::store::{Store, retention};
 use crate::transport::serve::{self, Internal};
 use crate::transport::{self, Listener, Transports};
@@ -151,7 +152,7 @@ pub async fn run(
         max_payload_bytes: config.max_payload_bytes,
         writer,
     })
-    .merge(ops::router(OpsState {
+    .merge(admin::router(AdminState {
         store: store.clone(),
         bus: bus.clone(),
         transports: transports.clone(),

@@ -2,19 +2,19 @@
 
 use std::sync::Arc;
 
-use crate::delivery::Delivery;
+use super::Sink;
 use crate::protocol::Message;
 
 pub struct MemoryBus {
-    delivery: Arc<Delivery>,
+    sink: Arc<dyn Sink>,
 }
 
 impl MemoryBus {
-    pub fn new(delivery: Arc<Delivery>) -> Self {
-        Self { delivery }
+    pub fn new(sink: Arc<dyn Sink>) -> Self {
+        Self { sink }
     }
 
     pub async fn publish(&self, msg: Message) {
-        self.delivery.dispatch(msg).await;
+        self.sink.clone().deliver(msg).await;
     }
 }

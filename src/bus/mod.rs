@@ -13,7 +13,8 @@ mod redis;
 
 use std::sync::Arc;
 
-use crate::delivery::Delivery;
+use futures_util::future::BoxFuture;
+
 use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
 use crate::protocol::{Message, OrgId};
@@ -27,6 +28,16 @@ pub enum BusError {
         "the bus is re-subscribing after a Redis outage; the message was not published, retry shortly"
     )]
     Resubscribing,
+}
+
+/// What the bus delivers to: every message that arrives for this replica's sockets. The bus
+/// knows nothing else of the replica, so a backend is a transport between publishers and
+/// a sink, and a sink can be anything that takes messages (a test's recorder, say).
+pub trait Sink: Send + Sync + 'static {
+    /// A message for the sockets of this replica.
+    fn deliver(self: Arc<Self>, msg: Message) -> BoxFuture<'static, ()>;
+    /// The bus was cut off and is back: whatever was published meanwhile never arrived.
+    fn reconnected(self: Arc<Self>);
 }
 
 pub struct Bus {
@@ -47,9 +58,9 @@ pub struct RedisSettings {
 
 impl Bus {
     /// The in-process bus: publishing delivers straight to this replica's sockets.
-    pub fn memory(delivery: Arc<Delivery>) -> Self {
+    pub fn memory(sink: Arc<dyn Sink>) -> Self {
         Self {
-            inner: Inner::Memory(memory::MemoryBus::new(delivery)),
+            inner: Inner::Memory(memory::MemoryBus::new(sink)),
         }
     }
 
@@ -58,13 +69,11 @@ impl Bus {
     pub fn redis(
         settings: RedisSettings,
         presence: Arc<Presence>,
-        delivery: Arc<Delivery>,
+        sink: Arc<dyn Sink>,
         shutdown: Shutdown,
     ) -> Result<Self, String> {
         Ok(Self {
-            inner: Inner::Redis(redis::RedisBus::start(
-                settings, presence, delivery, shutdown,
-            )?),
+            inner: Inner::Redis(redis::RedisBus::start(settings, presence, sink, shutdown)?),
         })
     }
 

@@ -26,8 +26,7 @@ use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{BusError, RedisSettings};
-use crate::delivery::Delivery;
+use super::{BusError, RedisSettings, Sink};
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
@@ -71,7 +70,7 @@ impl RedisBus {
     pub fn start(
         settings: RedisSettings,
         presence: Arc<Presence>,
-        delivery: Arc<Delivery>,
+        sink: Arc<dyn Sink>,
         shutdown: Shutdown,
     ) -> Result<Self, String> {
         let client = redis::Client::open(settings.url.as_str())
@@ -99,7 +98,7 @@ impl RedisBus {
             prefix: settings.prefix.clone(),
             max_payload: settings.max_payload_bytes,
             presence,
-            delivery,
+            sink,
             up: up.clone(),
             sessions: sessions.clone(),
             shutdown,
@@ -209,7 +208,7 @@ struct Subscriber {
     prefix: String,
     max_payload: usize,
     presence: Arc<Presence>,
-    delivery: Arc<Delivery>,
+    sink: Arc<dyn Sink>,
     up: Arc<AtomicBool>,
     sessions: Arc<AtomicU64>,
     shutdown: Shutdown,
@@ -241,7 +240,7 @@ impl Subscriber {
                 stream,
                 format!("{}org:", self.prefix),
                 self.max_payload,
-                self.delivery.clone(),
+                self.sink.clone(),
             ));
             let end = self
                 .session(
@@ -310,7 +309,7 @@ impl Subscriber {
             ::metrics::counter!(metrics::REDIS_RECONNECTS).increment(1);
             // Whatever was published while this replica was not subscribed is in the
             // history (if there is one): read it back now rather than at the next event.
-            self.delivery.bus_recovered();
+            self.sink.clone().reconnected();
         }
         *sessions += 1;
         backoff.reset();
@@ -406,7 +405,7 @@ async fn read_loop(
     mut stream: PubSubStream,
     org_prefix: String,
     max_payload: usize,
-    delivery: Arc<Delivery>,
+    sink: Arc<dyn Sink>,
 ) {
     let mut warn = RateLimit::new(Duration::from_secs(10));
     while let Some(msg) = stream.next().await {
@@ -429,7 +428,7 @@ async fn read_loop(
                 if !message.via_ingest {
                     ::metrics::counter!(metrics::PUBLISHED, "source" => "redis").increment(1);
                 }
-                delivery.dispatch(message).await;
+                sink.clone().deliver(message).await;
             }
             Err(e) => {
                 ::metrics::counter!(metrics::MALFORMED, "reason" => e.reason()).increment(1);

@@ -14,6 +14,7 @@ mod history;
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use socketioxide::extract::SocketRef;
 use socketioxide::{BroadcastError, SendError, SocketError, SocketIo};
@@ -21,6 +22,7 @@ use socketioxide::{BroadcastError, SendError, SocketError, SocketIo};
 use history::History;
 pub use history::Seam;
 
+use crate::bus::Sink;
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
@@ -62,12 +64,12 @@ impl Delivery {
         } else {
             // Without a history a `seq` means nothing here: clients never see one as `meta`.
             msg.seq = None;
-            self.deliver(&msg).await;
+            self.deliver_now(&msg).await;
         }
     }
 
     /// Emits `msg` to its room now, whatever its sequence number.
-    pub async fn deliver(&self, msg: &Message) {
+    pub async fn deliver_now(&self, msg: &Message) {
         self.emit_to_room(msg, None).await;
     }
 
@@ -132,6 +134,19 @@ impl Delivery {
     }
 }
 
+impl Sink for Delivery {
+    fn deliver(self: Arc<Self>, msg: Message) -> BoxFuture<'static, ()> {
+        Box::pin(async move { self.dispatch(msg).await })
+    }
+
+    /// Events published while the bus was down are read back from the store.
+    fn reconnected(self: Arc<Self>) {
+        if self.history.is_some() {
+            tokio::spawn(self.check_tails());
+        }
+    }
+}
+
 impl Delivery {
     /// Puts an authenticated socket in its rooms. With a store and a `last_seq`, the
     /// socket is held back from live durable events until [`Delivery::replay`] has sent
@@ -182,14 +197,6 @@ impl Delivery {
                     history.close_if_unused(&delivery.presence, &org).await;
                 }
             });
-        }
-    }
-
-    /// Called when the bus reconnected: events published meanwhile are read back from the
-    /// store.
-    pub fn bus_recovered(self: &Arc<Self>) {
-        if self.history.is_some() {
-            tokio::spawn(self.clone().check_tails());
         }
     }
 

@@ -1,46 +1,19 @@
-//! Durable ingest: group commit, then publish in sequence order.
-//!
-//! Every event accepted by the HTTP ingest gets the next sequence number of its
-//! organization and is committed, with the projections it changes, before it is published
-//! and before the worker is answered. One task (the *committer*) takes whatever requests are
-//! waiting and commits them in one transaction: a busy replica makes few, large commits, an
-//! idle one answers a lone request at once (there is no batching delay).
+//! The SQL of durable ingest: one group commit of a batch of events, in one statement.
 //!
 //! Why sequence numbers have no gaps: they come from `org_sequences`, incremented in the
 //! same transaction that inserts the events, so a rolled-back transaction gives its numbers
 //! back. The row lock taken by that increment also serializes the commits of one
 //! organization across replicas, so sequence order is commit order. Organizations are
-//! locked in sorted order, so two replicas' batches can never deadlock on each other.
-//!
-//! Why a separate publisher task: the committer can start the next transaction while the
-//! previous batch is on its way to the bus, yet batches are still published in the order
-//! they were committed. A replica therefore publishes each organization's events in
-//! sequence order; across replicas the order is restored by the receiving replicas
-//! (`delivery::history`), which also read back from the history whatever the bus lost.
-//!
-//! When the commit succeeds but the publish fails, the event is durable and keeps its
-//! number: the worker is told it was stored (`published: false`), it must not retry, and
-//! the replicas deliver it from the history (see `fanout_durable_unpublished_total`).
+//! locked in sorted order, so two replicas' batches can never deadlock on each other. The
+//! pipeline around it (batching, retries, publishing in order) is `ingest::durable`.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Instant;
 
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 
 use super::{Store, StoreError};
-use crate::bus::Bus;
-use crate::ops::metrics;
 use crate::protocol::{ExecutionStatus, Message};
-
-/// Most events in one transaction.
-const MAX_BATCH: usize = 512;
-/// Requests waiting for the committer; beyond this, `append` waits (back-pressure).
-const QUEUE: usize = 8192;
-/// Attempts of a batch that lost a deadlock or serialization conflict.
-const CONFLICT_ATTEMPTS: usize = 3;
 
 /// What an accepted event changes besides the event log.
 #[derive(Debug, Clone)]
@@ -57,184 +30,23 @@ pub enum Projection {
     Log { task: String },
 }
 
-/// The answer to an accepted event.
-#[derive(Debug, Clone, Copy)]
-pub struct Stored {
-    pub seq: u64,
-    /// Whether the bus acknowledged it (see the module doc for `false`).
-    pub published: bool,
+/// An event to commit: the message, and what it changes besides the event log.
+#[derive(Debug)]
+pub struct NewEvent {
+    pub msg: Message,
+    pub projection: Projection,
 }
 
-/// Hands events to the committer.
-#[derive(Clone)]
-pub struct Writer {
-    jobs: mpsc::Sender<Job>,
-}
-
-struct Job {
-    msg: Message,
-    projection: Projection,
-    reply: oneshot::Sender<Result<Stored, StoreError>>,
-}
-
-/// A committed batch on its way to the bus: messages carry their sequence numbers.
-struct Committed {
-    messages: Vec<Message>,
-    replies: Vec<oneshot::Sender<Result<Stored, StoreError>>>,
-}
-
-impl Writer {
-    /// Starts the committer and the publisher. They stop when every `Writer` is dropped.
-    pub fn start(store: Store, bus: Arc<Bus>) -> Self {
-        let (jobs, rx) = mpsc::channel(QUEUE);
-        let (committed_tx, committed_rx) = mpsc::unbounded_channel();
-        tokio::spawn(commit_loop(store, rx, committed_tx));
-        tokio::spawn(publish_loop(bus, committed_rx));
-        Self { jobs }
-    }
-
-    /// Commits `msg` (its `seq` is assigned here), publishes it, and says how it went.
-    pub async fn append(&self, msg: Message, projection: Projection) -> Result<Stored, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
-            msg,
-            projection,
-            reply,
-        };
-        let gone = || StoreError::Unavailable("the replica is shutting down".into());
-        self.jobs.send(job).await.map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
-    }
-}
-
-async fn commit_loop(
-    store: Store,
-    mut jobs: mpsc::Receiver<Job>,
-    committed: mpsc::UnboundedSender<Committed>,
-) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while jobs.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let jobs = std::mem::take(&mut batch);
-        match commit_with_retry(&store, &jobs).await {
-            Ok(seqs) => {
-                let mut messages = Vec::with_capacity(jobs.len());
-                let mut replies = Vec::with_capacity(jobs.len());
-                for (job, seq) in jobs.into_iter().zip(seqs) {
-                    messages.push(numbered(&store, job.msg, seq));
-                    replies.push(job.reply);
-                }
-                let _ = committed.send(Committed { messages, replies });
-            }
-            Err(BatchError::Unavailable(e)) => {
-                for job in jobs {
-                    let _ = job.reply.send(Err(StoreError::Unavailable(e.clone())));
-                }
-            }
-            Err(BatchError::Rejected(_)) if jobs.len() > 1 => {
-                // One event the database refuses must not fail the others: commit them
-                // one by one so only the culprit gets the error.
-                for job in jobs {
-                    let one = [job];
-                    match commit_with_retry(&store, &one).await {
-                        Ok(seqs) => {
-                            let [job] = one;
-                            let _ = committed.send(Committed {
-                                messages: vec![numbered(&store, job.msg, seqs[0])],
-                                replies: vec![job.reply],
-                            });
-                        }
-                        Err(e) => {
-                            let [job] = one;
-                            let _ = job.reply.send(Err(e.into()));
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                for job in jobs {
-                    let _ = job.reply.send(Err(e.clone().into()));
-                }
-            }
-        }
-    }
-}
-
-/// A committed message with its sequence number, signed so that receiving replicas believe
-/// the number (see [`crate::protocol::BusKey`]).
-fn numbered(store: &Store, mut msg: Message, seq: u64) -> Message {
-    msg.seq = Some(seq);
-    msg.sig = store.bus_key().and_then(|key| key.sign(&msg));
-    msg
-}
-
-async fn publish_loop(bus: Arc<Bus>, mut committed: mpsc::UnboundedReceiver<Committed>) {
-    while let Some(Committed { messages, replies }) = committed.recv().await {
-        let published = match bus.publish_batch(&messages).await {
-            Ok(()) => true,
-            Err(e) => {
-                ::metrics::counter!(metrics::UNPUBLISHED).increment(messages.len() as u64);
-                tracing::warn!(
-                    events = messages.len(),
-                    "committed events could not be published ({e}); replicas will deliver them from the history"
-                );
-                false
-            }
-        };
-        ::metrics::counter!(metrics::PUBLISHED, "source" => "http")
-            .increment(messages.len() as u64);
-        for (msg, reply) in messages.iter().zip(replies) {
-            let seq = msg.seq.expect("committed messages have a sequence number");
-            let _ = reply.send(Ok(Stored { seq, published }));
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-enum BatchError {
-    /// PostgreSQL is unreachable, or the transaction's outcome is unknown.
-    Unavailable(String),
-    /// PostgreSQL refused the data (a data exception): retrying will not help.
-    Rejected(String),
-}
-
-impl From<BatchError> for StoreError {
-    fn from(e: BatchError) -> Self {
-        match e {
-            BatchError::Unavailable(e) => StoreError::Unavailable(e),
-            BatchError::Rejected(e) => StoreError::Rejected(e),
-        }
-    }
-}
-
-async fn commit_with_retry(store: &Store, jobs: &[Job]) -> Result<Vec<u64>, BatchError> {
-    let mut attempt = 1;
-    loop {
-        let started = Instant::now();
-        match commit(store, jobs).await {
-            Ok(seqs) => {
-                ::metrics::histogram!(metrics::COMMIT_DURATION)
-                    .record(started.elapsed().as_secs_f64());
-                ::metrics::histogram!(metrics::COMMIT_BATCH).record(jobs.len() as f64);
-                ::metrics::counter!(metrics::DURABLE_EVENTS).increment(jobs.len() as u64);
-                return Ok(seqs);
-            }
-            Err(Failure::Conflict(e)) if attempt < CONFLICT_ATTEMPTS => {
-                tracing::debug!(attempt, "group commit conflicted ({e}); retrying");
-                attempt += 1;
-            }
-            Err(Failure::Conflict(e)) | Err(Failure::Other(e)) => {
-                return Err(BatchError::Unavailable(e));
-            }
-            Err(Failure::Store(e)) => return Err(BatchError::Unavailable(e.to_string())),
-            Err(Failure::Data(e)) => return Err(BatchError::Rejected(e)),
-        }
-    }
-}
-
-enum Failure {
+/// Why a batch was not committed.
+#[derive(Debug)]
+pub enum CommitError {
+    /// The store is unavailable (not migrated, no connection).
     Store(StoreError),
+    /// A deadlock or serialization conflict: the same batch may succeed if tried again.
     Conflict(String),
+    /// PostgreSQL refused the data (a data exception): retrying will not help.
     Data(String),
+    /// Anything else: the connection broke, or the outcome is unknown.
     Other(String),
 }
 
@@ -295,34 +107,34 @@ WITH input AS (
 )
 SELECT seq FROM numbered ORDER BY ord";
 
-/// Commits `jobs` in one statement; returns their sequence numbers, in order.
-async fn commit(store: &Store, jobs: &[Job]) -> Result<Vec<u64>, Failure> {
-    let client = store.client().await.map_err(Failure::Store)?;
-    let classify = |e: tokio_postgres::Error| -> Failure {
+/// Commits `events` in one statement; returns their sequence numbers, in order.
+pub async fn commit(store: &Store, events: &[NewEvent]) -> Result<Vec<u64>, CommitError> {
+    let client = store.client().await.map_err(CommitError::Store)?;
+    let classify = |e: tokio_postgres::Error| -> CommitError {
         let text = super::describe(&e);
         match e.code() {
             Some(c)
                 if *c == SqlState::T_R_DEADLOCK_DETECTED
                     || *c == SqlState::T_R_SERIALIZATION_FAILURE =>
             {
-                Failure::Conflict(text)
+                CommitError::Conflict(text)
             }
             // Class 22: data exception (e.g. a JSON string PostgreSQL cannot store).
-            Some(c) if c.code().starts_with("22") => Failure::Data(text),
+            Some(c) if c.code().starts_with("22") => CommitError::Data(text),
             _ => {
                 let _ = store.failed(&e);
-                Failure::Other(text)
+                CommitError::Other(text)
             }
         }
     };
-    let orgs: Vec<&str> = jobs.iter().map(|j| j.msg.org.as_str()).collect();
-    let events: Vec<&str> = jobs.iter().map(|j| j.msg.event.as_str()).collect();
-    let data: Vec<&str> = jobs.iter().map(|j| j.msg.data.get()).collect();
-    let users: Vec<Option<&str>> = jobs
+    let orgs: Vec<&str> = events.iter().map(|j| j.msg.org.as_str()).collect();
+    let names: Vec<&str> = events.iter().map(|j| j.msg.event.as_str()).collect();
+    let data: Vec<&str> = events.iter().map(|j| j.msg.data.get()).collect();
+    let users: Vec<Option<&str>> = events
         .iter()
         .map(|j| j.msg.user.as_ref().map(|u| u.as_str()))
         .collect();
-    let (kinds, tasks): (Vec<Option<&str>>, Vec<Option<&str>>) = jobs
+    let (kinds, tasks): (Vec<Option<&str>>, Vec<Option<&str>>) = events
         .iter()
         .map(|j| match (&j.projection, &j.msg.user) {
             (Projection::Update { task, .. }, None) => (Some("update"), Some(task.as_str())),
@@ -330,14 +142,14 @@ async fn commit(store: &Store, jobs: &[Job]) -> Result<Vec<u64>, Failure> {
             _ => (None, None),
         })
         .unzip();
-    let x = executions(jobs);
+    let x = executions(events);
     let statement = client.prepare_cached(COMMIT).await.map_err(classify)?;
     let rows = client
         .query(
             &statement,
             &[
                 &orgs,
-                &events,
+                &names,
                 &data,
                 &users,
                 &kinds,
@@ -367,14 +179,14 @@ struct ExecutionRows {
     data: Vec<String>,
 }
 
-fn executions(jobs: &[Job]) -> ExecutionRows {
+fn executions(events: &[NewEvent]) -> ExecutionRows {
     struct Merged {
         status: ExecutionStatus,
         started: bool,
         data: Map<String, Value>,
     }
     let mut merged: BTreeMap<(&str, &str), Merged> = BTreeMap::new();
-    for job in jobs {
+    for job in events {
         // User-targeted events stay private: they never reach the shared projections.
         let (Projection::Update { task, status, data }, None) = (&job.projection, &job.msg.user)
         else {
@@ -410,8 +222,8 @@ mod tests {
     use serde_json::json;
     use serde_json::value::RawValue;
 
-    fn job(org: &str, user: Option<&str>, projection: Projection) -> Job {
-        Job {
+    fn job(org: &str, user: Option<&str>, projection: Projection) -> NewEvent {
+        NewEvent {
             msg: Message {
                 org: crate::protocol::OrgId::parse(org).unwrap(),
                 event: crate::protocol::EventName::parse("execution-updated").unwrap(),
@@ -423,7 +235,6 @@ mod tests {
                 sig: None,
             },
             projection,
-            reply: oneshot::channel().0,
         }
     }
 

@@ -9,6 +9,8 @@
 //! and then published; an execution update must then carry a known status, because it also
 //! updates the `executions` projection.
 
+pub mod durable;
+
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -31,7 +33,8 @@ use crate::protocol::{
 };
 use crate::retry::RateLimit;
 use crate::store::StoreError;
-use crate::store::write::{Projection, Writer};
+use crate::store::write::Projection;
+use durable::Writer;
 
 #[derive(Clone)]
 pub struct IngestState {

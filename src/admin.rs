@@ -1,0 +1,105 @@
+//! The operators' routes on the internal listener: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! They live on the internal listener with the ingest API, never on the public one:
+//! dashboards on the internet must not reach `/metrics` or the publish endpoints.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+
+use crate::bus::Bus;
+use crate::ops::metrics;
+use crate::ops::shutdown::Shutdown;
+use crate::store::Store;
+use crate::transport::Transports;
+
+/// What `/readyz` and `/metrics` need to answer.
+#[derive(Clone)]
+pub struct AdminState {
+    pub bus: Arc<Bus>,
+    /// The history, when configured: its state is reported, but does not make the
+    /// replica unready (see `readyz`).
+    pub store: Option<Store>,
+    /// The public connections, against their cap.
+    pub transports: Transports,
+    pub shutdown: Shutdown,
+    pub metrics: PrometheusHandle,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(state)
+}
+
+/// Why the replica should get no new connections, if it should not.
+fn unready(s: &AdminState) -> Option<String> {
+    if s.shutdown.is_triggered() {
+        Some("shutting down".into())
+    } else if !s.bus.is_up() {
+        Some("redis subscriber is down; reconnecting".into())
+    } else if s.transports.is_full() {
+        let (open, max) = s.transports.load();
+        Some(format!(
+            "public connection limit reached ({open} of FANOUT_MAX_CONNECTIONS={max}); new connections are refused"
+        ))
+    } else {
+        None
+    }
+}
+
+/// Ready means "send me connections": shutting down or cut off from the bus is not.
+/// PostgreSQL being down is reported (`"store": "down"`) but keeps the replica ready:
+/// sockets still get every live message, only durable ingest and replay wait for it, and
+/// taking every replica out of the load balancer would stop fan-out too.
+async fn readyz(State(s): State<AdminState>) -> Response {
+    if let Some(reason) = unready(&s) {
+        return not_ready(&reason);
+    }
+    match &s.store {
+        None => Json(json!({"status": "ready"})).into_response(),
+        Some(store) if store.is_up() => {
+            Json(json!({"status": "ready", "store": "up"})).into_response()
+        }
+        Some(store) => Json(json!({
+            "status": "ready",
+            "store": "down",
+            "reason": if store.is_migrated() {
+                "PostgreSQL is unreachable: durable ingest answers 503 and replay sends resync-required until it is back"
+            } else {
+                "the database is not migrated yet (PostgreSQL unreachable?): durable ingest answers 503"
+            },
+        }))
+        .into_response(),
+    }
+}
+
+fn not_ready(reason: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"status": "not ready", "reason": reason})),
+    )
+        .into_response()
+}
+
+async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    // Set from the same condition as /readyz at each scrape, so the two cannot disagree.
+    let ready = if unready(&s).is_none() { 1.0 } else { 0.0 };
+    ::metrics::gauge!(metrics::READY).set(ready);
+    s.metrics.run_upkeep();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        s.metrics.render(),
+    )
+}
