@@ -47,6 +47,9 @@ const FILL_GIVE_UP: Duration = Duration::from_secs(3);
 pub(super) const TAIL_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Longest a replay may take, including waiting for a slow client's queue.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a first socket waits for its stream's first cursor (the first fill gives up
+/// after `FILL_GIVE_UP` anyway).
+const SETTLE_WAIT: Duration = Duration::from_secs(4);
 /// At most one warning per this interval about envelopes dropped for their signature.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// How long a client ahead of this replica (it saw events another replica delivered
@@ -74,6 +77,9 @@ struct Stream {
     state: tokio::sync::Mutex<State>,
     /// The cursor, for clients waiting for this replica to reach their `lastSeq`.
     cursor: watch::Sender<Option<u64>>,
+    /// Set once the first fill is over: the cursor was read from the store, or the store
+    /// could not be reached. A socket joins only then (see [`History::join`]).
+    settled: watch::Sender<bool>,
     /// Clients in the replay room; while there are none, broadcasts need no `except`.
     /// Incremented before a client joins the room, decremented when its [`Seam`] is
     /// dropped, which is after it left the room (or after it is gone).
@@ -159,6 +165,7 @@ impl History {
                 unverified: false,
             }),
             cursor: watch::Sender::new(None),
+            settled: watch::Sender::new(false),
             replaying: AtomicUsize::new(0),
         });
         streams.insert(org.clone(), stream.clone());
@@ -201,6 +208,11 @@ impl History {
                 break stream;
             }
         };
+        // The first socket of a stream waits for its cursor: read later, the cursor could
+        // already count an event committed after this socket's `auth-success` that the bus
+        // has not brought yet, and that event would then be dropped as delivered.
+        let mut settled = stream.settled.subscribe();
+        let _ = tokio::time::timeout(SETTLE_WAIT, settled.wait_for(|done| *done)).await;
         let _state = stream.state.lock().await;
         let seam = last_seq.map(|last_seq| {
             rooms.push(replay_room(org));
@@ -521,6 +533,14 @@ impl Delivery {
             .history
             .as_ref()
             .expect("only streams of a history fill");
+        // However this fill ends (panics included), joining sockets stop waiting for it.
+        struct Settle<'a>(&'a Stream);
+        impl Drop for Settle<'_> {
+            fn drop(&mut self) {
+                self.0.settled.send_replace(true);
+            }
+        }
+        let _settle = Settle(&stream);
         if stream.state.lock().await.cursor.is_some() {
             // Give events that are merely out of order the chance to arrive by themselves.
             tokio::time::sleep(GAP_WAIT).await;
@@ -568,6 +588,7 @@ impl Delivery {
                         let cursor = first_pending.map_or(last, |p| p.min(last));
                         state.cursor = Some(cursor);
                         stream.cursor.send_replace(state.cursor);
+                        stream.settled.send_replace(true);
                         if std::mem::take(&mut state.unverified) {
                             // Events were dropped unverified before the store was reached:
                             // the clients here cannot know which, so they refetch.
