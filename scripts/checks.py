@@ -1,4 +1,4 @@
-"""What the check scripts (deploy_check, observability_check, compose_check) share: the
+"""What the check scripts (deploy_check, observability_check, compose_check, render_k8s) share: the
 list of problems found, which lets every check run before the script fails with all of
 them, and the progress lines."""
 

@@ -1,23 +1,23 @@
 #!/usr/bin/env python3
-"""Checks of the deployment manifests (k8s/ and helm/fanout/); run by scripts/test-deploy.
+"""Checks of the deployment manifests (helm/fanout/ and k8s/); run by scripts/test-deploy.
 
-Given the output of `kubectl kustomize` for the base and every overlay, it:
+The chart is the source: k8s/base/ and k8s/observability/prometheusrule.yaml are its
+rendering (scripts/render-k8s, whose --check keeps them current), so the two cannot
+disagree. Given the output of `kubectl kustomize` for the base and every overlay, this:
 
 1. validates every object against the Kubernetes OpenAPI schemas (kubernetes-validate,
    strict: unknown fields are errors) of the oldest supported Kubernetes version (the
    chart's kubeVersion) and of the newest one the validator knows; the ServiceMonitor and
    the PrometheusRule, CRDs, against the subset of their schemas that we use;
 2. checks the rules the manifests exist to keep (probes on the internal port, shutdown
-   timings that add up, the Ingress never reaching the internal port, the PrometheusRule
-   carrying exactly k8s/observability/alerts.yaml's rules, ...) on every rendering, so a
-   later edit to one file cannot silently break them;
-3. lints and renders the Helm chart with Helm's own Go SDK (the helm-python-sdk wheel:
-   no helm binary needed), validates what it renders, and checks the chart's negative
-   paths (missing secrets, a conflicting setting);
-4. compares the chart rendered with ci/production-values.yaml to the production overlay,
-   object by object and field by field, after removing what legitimately differs (Helm's
-   bookkeeping labels, checksum annotations, kustomize's ConfigMap name suffix);
-5. checks the chart statically: every `.Values.x` a template reads exists in values.yaml,
+   timings that add up, the Ingress never reaching the internal port, proxy timeouts above
+   the Engine.IO ping, NetworkPolicy ports, the PrometheusRule carrying exactly
+   helm/fanout/files/alerts.yaml's rules, ...) on the kustomize output, overlays included,
+   and on the chart rendered with every ci/*-values.yaml (the defaults among them);
+3. lints and renders the chart with Helm's own Go SDK (the helm-python-sdk wheel: no helm
+   binary needed), validates what it renders, and checks the chart's negative paths
+   (missing secrets, a conflicting setting);
+4. checks the chart statically: every `.Values.x` a template reads exists in values.yaml,
    every value is read by a template, and every value is documented in the chart README
    (and nothing else is).
 """
@@ -37,33 +37,20 @@ import kubernetes_validate.utils
 import yaml
 
 from checks import Failures, step
+from render_k8s import render
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "fanout"
 K8S = ROOT / "k8s"
-# The alert rules: a plain Prometheus rules file, wrapped into a PrometheusRule by the
-# overlay (k8s/observability/) and by the chart.
-ALERTS = K8S / "observability" / "alerts.yaml"
+# The alert rules: a plain Prometheus rules file, which the chart's PrometheusRule carries.
+ALERTS = CHART / "files" / "alerts.yaml"
 
-# Names of the ports, as both renderings must define them.
+# Names of the ports, as every rendering must define them.
 PUBLIC_PORT = ("http", 3000)
 INTERNAL_PORT = ("internal", 3001)
 
-# Kinds the production overlay has and the chart leaves to Helm itself, with the reason.
-KUSTOMIZE_ONLY = {
-    "Namespace": "Helm creates the release namespace itself (helm install --create-namespace)",
-}
-
-# Kinds the overlays add to k8s/base, with where they come from.
-OVERLAY_ONLY = {
-    "PrometheusRule": "k8s/observability/, which the overlays include",
-}
-
-# Labels and annotations Helm adds for its own bookkeeping: not part of the comparison.
-HELM_LABELS = {"helm.sh/chart", "app.kubernetes.io/version", "app.kubernetes.io/managed-by"}
-
-
-
+# Kinds the overlays add to k8s/base: the PrometheusRule of k8s/observability/.
+OVERLAY_ONLY = {"PrometheusRule"}
 
 
 def load_docs(text: str) -> list[dict[str, Any]]:
@@ -626,7 +613,7 @@ def check_rules(name: str, docs: list[dict], required: set[str], failures: Failu
                     "scrapeTimeout must not exceed interval",
                 )
 
-    # PrometheusRule: exactly the rules of k8s/observability/alerts.yaml, which promtool
+    # PrometheusRule: exactly the rules of helm/fanout/files/alerts.yaml, which promtool
     # tests and plain Prometheus setups (docker-compose) load as is.
     groups = yaml.safe_load(ALERTS.read_text())["groups"]
     for rule in by_kind(docs, "PrometheusRule"):
@@ -634,8 +621,7 @@ def check_rules(name: str, docs: list[dict], required: set[str], failures: Failu
         failures.check(
             dig(rule, "spec", "groups") == groups,
             rw,
-            f"spec.groups must equal the groups of {ALERTS.relative_to(ROOT)} "
-            "(run scripts/observability_check.py --write)",
+            f"spec.groups must equal the groups of {ALERTS.relative_to(ROOT)}",
         )
 
 
@@ -643,12 +629,8 @@ def check_rules(name: str, docs: list[dict], required: set[str], failures: Failu
 
 
 def render_chart(values: dict) -> tuple[list[dict], str]:
-    import helm_python
-
-    chart = helm_python.Chart.load(CHART)
-    out = chart.render(values, name="fanout", namespace="fanout", is_install=True)
     docs, notes = [], ""
-    for path, text in sorted(out.items()):
+    for path, text in sorted(render(values).items()):
         if path.endswith("NOTES.txt"):
             notes = text
         elif path.endswith((".yaml", ".yml")):
@@ -677,82 +659,7 @@ def render_must_fail(values: dict, expected: str, where: str, failures: Failures
     failures.add(where, f"rendered, but must fail with {expected!r}")
 
 
-# --- 4. chart and overlay in step -------------------------------------------------------
-
-
-def normalize(docs: list[dict], hashed_names: dict[str, str]) -> dict[tuple[str, str], dict]:
-    """Objects keyed by (kind, name), without what legitimately differs between the two."""
-
-    def rename(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: rename(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [rename(v) for v in node]
-        return hashed_names.get(node, node) if isinstance(node, str) else node
-
-    def strip_meta(meta: dict) -> None:
-        meta.pop("namespace", None)
-        labels = {k: v for k, v in meta.get("labels", {}).items() if k not in HELM_LABELS}
-        if labels:
-            meta["labels"] = labels
-        else:
-            meta.pop("labels", None)
-        annotations = {
-            k: v for k, v in meta.get("annotations", {}).items() if not k.startswith("checksum/")
-        }
-        if annotations:
-            meta["annotations"] = annotations
-        else:
-            meta.pop("annotations", None)
-
-    result = {}
-    for doc in docs:
-        doc = rename(copy.deepcopy(doc))
-        strip_meta(doc["metadata"])
-        template = dig(doc, "spec", "template", "metadata")
-        if isinstance(template, dict):
-            strip_meta(template)
-        result[(doc["kind"], doc["metadata"]["name"])] = doc
-    return result
-
-
-def differences(a: Any, b: Any, path: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in sorted(set(a) | set(b), key=str):
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in a:
-                out.append(f"{sub}: only in the chart ({b[key]!r})")
-            elif key not in b:
-                out.append(f"{sub}: only in the overlay ({a[key]!r})")
-            else:
-                out.extend(differences(a[key], b[key], sub))
-        return out
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{path}[{i}]")]
-    return [] if a == b else [f"{path}: overlay {a!r}, chart {b!r}"]
-
-
-def compare(overlay: list[dict], chart: list[dict], failures: Failures) -> None:
-    hashed = {}
-    for cm in by_kind(overlay, "ConfigMap"):
-        name = cm["metadata"]["name"]
-        hashed[name] = re.sub(r"-[a-z0-9]{10}$", "", name)
-    left = normalize(overlay, hashed)
-    right = normalize(chart, {})
-    for key in sorted(set(left) | set(right)):
-        where = f"chart vs k8s/overlays/production: {key[0]}/{key[1]}"
-        if key not in right:
-            if key[0] not in KUSTOMIZE_ONLY:
-                failures.add(where, "only in the overlay")
-        elif key not in left:
-            failures.add(where, "only in the chart")
-        else:
-            for d in differences(left[key], right[key]):
-                failures.add(where, d)
-
-
-# --- 5. the chart, statically -----------------------------------------------------------
+# --- 4. the chart, statically -----------------------------------------------------------
 
 VALUES_REF = re.compile(r"\.Values((?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
 
@@ -817,7 +724,7 @@ def check_chart_statically(failures: Failures) -> None:
 
 # --- main -------------------------------------------------------------------------------
 
-# Every kind both renderings have, with the chart value that turns it on (None: always).
+# Every kind the manifests have, with the chart value that turns it on (None: always).
 KIND_TOGGLES = {
     "ServiceAccount": "serviceAccount.create",
     "ConfigMap": None,
@@ -862,17 +769,13 @@ def main() -> int:
     step(
         f"kustomize output: schemas of Kubernetes {' and '.join(versions)} (strict), and the rules"
     )
-    rendered = {}
     for item in args.rendered:
         directory, _, file = item.partition("=")
         docs = load_docs(Path(file).read_text())
-        rendered[directory] = docs
         validate_schemas(directory, docs, versions, failures)
-        required = ALL_KINDS
-        if not directory.startswith("k8s/overlays/"):
-            required = ALL_KINDS - set(OVERLAY_ONLY)
-        check_rules(directory, docs, required, failures)
-    validator_self_test(next(iter(rendered.values())), versions)
+        overlay = directory.startswith("k8s/overlays/")
+        check_rules(directory, docs, ALL_KINDS if overlay else ALL_KINDS - OVERLAY_ONLY, failures)
+    validator_self_test(docs, versions)
     example = K8S / "secret.example.yaml"
     validate_schemas(
         str(example.relative_to(ROOT)), load_docs(example.read_text()), versions, failures
@@ -884,7 +787,6 @@ def main() -> int:
         p.stem: yaml.safe_load(p.read_text()) or {}
         for p in sorted((CHART / "ci").glob("*-values.yaml"))
     }
-    chart_docs = {}
     for label, values in ci_values.items():
         where = f"helm/fanout with ci/{label}.yaml"
         lint_chart(values, where, failures)
@@ -893,7 +795,6 @@ def main() -> int:
         except Exception as e:  # helm_python.HelmError: a template or the chart is broken
             failures.add(where, f"helm template: {e}")
             continue
-        chart_docs[label] = docs
         failures.check("fanout" in notes, where, "NOTES.txt rendered empty")
         validate_schemas(where, docs, versions, failures)
         merged = merge(chart_defaults, values)
@@ -925,14 +826,6 @@ def main() -> int:
         check_rules("helm/fanout with shutdown.timeoutSeconds 40", docs, set(), failures)
     except Exception as e:
         failures.add("helm/fanout with shutdown.timeoutSeconds 40", f"helm template: {e}")
-
-    step("helm chart vs k8s/overlays/production: same objects, same fields")
-    if "k8s/overlays/production" not in rendered or "production-values" not in chart_docs:
-        failures.add(
-            "compare", "needs k8s/overlays/production and helm/fanout/ci/production-values.yaml"
-        )
-    else:
-        compare(rendered["k8s/overlays/production"], chart_docs["production-values"], failures)
 
     step("helm chart: .Values references, unused values, README")
     check_chart_statically(failures)

@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
-"""Checks of the alert rules and the Grafana dashboard (k8s/observability/); run by
-scripts/test-deploy, after `promtool check rules` and `promtool test rules`.
+"""Checks of the alert rules (helm/fanout/files/alerts.yaml, their one copy) and of the
+Grafana dashboard (k8s/observability/grafana/); run by scripts/test-deploy, after
+`promtool check rules` and `promtool test rules`.
 
-1. alerts.yaml: every expression names only metrics that src/ops/metrics.rs defines (or
+1. The rules: every expression names only metrics that src/ops/metrics.rs defines (or
    Prometheus' own `up`); every alert has a `for`, a severity, a summary, a description and
    a `runbook` annotation naming its section of k8s/observability/README.md; every alert
-   has a case where it fires and one where it stays quiet in alerts.test.yaml, whose
-   alert names must all exist (promtool passes a misspelt name that expects no alert).
-2. The generated copies of alerts.yaml are up to date: k8s/observability/prometheusrule.yaml
-   (a PrometheusRule for kustomize, whose spec.groups are alerts.yaml's groups) and
-   helm/fanout/files/alerts.yaml (read by the chart). `--write` regenerates both.
-3. grafana/fanout-dashboard.json: valid JSON, unique panel ids, panels that do not overlap,
+   has a case where it fires and one where it stays quiet in
+   k8s/observability/alerts.test.yaml, whose alert names must all exist (promtool passes a
+   misspelt name that expects no alert). The PrometheusRule that carries them is the
+   chart's; its rendering for kustomize is kept current by scripts/render-k8s --check.
+2. grafana/fanout-dashboard.json: valid JSON, unique panel ids, panels that do not overlap,
    the templated Prometheus datasource on every panel and query, the job and instance
    filters on every selector, only metrics of metrics.rs, every metric of metrics.rs on
    some panel (or listed in NOT_GRAPHED with the reason), and every query accepted by
@@ -34,13 +34,11 @@ from checks import Failures
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS_RS = ROOT / "src" / "ops" / "metrics.rs"
+ALERTS = ROOT / "helm" / "fanout" / "files" / "alerts.yaml"
 OBS = ROOT / "k8s" / "observability"
-ALERTS = OBS / "alerts.yaml"
 ALERTS_TEST = OBS / "alerts.test.yaml"
-PROMETHEUS_RULE = OBS / "prometheusrule.yaml"
 README = OBS / "README.md"
 DASHBOARD = OBS / "grafana" / "fanout-dashboard.json"
-CHART_ALERTS = ROOT / "helm" / "fanout" / "files" / "alerts.yaml"
 
 # Series that Prometheus itself adds to every target, which the rules and panels may use.
 PROMETHEUS_SERIES = {"up"}
@@ -194,63 +192,7 @@ def check_alerts(known: dict[str, str], failures: Failures) -> None:
         failures.check(name in quiet, rel(ALERTS_TEST), f"no case where {name} stays quiet")
 
 
-# --- 2. generated copies ----------------------------------------------------------------
-
-PROMETHEUS_RULE_HEADER = """\
-# Generated from alerts.yaml by `scripts/observability_check.py --write`: edit alerts.yaml,
-# not this file (scripts/test-deploy fails when the two differ).
-#
-# Prometheus Operator: fanout's alert rules. Needs the monitoring.coreos.com CRDs; the
-# Prometheus must select this object (its ruleSelector often wants a label such as
-# `release: <its release name>`).
-apiVersion: monitoring.coreos.com/v1
-kind: PrometheusRule
-metadata:
-  name: fanout
-  labels:
-    app.kubernetes.io/name: fanout
-    app.kubernetes.io/instance: fanout
-spec:
-"""
-
-CHART_ALERTS_HEADER = """\
-# A copy of k8s/observability/alerts.yaml, which the chart cannot read from outside its
-# directory; `scripts/observability_check.py --write` makes it. Edit that file, not this one.
-#
-"""
-
-
-def generated() -> dict[Path, str]:
-    text = ALERTS.read_text()
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.startswith("groups:")), None)
-    if start is None:
-        raise SystemExit(f"{rel(ALERTS)}: no top-level `groups:`")
-    body = "".join("  " + line if line.strip() else line for line in lines[start:])
-    return {
-        PROMETHEUS_RULE: PROMETHEUS_RULE_HEADER + body,
-        CHART_ALERTS: CHART_ALERTS_HEADER + text,
-    }
-
-
-def check_generated(write: bool, failures: Failures) -> None:
-    groups = yaml.safe_load(ALERTS.read_text())["groups"]
-    for path, text in generated().items():
-        if write:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        elif not path.exists() or path.read_text() != text:
-            failures.add(
-                rel(path),
-                f"out of date with {rel(ALERTS)}: run scripts/observability_check.py --write",
-            )
-            continue
-        doc = yaml.safe_load(path.read_text())
-        copy = doc["spec"]["groups"] if path == PROMETHEUS_RULE else doc["groups"]
-        failures.check(copy == groups, rel(path), f"groups differ from {rel(ALERTS)}")
-
-
-# --- 3. the dashboard -------------------------------------------------------------------
+# --- 2. the dashboard -------------------------------------------------------------------
 
 
 def panels_of(node: dict) -> list[dict]:
@@ -395,11 +337,6 @@ def dig_list(node: dict, *path: str) -> list:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--write",
-        action="store_true",
-        help=f"regenerate {rel(PROMETHEUS_RULE)} and {rel(CHART_ALERTS)} from {rel(ALERTS)}",
-    )
     parser.add_argument("--promtool", default="promtool", help="the promtool binary")
     args = parser.parse_args()
     promtool = shutil.which(args.promtool)
@@ -410,8 +347,6 @@ def main() -> int:
     known = known_metrics()
     print(f"  - {rel(ALERTS)}: metric names, annotations, runbooks, test coverage", flush=True)
     check_alerts(known, failures)
-    print(f"  - generated copies of {rel(ALERTS)}", flush=True)
-    check_generated(args.write, failures)
     print(f"  - {rel(DASHBOARD)}: panels, variables, metric names, promtool's parser", flush=True)
     check_dashboard(known, promtool, failures)
 
