@@ -6,12 +6,10 @@
 //! expired token`), always followed by a Socket.IO DISCONNECT; the detailed reason only
 //! goes to metrics.
 
-mod support;
-
 use std::time::Duration;
 
+use fanout_testkit::*;
 use serde_json::{Value, json};
-use support::*;
 
 fn claims(org: Value, user: Value, exp: u64) -> Value {
     json!({"organizationId": org, "userId": user, "role": "admin", "exp": exp})

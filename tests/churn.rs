@@ -7,13 +7,11 @@
 //! starves dashboards; a leaked one wastes Redis), and every remaining socket must get
 //! its organization's next message once.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
+use fanout_testkit::*;
 use serde_json::{Value, json};
-use support::*;
 
 const ORGS: usize = 30;
 const WORKERS_PER_ORG: usize = 3;

@@ -2,12 +2,10 @@
 //! tokens the replicas accept, and with no key configured fanout runs in a dev mode that
 //! prints everything needed to try it.
 
-mod support;
-
+use fanout_testkit::replica::run_to_end;
+use fanout_testkit::*;
 use jsonwebtoken::{DecodingKey, Validation};
 use serde_json::{Value, json};
-use support::replica::run_to_end;
-use support::*;
 
 /// A valid environment for `fanout serve`, on ports nothing listens on.
 fn base_env() -> Vec<(String, String)> {

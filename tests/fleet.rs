@@ -7,11 +7,9 @@
 //! And the invariant of the Redis bus: a replica is subscribed to an organization's channel
 //! exactly while it holds a socket of that organization.
 
-mod support;
-
+use fanout_testkit::*;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use support::*;
 
 fn channel(org: &str) -> String {
     format!("fanout:org:{org}")

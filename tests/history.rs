@@ -2,13 +2,11 @@
 //! reconnect and `resync-required`, against a real PostgreSQL (a database per test) and,
 //! for fleets, a real redis-server.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use fanout_testkit::*;
 use serde_json::{Value, json};
-use support::*;
 
 async fn durable_replica(db: &TestDb) -> Replica {
     Replica::builder().database(db).start_with_store().await

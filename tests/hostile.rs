@@ -2,14 +2,12 @@
 //! limits that stop it. One test per defect of the hostile-input review; each fails on a
 //! build without its fix (run the suite with `FANOUT_BIN` naming such a build to see it).
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use fanout_testkit::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -255,7 +253,7 @@ async fn past_the_connection_cap_new_connections_are_refused_fast_and_readiness_
 #[tokio::test]
 async fn with_the_descriptor_limit_reached_the_internal_listener_still_answers() {
     // As reproduced with `prlimit --nofile=1100` and 1,150 idle TCP sockets.
-    raise_descriptor_limit();
+    raise_nofile_limit(2_048);
     let r = Replica::builder()
         .descriptor_limit(1100)
         .env("FANOUT_HEADER_READ_TIMEOUT", "60s")

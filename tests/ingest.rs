@@ -4,10 +4,8 @@
 //! bus, 4xx with a JSON `error` that says what to fix, 503 when the bus is unreachable.
 //! Refused requests deliver nothing (checked with a marker message after them).
 
-mod support;
-
+use fanout_testkit::*;
 use serde_json::{Value, json};
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_endpoint_delivers_its_event() {

@@ -7,15 +7,13 @@
 //! The random choices come from a seeded generator; a failure prints the seed, and
 //! `FANOUT_TEST_SEED=<seed>` replays the same choices.
 
-mod support;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use fanout_testkit::*;
 use serde_json::{Value, json};
-use support::*;
 
 const ORGS: [&str; 3] = ["acme", "globex", "initech"];
 const CLIENTS_PER_ORG: usize = 3;
@@ -57,7 +55,7 @@ async fn every_client_sees_every_event_once_in_order_across_random_reconnects() 
     let seed = std::env::var("FANOUT_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| support::now_secs() ^ 0x9E37_79B9_7F4A_7C15);
+        .unwrap_or_else(|| fanout_testkit::now_secs() ^ 0x9E37_79B9_7F4A_7C15);
     eprintln!("seed: {seed} (FANOUT_TEST_SEED={seed} replays these choices)");
 
     let redis = RedisServer::start().await;
@@ -159,14 +157,14 @@ async fn every_client_sees_every_event_once_in_order_across_random_reconnects() 
                             _ = finished.changed(), if total.is_none() => break,
                         };
                         match packet {
-                            Some(support::client::Packet::Durable(_, data, seq)) => {
+                            Some(fanout_testkit::client::Packet::Durable(_, data, seq)) => {
                                 if data["organizationId"] != *org {
                                     seen.foreign.push(data);
                                 }
                                 seen.seqs.push(seq);
                                 taken += 1;
                             }
-                            Some(support::client::Packet::Event(name, data))
+                            Some(fanout_testkit::client::Packet::Event(name, data))
                                 if name == "resync-required" =>
                             {
                                 seen.resyncs.push(data);

@@ -1,12 +1,10 @@
 //! Failures a replica must live through: Redis going away and coming back, a dashboard
 //! that stops reading, and being stopped for a deploy.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use fanout_testkit::*;
 use serde_json::{Value, json};
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_is_survived() {

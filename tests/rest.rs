@@ -4,15 +4,13 @@
 //! through HTTP with the dashboards' JWT. What matters most: the organization is the
 //! token's, and nothing (route, parameter, cursor) reaches another organization's rows.
 
-mod support;
-
 use std::str::FromStr;
 
+use fanout_testkit::replica::{Reply, reply};
+use fanout_testkit::*;
 use reqwest::Method;
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::{Value, json};
-use support::replica::{Reply, reply};
-use support::*;
 
 const STATUSES: &str = "PENDING, RUNNING, PASSED, FAILED, ERROR, CANCELLED";
 

@@ -6,15 +6,13 @@
 //! Each test gets its own database on the server of `FANOUT_TEST_DATABASE_URL`, or its own
 //! server ([`PgServer`]) when it stops PostgreSQL.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fanout::protocol::ExecutionStatus;
 use fanout::store::MIGRATIONS;
-use support::replica::{bin, run_to_end};
-use support::*;
+use fanout_testkit::replica::{bin, run_to_end};
+use fanout_testkit::*;
 
 /// Every migration, once, as `(version, name)`.
 fn all_migrations() -> Vec<(i32, String)> {

@@ -8,22 +8,23 @@
 //!
 //! It is built for memory and CPU, not features: no per-connection channels or helper
 //! tasks, a 4 KiB read buffer instead of tungstenite's 128 KiB default (50,000 connections
-//! would otherwise reserve gigabytes), frames handed to the caller as borrowed bytes.
+//! would otherwise reserve gigabytes), frames handed to the caller as borrowed bytes. That
+//! is why it is not the tests' client of `fanout_testkit`, which has a task and channels per
+//! connection: the two share the protocol (`fanout_testkit::socketio`: the handshake, the
+//! frame types, the CONNECT packet) and nothing else.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use fanout_testkit::socketio::{self, Frame, HandshakeError, Ws};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::net::TcpStream;
+use tokio_tungstenite::client_async_with_config;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{WebSocketStream, client_async_with_config};
 
 use crate::message::socketio_event;
 use crate::net;
-
-type Ws = WebSocketStream<TcpStream>;
 
 /// Which dialect the servers speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -50,8 +51,8 @@ impl System {
 pub enum OpenError {
     #[error("TCP connect: {0}")]
     Connect(std::io::Error),
-    #[error("WebSocket handshake: {0}")]
-    Handshake(tokio_tungstenite::tungstenite::Error),
+    #[error("{0}")]
+    Handshake(HandshakeError),
     #[error("rejected: {0}")]
     Rejected(String),
     #[error("closed before ready ({0})")]
@@ -85,14 +86,24 @@ impl Conn {
         let tcp = net::connect(source, dst)
             .await
             .map_err(OpenError::Connect)?;
-        let url = match system {
-            System::Socketio => format!("ws://{dst}/socket.io/?EIO=4&transport=websocket"),
-            System::Raw => format!("ws://{dst}/?org={org}"),
+        let mut conn = match system {
+            System::Socketio => {
+                let mut ws = socketio::upgrade(tcp, dst, Some(config()))
+                    .await
+                    .map_err(OpenError::Handshake)?;
+                socketio::read_open(&mut ws)
+                    .await
+                    .map_err(OpenError::Handshake)?;
+                Self { ws, system }
+            }
+            System::Raw => {
+                let (ws, _) =
+                    client_async_with_config(format!("ws://{dst}/?org={org}"), tcp, Some(config()))
+                        .await
+                        .map_err(|e| OpenError::Handshake(HandshakeError::WebSocket(e)))?;
+                Self { ws, system }
+            }
         };
-        let (ws, _) = client_async_with_config(url, tcp, Some(config()))
-            .await
-            .map_err(OpenError::Handshake)?;
-        let mut conn = Self { ws, system };
         match system {
             System::Socketio => conn.authenticate(org, token).await?,
             System::Raw => conn.await_ready().await?,
@@ -100,24 +111,22 @@ impl Conn {
         Ok(conn)
     }
 
+    /// Sends the CONNECT with the token and reads until `auth-success`.
     async fn authenticate(&mut self, org: &str, token: &str) -> Result<(), OpenError> {
-        let mut sent_connect = false;
+        let auth = serde_json::json!({ "token": token });
+        self.send(socketio::connect(Some(&auth))).await?;
         loop {
             let text = self.next_text().await?;
-            match text.as_bytes().first() {
-                // Engine.IO open: now send the Socket.IO CONNECT with the token.
-                Some(b'0') if !sent_connect => {
-                    sent_connect = true;
-                    self.send(format!("40{{\"token\":\"{token}\"}}")).await?;
+            match socketio::decode(&text) {
+                Frame::Ping => self.send(socketio::PONG.to_string()).await?,
+                Frame::Event { args, .. } if args.starts_with("[\"auth-success\",") => {
+                    return check_org(args, org);
                 }
-                Some(b'2') if text == "2" => self.send("3".to_string()).await?,
-                _ if text.starts_with("42[\"auth-success\",") => {
-                    return check_org(&text, org);
-                }
-                _ if text.starts_with("42[\"auth-error\",") || text.starts_with("44") => {
+                Frame::Event { args, .. } if args.starts_with("[\"auth-error\",") => {
                     return Err(OpenError::Rejected(text));
                 }
-                _ if text.starts_with("41") => {
+                Frame::ConnectError(_) => return Err(OpenError::Rejected(text)),
+                Frame::Disconnect => {
                     return Err(OpenError::Closed("Socket.IO disconnect".into()));
                 }
                 // `40{"sid":..}` and anything else before auth-success.
@@ -165,16 +174,24 @@ impl Conn {
                     System::Raw => on_body(text.as_bytes(), None),
                     System::Socketio => {
                         let text = text.as_str();
+                        // The hot path first: an event body, without decoding the frame.
                         if let Some((body, seq)) = socketio_event(text) {
                             on_body(body.as_bytes(), seq);
-                        } else if text == "2" {
-                            if let Err(e) = self.ws.send(Message::text("3")).await {
-                                return format!("pong failed: {e}");
+                            continue;
+                        }
+                        match socketio::decode(text) {
+                            Frame::Ping => {
+                                if let Err(e) = self.ws.send(Message::text(socketio::PONG)).await {
+                                    return format!("pong failed: {e}");
+                                }
                             }
-                        } else if text.starts_with("41") {
-                            return "disconnected by the server (Socket.IO 41)".into();
-                        } else if text == "1" {
-                            return "closed by the server (Engine.IO close)".into();
+                            Frame::Disconnect => {
+                                return "disconnected by the server (Socket.IO 41)".into();
+                            }
+                            Frame::Close => {
+                                return "closed by the server (Engine.IO close)".into();
+                            }
+                            _ => {}
                         }
                     }
                 },
@@ -187,8 +204,9 @@ impl Conn {
     }
 }
 
-/// `auth-success` must name the organization of the token: the first isolation check.
-fn check_org(frame: &str, want: &str) -> Result<(), OpenError> {
+/// `auth-success` (its arguments, `["auth-success",{..}]`) must name the organization of the
+/// token: the first isolation check.
+fn check_org(args: &str, want: &str) -> Result<(), OpenError> {
     #[derive(Deserialize)]
     struct AuthSuccess<'a>(serde::de::IgnoredAny, #[serde(borrow)] Payload<'a>);
     #[derive(Deserialize)]
@@ -196,7 +214,7 @@ fn check_org(frame: &str, want: &str) -> Result<(), OpenError> {
         #[serde(rename = "organizationId")]
         org: &'a str,
     }
-    let parsed: Option<AuthSuccess> = serde_json::from_str(&frame[2..]).ok();
+    let parsed: Option<AuthSuccess> = serde_json::from_str(args).ok();
     match parsed {
         Some(AuthSuccess(_, p)) if p.org == want => Ok(()),
         Some(AuthSuccess(_, p)) => Err(OpenError::WrongOrg {
@@ -204,7 +222,7 @@ fn check_org(frame: &str, want: &str) -> Result<(), OpenError> {
             want: want.to_string(),
         }),
         None => Err(OpenError::Rejected(format!(
-            "unreadable auth-success {frame:?}"
+            "unreadable auth-success {args:?}"
         ))),
     }
 }
@@ -218,14 +236,15 @@ mod tests {
 
     #[test]
     fn auth_success_must_name_the_token_org() {
-        let frame = r#"42["auth-success",{"message":"m","organizationId":"org-1","userId":"u","role":"r"}]"#;
+        let frame =
+            r#"["auth-success",{"message":"m","organizationId":"org-1","userId":"u","role":"r"}]"#;
         assert!(check_org(frame, "org-1").is_ok());
         assert!(matches!(
             check_org(frame, "org-2"),
             Err(OpenError::WrongOrg { .. })
         ));
         assert!(matches!(
-            check_org(r#"42["auth-success"]"#, "org-1"),
+            check_org(r#"["auth-success"]"#, "org-1"),
             Err(OpenError::Rejected(_))
         ));
     }

@@ -11,15 +11,18 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
+use fanout_testkit::process::{Logs, Proc};
+use fanout_testkit::{RedisServer, Replica};
 use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::client::System;
 use crate::net::FD_RESERVE;
-use crate::procs::{self, Proc, Spec};
+use crate::procs;
 use crate::publish::Target;
 use crate::report::{self, Table, int, num};
 use crate::scenario::{Servers, connect, fanout};
@@ -139,7 +142,7 @@ pub async fn run(mut opts: Options) -> anyhow::Result<CompareReport> {
         .map_or(0, |d| d.as_secs());
     let largest = opts.connections.max(opts.fanout_connections) as u64;
     // Children inherit the limit: each server process must hold its share of connections.
-    let limit = crate::net::raise_nofile_limit(largest + FD_RESERVE);
+    let limit = fanout_testkit::raise_nofile_limit(largest + FD_RESERVE);
     let notes = fit_open_file_limit(&mut opts, limit);
     for n in &notes {
         eprintln!("note: {n}");
@@ -197,7 +200,7 @@ pub async fn run(mut opts: Options) -> anyhow::Result<CompareReport> {
             ports: &ports,
             secret: &secret,
             ingest_key: &ingest_key,
-            redis_pid: redis.as_ref().map(|r: &Proc| r.pid),
+            redis_pid: redis.as_ref().and_then(RedisServer::pid),
         };
         let result = run_system(kind, &ctx).await;
         for e in &result.errors {
@@ -215,9 +218,7 @@ pub async fn run(mut opts: Options) -> anyhow::Result<CompareReport> {
         }
         results.push(result);
     }
-    if let Some(r) = redis {
-        r.stop(Duration::from_secs(3)).await;
-    }
+    drop(redis);
 
     if failures.is_empty() {
         // The children's logs are only worth keeping when something went wrong.
@@ -281,32 +282,13 @@ struct Ctx<'a> {
     redis_pid: Option<u32>,
 }
 
-/// Starts a private redis-server on `addr` (loopback, no persistence) and waits for PING.
-pub(crate) async fn start_redis(program: &Path, addr: SocketAddr) -> anyhow::Result<Proc> {
+/// Starts a private redis-server on `addr` (loopback, no persistence) and waits until it
+/// answers.
+pub(crate) async fn start_redis(program: &Path, addr: SocketAddr) -> anyhow::Result<RedisServer> {
     ensure_free(&[addr])?;
-    let mut proc = procs::spawn(Spec {
-        name: "redis".into(),
-        program,
-        args: [
-            "--port",
-            &addr.port().to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--loglevel",
-            "warning",
-        ]
-        .map(String::from)
-        .to_vec(),
-        env: vec![],
-        cwd: None,
-    })
-    .context("install redis-server (apt-get install redis-server) or pass --redis-server PATH")?;
-    procs::wait_redis_ready(&mut proc, addr, Duration::from_secs(10)).await?;
-    Ok(proc)
+    RedisServer::try_start_on(program, addr.port(), Logs::File(procs::log_dir()))
+        .await
+        .context("pass --redis-server PATH if redis-server is not on PATH")
 }
 
 async fn node_installed() -> bool {
@@ -363,9 +345,10 @@ async fn start_system(
     }
     ensure_free(&addrs)?;
     let redis_url = format!("redis://{}", ports.redis());
+    let logs = Logs::File(procs::log_dir());
     for i in 0..replicas {
         let (public, internal) = (ports.public(i), ports.internal(i));
-        let spec = match kind {
+        let (name, command) = match kind {
             SystemKind::Fanout => {
                 if !opts.fanout_bin.is_file() {
                     anyhow::bail!(
@@ -373,21 +356,20 @@ async fn start_system(
                         opts.fanout_bin.display()
                     );
                 }
-                Spec {
-                    name: format!("fanout-{}", i + 1),
-                    program: &opts.fanout_bin,
-                    args: vec![],
-                    env: vec![
-                        ("FANOUT_LISTEN", public.to_string()),
-                        ("FANOUT_INTERNAL_LISTEN", internal.to_string()),
-                        ("JWT_SECRET", ctx.secret.to_string()),
-                        ("FANOUT_INGEST_KEYS", ctx.ingest_key.to_string()),
-                        ("REDIS_URL", redis_url.clone()),
-                        ("FANOUT_SHUTDOWN_TIMEOUT", "5s".into()),
-                        ("RUST_LOG", "warn".into()),
-                    ],
-                    cwd: None,
-                }
+                let replica = Replica::builder()
+                    .name(&format!("fanout-{}", i + 1))
+                    .bin(&opts.fanout_bin)
+                    .listen(public, internal)
+                    .logs(logs.clone())
+                    .env("JWT_SECRET", ctx.secret)
+                    .env("FANOUT_INGEST_KEYS", ctx.ingest_key)
+                    .env("REDIS_URL", &redis_url)
+                    .env("FANOUT_SHUTDOWN_TIMEOUT", "5s")
+                    .env("RUST_LOG", "warn")
+                    .try_start()
+                    .await?;
+                procs.push(replica.into_proc());
+                continue;
             }
             SystemKind::Node => {
                 let dir = &opts.node_peer;
@@ -403,42 +385,36 @@ async fn start_system(
                         dir.display()
                     );
                 }
-                Spec {
-                    name: format!("node-{}", i + 1),
-                    program: Path::new("node"),
-                    args: vec!["server.js".into()],
-                    env: vec![
-                        ("PORT", public.port().to_string()),
-                        ("INTERNAL_PORT", internal.port().to_string()),
-                        ("JWT_SECRET", ctx.secret.to_string()),
-                        ("INGEST_KEYS", ctx.ingest_key.to_string()),
-                        ("REDIS_URL", redis_url.clone()),
-                        ("NODE_ENV", "production".into()),
-                    ],
-                    cwd: Some(dir),
-                }
+                let mut command = Command::new("node");
+                command.arg("server.js").current_dir(dir).envs([
+                    ("PORT", public.port().to_string()),
+                    ("INTERNAL_PORT", internal.port().to_string()),
+                    ("JWT_SECRET", ctx.secret.to_string()),
+                    ("INGEST_KEYS", ctx.ingest_key.to_string()),
+                    ("REDIS_URL", redis_url.clone()),
+                    ("NODE_ENV", "production".into()),
+                ]);
+                (format!("node-{}", i + 1), command)
             }
-            SystemKind::Baseline => Spec {
-                name: "baseline".into(),
-                program: &exe,
-                args: vec![
-                    "baseline".into(),
-                    "--listen".into(),
-                    public.to_string(),
-                    "--internal-listen".into(),
-                    internal.to_string(),
-                    "--ingest-key".into(),
-                    ctx.ingest_key.to_string(),
-                ],
-                env: vec![],
-                cwd: None,
-            },
+            SystemKind::Baseline => {
+                let mut command = Command::new(&exe);
+                command.arg("baseline");
+                command.args(["--listen".into(), public.to_string()]);
+                command.args(["--internal-listen".into(), internal.to_string()]);
+                command.args(["--ingest-key", ctx.ingest_key]);
+                ("baseline".to_string(), command)
+            }
         };
-        procs.push(procs::spawn(spec)?);
-    }
-    for (i, p) in procs.iter_mut().enumerate() {
-        p.wait_http_ready(ports.internal(i as u16), Duration::from_secs(30))
-            .await?;
+        let mut proc = Proc::spawn(&name, command, logs.clone())?;
+        let ready = proc
+            .wait_http(
+                &format!("http://{internal}/readyz"),
+                200,
+                Duration::from_secs(30),
+            )
+            .await;
+        procs.push(proc);
+        ready?;
     }
     Ok(())
 }
@@ -459,7 +435,7 @@ async fn run_scenarios(
         urls: (0..procs.len() as u16)
             .map(|i| ctx.ports.public(i))
             .collect(),
-        pids: procs.iter().map(|p| p.pid).collect(),
+        pids: procs.iter().map(Proc::pid).collect(),
         secret: ctx.secret.to_string(),
     };
     eprintln!("connect: {} connections", opts.connections);

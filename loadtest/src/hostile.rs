@@ -16,13 +16,15 @@
 //! Memory is the replica's resident set (`VmRSS`), sampled every 50 ms.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
+use fanout_testkit::Replica;
+use fanout_testkit::process::Logs;
 use futures_util::{SinkExt, StreamExt};
 use hyper::Method;
 use serde::Serialize;
@@ -33,7 +35,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 
 use crate::http::HttpClient;
-use crate::procs::{self, Proc, Spec};
+use crate::procs;
 use crate::report::{Table, num};
 
 /// The ingest key and JWT secret the replicas run with.
@@ -119,7 +121,7 @@ pub struct Descriptors {
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
-    crate::net::raise_nofile_limit(65_536);
+    fanout_testkit::raise_nofile_limit(65_536);
     let mut report = Report::default();
     for scenario in &opts.scenarios {
         for (i, (label, bin)) in opts.builds.iter().enumerate() {
@@ -140,43 +142,29 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// A replica of `bin` on `port` (public) and `port + 1` (internal), ready.
+/// A replica of `bin` on `port` (public) and `port + 1` (internal), ready, with an
+/// open-file limit of `nofile` if given.
 async fn replica(
     name: &str,
-    bin: &std::path::Path,
+    bin: &Path,
     port: u16,
     nofile: Option<u64>,
-) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
-    let public: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let internal: SocketAddr = format!("127.0.0.1:{}", port + 1).parse()?;
-    let (program, mut args) = match nofile {
-        // prlimit sets the limit, then runs the replica in its place.
-        Some(n) => (
-            PathBuf::from("prlimit"),
-            vec![
-                format!("--nofile={n}"),
-                "--".into(),
-                bin.display().to_string(),
-            ],
-        ),
-        None => (bin.to_path_buf(), vec![]),
-    };
-    args.extend(["--listen".into(), public.to_string()]);
-    args.extend(["--internal-listen".into(), internal.to_string()]);
-    let mut proc = procs::spawn(Spec {
-        name: name.to_string(),
-        program: &program,
-        args,
-        env: vec![
-            ("JWT_SECRET", SECRET.into()),
-            ("FANOUT_INGEST_KEYS", INGEST_KEY.into()),
-            ("RUST_LOG", "warn".into()),
-        ],
-        cwd: None,
-    })?;
-    proc.wait_http_ready(internal, Duration::from_secs(10))
-        .await?;
-    Ok((proc, public, internal))
+) -> anyhow::Result<Replica> {
+    let mut builder = Replica::builder()
+        .name(name)
+        .bin(bin)
+        .listen(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            SocketAddr::from(([127, 0, 0, 1], port + 1)),
+        )
+        .logs(Logs::File(procs::log_dir()))
+        .env("JWT_SECRET", SECRET)
+        .env("FANOUT_INGEST_KEYS", INGEST_KEY)
+        .env("RUST_LOG", "warn");
+    if let Some(n) = nofile {
+        builder = builder.descriptor_limit(n);
+    }
+    builder.try_start().await
 }
 
 fn mib(kib: Option<u64>) -> f64 {
@@ -214,9 +202,10 @@ const OVERSIZE_SOCKETS: usize = 20;
 const FRAGMENT: usize = 15_000_000;
 
 async fn oversize(label: &str, bin: &std::path::Path, port: u16) -> anyhow::Result<Oversize> {
-    let (proc, public, _) = replica(&format!("oversize-{label}"), bin, port, None).await?;
-    let before = mib(procs::rss_kib(Some(proc.pid)));
-    let peak = PeakRss::start(proc.pid);
+    let proc = replica(&format!("oversize-{label}"), bin, port, None).await?;
+    let public = proc.public;
+    let before = mib(procs::rss_kib(Some(proc.pid())));
+    let peak = PeakRss::start(proc.pid());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..OVERSIZE_SOCKETS {
@@ -253,7 +242,7 @@ async fn oversize(label: &str, bin: &std::path::Path, port: u16) -> anyhow::Resu
     // The sockets are gone now: give the replica a moment to free what they held.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let peak = peak.finish().await;
-    let after = mib(procs::rss_kib(Some(proc.pid)));
+    let after = mib(procs::rss_kib(Some(proc.pid())));
     Ok(Oversize {
         build: label.to_string(),
         sockets: OVERSIZE_SOCKETS,
@@ -273,9 +262,10 @@ async fn flood(
     port: u16,
     handshakes: u64,
 ) -> anyhow::Result<Flood> {
-    let (proc, public, _) = replica(&format!("flood-{label}"), bin, port, None).await?;
-    let before = mib(procs::rss_kib(Some(proc.pid)));
-    let peak = PeakRss::start(proc.pid);
+    let proc = replica(&format!("flood-{label}"), bin, port, None).await?;
+    let public = proc.public;
+    let before = mib(procs::rss_kib(Some(proc.pid())));
+    let peak = PeakRss::start(proc.pid());
     let (accepted, refused, left) = (
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
@@ -311,9 +301,9 @@ async fn flood(
         task.await?;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let after = mib(procs::rss_kib(Some(proc.pid)));
+    let after = mib(procs::rss_kib(Some(proc.pid())));
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let settled = mib(procs::rss_kib(Some(proc.pid)));
+    let settled = mib(procs::rss_kib(Some(proc.pid())));
     let peak = peak.finish().await;
     Ok(Flood {
         build: label.to_string(),
@@ -332,13 +322,14 @@ const DESCRIPTOR_LIMIT: u64 = 1100;
 const IDLE_CONNECTIONS: usize = 1150;
 
 async fn descriptors(label: &str, bin: &std::path::Path, port: u16) -> anyhow::Result<Descriptors> {
-    let (proc, public, internal) = replica(
+    let proc = replica(
         &format!("descriptors-{label}"),
         bin,
         port,
         Some(DESCRIPTOR_LIMIT),
     )
     .await?;
+    let (public, internal) = (proc.public, proc.internal);
     let mut idle = Vec::with_capacity(IDLE_CONNECTIONS);
     for _ in 0..IDLE_CONNECTIONS {
         idle.push(
@@ -392,7 +383,7 @@ async fn descriptors(label: &str, bin: &std::path::Path, port: u16) -> anyhow::R
         Err(_) => "no answer in 5 s".to_string(),
     };
     let new_client_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let log = proc.log_tail(100_000);
+    let log = proc.stderr();
     let accept_errors = log.matches("accept failed").count();
     drop(idle);
     Ok(Descriptors {
@@ -412,8 +403,9 @@ const SID_REQUESTS: u64 = 470_000;
 const SID_CONNECTIONS: usize = 32;
 
 async fn sids(label: &str, bin: &std::path::Path, port: u16) -> anyhow::Result<Sids> {
-    let (proc, public, _) = replica(&format!("sids-{label}"), bin, port, None).await?;
-    let before = mib(procs::rss_kib(Some(proc.pid)));
+    let proc = replica(&format!("sids-{label}"), bin, port, None).await?;
+    let public = proc.public;
+    let before = mib(procs::rss_kib(Some(proc.pid())));
     let left = Arc::new(AtomicU64::new(SID_REQUESTS));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -443,7 +435,7 @@ async fn sids(label: &str, bin: &std::path::Path, port: u16) -> anyhow::Result<S
         requests: SID_REQUESTS,
         requests_per_s: SID_REQUESTS as f64 / seconds,
         rss_before_mib: before,
-        rss_after_mib: mib(procs::rss_kib(Some(proc.pid))),
+        rss_after_mib: mib(procs::rss_kib(Some(proc.pid()))),
     })
 }
 

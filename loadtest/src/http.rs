@@ -1,4 +1,4 @@
-//! A keep-alive HTTP/1.1 client for one server: publishing and readiness probes.
+//! A keep-alive HTTP/1.1 client for one server: publishing, scrapes, hostile requests.
 //!
 //! One connection, one request at a time, reconnecting when the server closed it. That is
 //! exactly what a publisher needs: requests on one connection are answered in order, so an
@@ -82,9 +82,5 @@ impl HttpClient {
             self.sender = None;
         }
         result.with_context(|| format!("{path} on http://{}", self.addr))
-    }
-
-    pub async fn get(&mut self, path: &str) -> anyhow::Result<StatusCode> {
-        Ok(self.request(Method::GET, path, Bytes::new(), None).await?.0)
     }
 }

@@ -13,15 +13,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
+use fanout_testkit::process::{Logs, Proc};
+use fanout_testkit::{Replica, TestDb};
 use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::client::System;
 use crate::compare::{ensure_free, loopback, start_redis};
-use crate::http::HttpClient;
 use crate::net::FD_RESERVE;
-use crate::pg::{self, BenchDb};
-use crate::procs::{self, Proc, Spec};
+use crate::pg;
+use crate::procs;
 use crate::report::{self, Table, int, num};
 use crate::scenario::Servers;
 use crate::scenario::ingest::{self as scenario, Phase, PhaseReport, Side, bound};
@@ -114,7 +116,7 @@ pub async fn run(opts: Options) -> anyhow::Result<IngestReport> {
         .ok()
         .map(|s| s.trim().to_string());
     // Both sides' clients live in this process; children inherit the limit.
-    let limit = crate::net::raise_nofile_limit(2 * opts.connections as u64 + FD_RESERVE);
+    let limit = fanout_testkit::raise_nofile_limit(2 * opts.connections as u64 + FD_RESERVE);
     anyhow::ensure!(
         limit >= 2 * opts.connections as u64 + FD_RESERVE,
         "the open-file limit {limit} is too low for 2 × {} connections",
@@ -154,17 +156,14 @@ pub async fn run(opts: Options) -> anyhow::Result<IngestReport> {
     );
 
     let redis = start_redis(&opts.redis_server, ports.redis()).await?;
-    let db = match BenchDb::create(&opts.database_url).await {
-        Ok(db) => db,
-        Err(e) => {
-            redis.stop(Duration::from_secs(3)).await;
-            return Err(e);
-        }
-    };
-    eprintln!("database {} created", db.name);
-    let postgres = db.settings().await;
+    let db = TestDb::try_create_on(&opts.database_url, "fanout_bench")
+        .await
+        .context("the run's database (pass --database-url)")?;
+    let db_name = db.name().to_string();
+    eprintln!("database {db_name} created");
+    let postgres = pg::settings(&db).await;
     let mut notes = Vec::new();
-    if pg::cpu(&db.name).is_none() {
+    if pg::cpu(&db_name).is_none() {
         notes.push(
             "PostgreSQL CPU is not attributed: no `postgres` process is visible in /proc (the server runs elsewhere)"
                 .to_string(),
@@ -172,12 +171,12 @@ pub async fn run(opts: Options) -> anyhow::Result<IngestReport> {
     }
 
     let measured = tokio::select! {
-        r = measure(&opts, &ports, &db, redis.pid, phases) => r,
+        r = measure(&opts, &ports, &db, redis.pid(), phases) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
-    redis.stop(Duration::from_secs(3)).await;
+    drop(redis);
     if let Err(e) = db.drop_database().await {
-        let msg = format!("could not drop database {}: {e:#}", db.name);
+        let msg = format!("could not drop database {db_name}: {e:#}");
         eprintln!("warning: {msg}");
         notes.push(msg);
     }
@@ -204,7 +203,7 @@ pub async fn run(opts: Options) -> anyhow::Result<IngestReport> {
         cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
         load_before,
         options: opts,
-        database: Some(db.name.clone()),
+        database: Some(db_name),
         postgres,
         result,
         failures,
@@ -218,8 +217,8 @@ pub async fn run(opts: Options) -> anyhow::Result<IngestReport> {
 async fn measure(
     opts: &Options,
     ports: &Ports,
-    db: &BenchDb,
-    redis_pid: u32,
+    db: &TestDb,
+    redis_pid: Option<u32>,
     phases: Vec<Phase>,
 ) -> anyhow::Result<scenario::Report> {
     let secret = format!("loadtest-secret-{}", std::process::id());
@@ -229,50 +228,34 @@ async fn measure(
         for durable in [false, true] {
             let mut procs = Vec::new();
             for i in 0..opts.replicas {
-                let mut env = vec![
-                    ("FANOUT_LISTEN", ports.public(durable, i).to_string()),
-                    (
-                        "FANOUT_INTERNAL_LISTEN",
-                        ports.internal(durable, i).to_string(),
-                    ),
-                    ("JWT_SECRET", secret.clone()),
-                    ("FANOUT_INGEST_KEYS", ingest_key.clone()),
-                    ("REDIS_URL", format!("redis://{}", ports.redis())),
-                    (
+                let mut builder = Replica::builder()
+                    .name(&format!("{}-{}", side_name(durable), i + 1))
+                    .bin(&opts.fanout_bin)
+                    .listen(ports.public(durable, i), ports.internal(durable, i))
+                    .logs(Logs::File(procs::log_dir()))
+                    .env("JWT_SECRET", &secret)
+                    .env("FANOUT_INGEST_KEYS", &ingest_key)
+                    .env("REDIS_URL", format!("redis://{}", ports.redis()))
+                    .env(
                         "FANOUT_REDIS_PREFIX",
                         if durable {
                             "bench-durable:"
                         } else {
                             "bench-ephemeral:"
-                        }
-                        .into(),
-                    ),
-                    ("FANOUT_SHUTDOWN_TIMEOUT", "5s".into()),
-                    ("RUST_LOG", "warn".into()),
-                ];
+                        },
+                    )
+                    .env("FANOUT_SHUTDOWN_TIMEOUT", "5s")
+                    .env("RUST_LOG", "warn");
                 if durable {
-                    env.push(("DATABASE_URL", db.url.clone()));
+                    builder = builder.database(db);
                 }
-                let name = format!("{}-{}", side_name(durable), i + 1);
-                procs.push(procs::spawn(Spec {
-                    name,
-                    program: &opts.fanout_bin,
-                    args: vec![],
-                    env,
-                    cwd: None,
-                })?);
+                let replica = builder.try_start().await?;
+                if durable {
+                    replica.try_wait_store_up().await?;
+                }
+                procs.push(replica.into_proc());
             }
             fleets.push(procs);
-        }
-        for (side, procs) in fleets.iter_mut().enumerate() {
-            let durable = side == 1;
-            for (i, p) in procs.iter_mut().enumerate() {
-                let internal = ports.internal(durable, i as u16);
-                p.wait_http_ready(internal, Duration::from_secs(30)).await?;
-                if durable {
-                    wait_store_up(p, internal, Duration::from_secs(30)).await?;
-                }
-            }
         }
         let sides = fleets
             .iter()
@@ -287,7 +270,7 @@ async fn measure(
                         urls: (0..opts.replicas)
                             .map(|i| ports.public(durable, i))
                             .collect(),
-                        pids: procs.iter().map(|p| p.pid).collect(),
+                        pids: procs.iter().map(Proc::pid).collect(),
                         secret: secret.clone(),
                     },
                     ingest: (0..opts.replicas)
@@ -305,8 +288,8 @@ async fn measure(
             phase_seconds: opts.phase_seconds,
             payload_bytes: opts.payload_bytes,
             concurrency: opts.concurrency,
-            redis_pid: Some(redis_pid),
-            pg_database: Some(db.name.clone()),
+            redis_pid,
+            pg_database: Some(db.name().to_string()),
         })
         .await?;
         for p in fleets.iter_mut().flatten() {
@@ -325,37 +308,6 @@ async fn measure(
 
 fn side_name(durable: bool) -> &'static str {
     if durable { "durable" } else { "ephemeral" }
-}
-
-/// Waits until `/readyz` says the store is up: migrated and reachable.
-async fn wait_store_up(p: &mut Proc, addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut client = HttpClient::new(addr);
-        let answer = client
-            .request(hyper::Method::GET, "/readyz", bytes::Bytes::new(), None)
-            .await;
-        if let Ok((_, body)) = &answer
-            && String::from_utf8_lossy(body).contains("\"store\":\"up\"")
-        {
-            return Ok(());
-        }
-        if let Some(status) = p.exited() {
-            anyhow::bail!("{} exited ({status})\n{}", p.name, p.log_tail(20));
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!(
-                "{}: the store is not up within {timeout:?} ({})\n{}",
-                p.name,
-                match answer {
-                    Ok((_, body)) => String::from_utf8_lossy(&body).into_owned(),
-                    Err(e) => format!("{e:#}"),
-                },
-                p.log_tail(20)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The ephemeral and durable reports of phase `k`.

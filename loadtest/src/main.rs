@@ -15,11 +15,9 @@ mod message;
 mod net;
 mod pg;
 mod procs;
-mod prom;
 mod publish;
 mod report;
 mod scenario;
-mod token;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

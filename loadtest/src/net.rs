@@ -2,15 +2,15 @@
 //!
 //! 50,000 connections from one process need 50,000 file descriptors (the default soft limit
 //! is often 1,024) and 50,000 distinct source (address, port) pairs, while a source address
-//! has about 28,000 ephemeral ports. So the generator raises its own `RLIMIT_NOFILE` (root
-//! with `CAP_SYS_RESOURCE` may raise the hard limit up to `fs.nr_open`; children spawned
-//! afterwards inherit it; where the hard limit cannot move, `connect` spreads its
-//! connections over several generator processes), and
-//! spreads connections to loopback targets over the source addresses 127.0.0.1, 127.0.0.2, ...
-//! (all of 127/8 is loopback on Linux). Sockets are bound with `IP_BIND_ADDRESS_NO_PORT`, so
-//! the kernel picks the source port at `connect()` for the whole 4-tuple instead of reserving
-//! it at `bind()`: ports are then shared between destinations, and loopback `TIME_WAIT`
-//! entries left by a previous scenario can be reused (`net.ipv4.tcp_tw_reuse`).
+//! has about 28,000 ephemeral ports. So the generator raises its own `RLIMIT_NOFILE`
+//! (`fanout_testkit::raise_nofile_limit`; children spawned afterwards inherit it; where the
+//! hard limit cannot move, `connect` spreads its connections over several generator
+//! processes), and spreads connections to loopback targets over the source addresses
+//! 127.0.0.1, 127.0.0.2, ... (all of 127/8 is loopback on Linux). Sockets are bound with
+//! `IP_BIND_ADDRESS_NO_PORT`, so the kernel picks the source port at `connect()` for the
+//! whole 4-tuple instead of reserving it at `bind()`: ports are then shared between
+//! destinations, and loopback `TIME_WAIT` entries left by a previous scenario can be reused
+//! (`net.ipv4.tcp_tw_reuse`).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -21,48 +21,6 @@ use tokio::net::{TcpSocket, TcpStream};
 /// Connections per (source address, destination) pair: well below the ~28,000 ephemeral
 /// ports, because `connect()` gets slow when it has to search a nearly full port range.
 const PER_SOURCE_AND_DESTINATION: usize = 10_000;
-
-/// Raises the soft (and if needed the hard) open-file limit towards `wanted` and returns
-/// the soft limit in force afterwards, which is lower than `wanted` when the hard limit
-/// cannot be raised (raising it takes `CAP_SYS_RESOURCE`, which root lacks in some
-/// containers). Callers decide what a lower limit means for them.
-pub fn raise_nofile_limit(wanted: u64) -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 1024;
-    }
-    if lim.rlim_cur >= wanted {
-        return lim.rlim_cur;
-    }
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(lim.rlim_max);
-    let target = wanted.min(nr_open.max(lim.rlim_max));
-    let raised = libc::rlimit {
-        rlim_cur: target,
-        rlim_max: lim.rlim_max.max(target),
-    };
-    // SAFETY: setrlimit reads the struct we pass.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-        return target;
-    }
-    // The hard limit stays: go as far as it allows.
-    let soft = libc::rlimit {
-        rlim_cur: lim.rlim_max,
-        rlim_max: lim.rlim_max,
-    };
-    // SAFETY: as above.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) } == 0 {
-        lim.rlim_max
-    } else {
-        lim.rlim_cur
-    }
-}
 
 /// File descriptors a process needs besides its connections (runtime, listeners, logs,
 /// Redis and HTTP clients).

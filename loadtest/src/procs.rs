@@ -1,4 +1,4 @@
-//! The systems under test as child processes, and what /proc says about them.
+//! What /proc says about the systems under test and about the machine.
 //!
 //! Efficiency is judged by the servers' own CPU time and memory, read from
 //! `/proc/<pid>/stat` (utime + stime, all threads, dead ones included) and
@@ -6,176 +6,19 @@
 //! throughput alone would mostly measure the generator. Every system, the baseline included,
 //! runs as its own process so that it is measured the same way.
 //!
-//! Children write their output to log files in a temporary directory (shown when one fails,
-//! removed after a run without failures), get SIGTERM and then SIGKILL when stopped, and are
-//! killed if the generator dies.
+//! The processes themselves are `fanout_testkit`'s (`process::Proc`, `Replica`,
+//! `RedisServer`): killed if the generator dies, their output in log files in [`log_dir`]
+//! (shown when one fails, removed after a run without failures), SIGTERM and then SIGKILL
+//! when stopped.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
-use tokio::process::{Child, Command};
 use tokio::time::Instant;
-
-use crate::http::HttpClient;
-
-/// A running child process.
-pub struct Proc {
-    pub name: String,
-    pub pid: u32,
-    child: Child,
-    log: PathBuf,
-}
-
-/// What to run.
-pub struct Spec<'a> {
-    pub name: String,
-    pub program: &'a Path,
-    pub args: Vec<String>,
-    pub env: Vec<(&'static str, String)>,
-    pub cwd: Option<&'a Path>,
-}
 
 /// The directory for the children's logs of this run.
 pub fn log_dir() -> PathBuf {
     std::env::temp_dir().join(format!("fanout-loadtest-{}", std::process::id()))
-}
-
-pub fn spawn(spec: Spec<'_>) -> anyhow::Result<Proc> {
-    let dir = log_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let log = dir.join(format!("{}.log", spec.name));
-    let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let err = out.try_clone()?;
-    let mut cmd = Command::new(spec.program);
-    cmd.args(&spec.args)
-        .envs(spec.env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .kill_on_drop(true);
-    if let Some(cwd) = spec.cwd {
-        cmd.current_dir(cwd);
-    }
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().with_context(|| {
-        format!(
-            "cannot start {} ({}): is it installed and executable?",
-            spec.name,
-            spec.program.display()
-        )
-    })?;
-    let pid = child.id().context("child exited at once")?;
-    Ok(Proc {
-        name: spec.name,
-        pid,
-        child,
-        log,
-    })
-}
-
-impl Proc {
-    /// The last lines of the child's output, for error messages.
-    pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        let tail = all[all.len().saturating_sub(lines)..].join("\n");
-        format!("{} (log: {}):\n{tail}", self.name, self.log.display())
-    }
-
-    /// Whether the child has exited, with how.
-    pub fn exited(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Some(status.to_string()),
-            Ok(None) => None,
-            Err(e) => Some(e.to_string()),
-        }
-    }
-
-    /// Polls `GET http://addr/readyz` until 200; fails early if the child exits.
-    pub async fn wait_http_ready(
-        &mut self,
-        addr: std::net::SocketAddr,
-        timeout: Duration,
-    ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.exited() {
-                anyhow::bail!(
-                    "{} exited ({status}) before it was ready\n{}",
-                    self.name,
-                    self.log_tail(20)
-                );
-            }
-            let mut client = HttpClient::new(addr);
-            let last = match client.get("/readyz").await {
-                Ok(s) if s.is_success() => return Ok(()),
-                Ok(s) => format!("GET /readyz answered {s}"),
-                Err(e) => format!("{e:#}"),
-            };
-            if Instant::now() > deadline {
-                anyhow::bail!(
-                    "{} not ready within {timeout:?} ({last})\n{}",
-                    self.name,
-                    self.log_tail(20)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// SIGTERM, then SIGKILL after `grace`.
-    pub async fn stop(mut self, grace: Duration) {
-        if self.exited().is_some() {
-            return;
-        }
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
-        if tokio::time::timeout(grace, self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
-    }
-}
-
-/// Polls a Redis server with PING until it answers.
-pub async fn wait_redis_ready(
-    proc: &mut Proc,
-    addr: std::net::SocketAddr,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = proc.exited() {
-            anyhow::bail!("redis-server exited ({status})\n{}", proc.log_tail(20));
-        }
-        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
-            let mut buf = [0u8; 7];
-            if s.write_all(b"PING\r\n").await.is_ok()
-                && s.read_exact(&mut buf).await.is_ok()
-                && &buf == b"+PONG\r\n"
-            {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!(
-                "redis-server not answering PING on {addr} within {timeout:?}\n{}",
-                proc.log_tail(20)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn clock_ticks_per_second() -> f64 {

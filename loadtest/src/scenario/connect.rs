@@ -241,7 +241,7 @@ fn plan(n: usize, capacity: usize) -> Vec<std::ops::Range<usize>> {
 }
 
 pub async fn run(p: Params) -> anyhow::Result<Report> {
-    let limit = crate::net::raise_nofile_limit(p.connections as u64 + FD_RESERVE);
+    let limit = fanout_testkit::raise_nofile_limit(p.connections as u64 + FD_RESERVE);
     let capacity = limit.saturating_sub(FD_RESERVE).max(1) as usize;
     let shards = plan(p.connections, capacity);
     if shards.len() > 1 {
@@ -348,7 +348,7 @@ pub async fn run_shard(
     first: usize,
     count: usize,
 ) -> anyhow::Result<()> {
-    let limit = crate::net::raise_nofile_limit(count as u64 + FD_RESERVE);
+    let limit = fanout_testkit::raise_nofile_limit(count as u64 + FD_RESERVE);
     anyhow::ensure!(
         limit >= count as u64 + FD_RESERVE,
         "open-file limit {limit} is too low for a shard of {count} connections"

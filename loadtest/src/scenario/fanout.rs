@@ -348,7 +348,7 @@ pub async fn run(p: Params) -> anyhow::Result<Report> {
         "no steps: pass --steps, e.g. --steps 10000,20000"
     );
     anyhow::ensure!(p.step_seconds > 0.0, "--step-seconds must be positive");
-    let limit = crate::net::raise_nofile_limit(p.connections as u64 + crate::net::FD_RESERVE);
+    let limit = fanout_testkit::raise_nofile_limit(p.connections as u64 + crate::net::FD_RESERVE);
     anyhow::ensure!(
         limit >= p.connections as u64 + crate::net::FD_RESERVE,
         "the fanout scenario holds its {} connections in one process, and the open-file limit \

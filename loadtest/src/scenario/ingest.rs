@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use fanout_testkit::Metrics;
 use hdrhistogram::Histogram;
 use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -47,7 +48,6 @@ use super::fanout::{MAX_SEQ, MIN_ACHIEVED, P99_LIMIT_MS, SHARDS, Seen, drain, hi
 use super::{Fleet, Layout, Servers, open_fleet};
 use crate::http::HttpClient;
 use crate::message::{BodyWriter, now_us, org_name, parse_body};
-use crate::prom::Scrape;
 use crate::publish::keep_pace;
 use crate::report::{Table, int, num};
 use crate::{pg, procs};
@@ -656,8 +656,8 @@ impl CpuSample {
 }
 
 /// The replicas' metrics, summed; `None` if one did not answer.
-async fn scrape(addrs: &[SocketAddr]) -> Option<Scrape> {
-    let mut total = Scrape::default();
+async fn scrape(addrs: &[SocketAddr]) -> Option<Metrics> {
+    let mut total = Metrics::default();
     for addr in addrs {
         let mut client = HttpClient::new(*addr);
         let (status, body) = client
@@ -667,14 +667,14 @@ async fn scrape(addrs: &[SocketAddr]) -> Option<Scrape> {
         if !status.is_success() {
             return None;
         }
-        total.add(&Scrape::parse(&String::from_utf8_lossy(&body)));
+        total.add(&Metrics::new(String::from_utf8_lossy(&body).into_owned()));
     }
     Some(total)
 }
 
-fn commit_stats(d: &Scrape, window_s: f64) -> CommitStats {
-    let batch = d.hist("fanout_commit_batch_size");
-    let duration = d.hist("fanout_commit_duration_seconds");
+fn commit_stats(d: &Metrics, window_s: f64) -> CommitStats {
+    let batch = d.histogram("fanout_commit_batch_size");
+    let duration = d.histogram("fanout_commit_duration_seconds");
     let ms = |v: Option<f64>| v.map(|s| s * 1000.0);
     CommitStats {
         commits: batch.count.round() as u64,
@@ -686,9 +686,9 @@ fn commit_stats(d: &Scrape, window_s: f64) -> CommitStats {
         commit_ms_mean: ms(duration.mean()),
         commit_ms_p50_at_most: ms(duration.quantile_bound(0.5)),
         commit_ms_p99_at_most: ms(duration.quantile_bound(0.99)),
-        gap_fills: d.total("fanout_gap_fills_total").round() as u64,
-        resyncs: d.total("fanout_resyncs_total").round() as u64,
-        unpublished: d.total("fanout_durable_unpublished_total").round() as u64,
+        gap_fills: d.get("fanout_gap_fills_total", &[]).round() as u64,
+        resyncs: d.get("fanout_resyncs_total", &[]).round() as u64,
+        unpublished: d.get("fanout_durable_unpublished_total", &[]).round() as u64,
     }
 }
 

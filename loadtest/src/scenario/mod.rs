@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fanout_testkit::token::Minter;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -21,7 +22,6 @@ use tokio::time::Instant;
 use crate::client::{Conn, OPEN_TIMEOUT, OpenError, System};
 use crate::message::org_name;
 use crate::net::Sources;
-use crate::token::Minter;
 
 /// The servers under test, as the scenarios see them.
 #[derive(Debug, Clone)]
@@ -99,6 +99,8 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let minter = Arc::new(Minter::new(&servers.secret));
+    // Valid for longer than any run.
+    let exp = fanout_testkit::now_secs() + 24 * 3600;
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<Duration, OpenError>)>();
     let started = Instant::now();
@@ -117,7 +119,7 @@ where
             let permit = permits.acquire_owned().await.expect("never closed");
             let org = org_name(layout.org_of(i));
             let token = match system {
-                System::Socketio => minter.mint(&org, &format!("u-{i}")),
+                System::Socketio => minter.mint(&org, &format!("u-{i}"), exp),
                 System::Raw => String::new(),
             };
             let t0 = Instant::now();

@@ -1,40 +1,79 @@
-//! A private `redis-server` per test, on its own port, with no persistence.
+//! A private `redis-server` on a port of 127.0.0.1, with no persistence.
+//!
+//! Never the shared Redis on 6379: a test or a benchmark run starts its own, on a free port
+//! ([`RedisServer::start`], the program named by `REDIS_SERVER`, else `redis-server` from
+//! PATH) or on the port the caller chose ([`RedisServer::try_start_on`]). It is ready when it
+//! answers `INFO` with its own process id, so a server that another process started on the
+//! same port first is never mistaken for ours.
 //!
 //! `stop` kills it with SIGKILL, like a crash: replicas see their connections drop, not a
 //! polite shutdown. `restart` brings a fresh (empty) server back on the same port, which is
 //! what a replica's reconnect loop must cope with.
 
-use std::process::{Child, Command, Stdio};
+use std::ffi::OsString;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 
-use super::free_port;
+use crate::free_port;
+use crate::process::{Logs, Proc};
 
 pub struct RedisServer {
     port: u16,
-    child: Option<Child>,
+    program: OsString,
+    logs: Logs,
+    proc: Option<Proc>,
 }
 
 impl RedisServer {
-    /// Starts a server on a free port and waits until it answers PING.
+    /// Starts a server on a free port and waits until it answers; panics if it cannot.
     pub async fn start() -> Self {
+        let program = std::env::var_os("REDIS_SERVER").unwrap_or_else(|| "redis-server".into());
+        let mut failures = Vec::new();
         for _ in 0..5 {
             let mut server = Self {
                 port: free_port(),
-                child: None,
+                program: program.clone(),
+                logs: Logs::Memory,
+                proc: None,
             };
-            if server.spawn().await {
-                return server;
+            match server.spawn().await {
+                Ok(()) => return server,
+                Err(e) => failures.push(format!("{e:#}")),
             }
         }
         panic!(
-            "redis-server did not start (is it installed and on PATH, or named by REDIS_SERVER?)"
+            "redis-server did not start (is it installed and on PATH, or named by \
+             REDIS_SERVER?):\n{}",
+            failures.join("\n")
         );
+    }
+
+    /// Starts `program` on `port` (which the caller made sure is free) and waits until it
+    /// answers.
+    pub async fn try_start_on(
+        program: impl Into<OsString>,
+        port: u16,
+        logs: Logs,
+    ) -> anyhow::Result<Self> {
+        let mut server = Self {
+            port,
+            program: program.into(),
+            logs,
+            proc: None,
+        };
+        server.spawn().await?;
+        Ok(server)
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The process id, while the server runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
     }
 
     /// `redis://127.0.0.1:<port>`, the `REDIS_URL` of replicas.
@@ -44,55 +83,56 @@ impl RedisServer {
 
     /// Kills the server (SIGKILL) and waits for it to be gone.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.proc = None;
     }
 
     /// Starts a fresh server on the same port.
     pub async fn restart(&mut self) {
         self.stop();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.spawn().await {
+        while let Err(e) = self.spawn().await {
             assert!(
                 Instant::now() < deadline,
-                "redis-server did not restart on port {}",
+                "redis-server did not restart on port {}: {e:#}",
                 self.port
             );
         }
     }
 
-    /// Spawns the server and waits until it answers. False if it exited (port taken) or never
-    /// answered.
-    async fn spawn(&mut self) -> bool {
-        let port = self.port.to_string();
-        let program = std::env::var_os("REDIS_SERVER").unwrap_or_else(|| "redis-server".into());
-        let mut child = Command::new(program)
-            .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "no", "--protected-mode", "no"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawning redis-server");
+    /// Spawns the server and waits until it answers; fails if it exited first (the port was
+    /// taken), never answered, or cannot be run at all.
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut command = Command::new(&self.program);
+        command
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--loglevel", "warning"]);
+        let mut proc = Proc::spawn("redis", command, self.logs.clone()).map_err(|e| {
+            e.context("install redis-server (apt-get install redis-server), or name it")
+        })?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if child.try_wait().ok().flatten().is_some() {
-                return false;
+            if let Some(status) = proc.exited() {
+                anyhow::bail!(
+                    "redis-server on port {} exited ({status})\n{}",
+                    self.port,
+                    proc.log_tail(20)
+                );
             }
-            if self.served_by(child.id()).await {
-                self.child = Some(child);
-                return true;
+            if self.served_by(proc.pid()).await {
+                self.proc = Some(proc);
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        false
+        anyhow::bail!(
+            "redis-server on port {} did not answer within 5 s\n{}",
+            self.port,
+            proc.log_tail(20)
+        )
     }
 
-    /// Whether the server on our port answers and is the process `pid` (not another test
+    /// Whether the server on our port answers and is the process `pid` (not another
     /// process's server that took the port first).
     async fn served_by(&self, pid: u32) -> bool {
         let Ok(client) = redis::Client::open(self.url()) else {
@@ -160,11 +200,5 @@ impl RedisServer {
             .await
             .expect("PUBSUB NUMSUB");
         pairs.into_iter().map(|(_, n)| n).collect()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
     }
 }

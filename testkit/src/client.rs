@@ -1,5 +1,6 @@
-//! A small Socket.IO v5 client (Engine.IO v4, WebSocket transport only), enough to play a
-//! dashboard: connect with a token, receive events, emit with an acknowledgement.
+//! The tests' Socket.IO v5 client (Engine.IO v4, WebSocket transport only, on the protocol
+//! of [`crate::socketio`]), enough to play a dashboard: connect with a token, receive events,
+//! emit with an acknowledgement.
 //!
 //! A background task owns the WebSocket: it answers Engine.IO pings (`2` → `3`) so a client
 //! stays connected however long a test takes, and turns frames into [`Packet`]s on a
@@ -17,9 +18,9 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{WebSocketStream, client_async};
 
-type Ws = WebSocketStream<TcpStream>;
+use crate::QUICK;
+use crate::socketio::{self, Frame, Ws};
 
 /// What a client can observe.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,11 +64,7 @@ impl Client {
             .await
             .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
         let (mut ws, sid) = handshake(tcp, addr).await;
-        let connect = match auth {
-            Some(auth) => format!("40{auth}"),
-            None => "40".to_string(),
-        };
-        ws.send(Message::text(connect))
+        ws.send(Message::text(socketio::connect(auth.as_ref())))
             .await
             .expect("sending CONNECT");
         let (in_tx, incoming) = mpsc::unbounded_channel();
@@ -92,7 +89,7 @@ impl Client {
     /// Connects with `token` and waits for `auth-success`; returns the client and its payload.
     pub async fn authenticated(addr: SocketAddr, token: &str) -> (Self, Value) {
         let mut client = Self::with_token(addr, token).await;
-        let ack = client.expect("auth-success", super::QUICK).await;
+        let ack = client.expect("auth-success", QUICK).await;
         (client, ack)
     }
 
@@ -191,7 +188,7 @@ impl Client {
 
     /// Emits `42["event",data]`.
     pub fn emit(&self, event: &str, data: Value) {
-        self.send_raw(format!("42{}", json!([event, data])));
+        self.send_raw(socketio::event(event, &data, None));
     }
 
     /// Emits `42<id>["event",data]` and waits for `43<id>[...]`; returns the ack's arguments.
@@ -199,7 +196,7 @@ impl Client {
     pub async fn emit_with_ack(&mut self, event: &str, data: Value, timeout: Duration) -> Value {
         let id = self.next_ack;
         self.next_ack += 1;
-        self.send_raw(format!("42{id}{}", json!([event, data])));
+        self.send_raw(socketio::event(event, &data, Some(id)));
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -220,7 +217,9 @@ impl Client {
     /// Leaves like a browser tab closing politely: Socket.IO DISCONNECT, then WebSocket close.
     pub fn disconnect(mut self) {
         self.leaving = true;
-        let _ = self.outgoing.send(Outgoing::Text("41".into()));
+        let _ = self
+            .outgoing
+            .send(Outgoing::Text(socketio::DISCONNECT.into()));
         let _ = self.outgoing.send(Outgoing::Close);
     }
 }
@@ -255,64 +254,38 @@ fn summary(events: &[(String, Value)]) -> String {
     )
 }
 
-/// Opens the WebSocket and reads the Engine.IO open packet; returns the stream and the sid.
+/// Opens the WebSocket and reads the Engine.IO open packet, each within [`QUICK`]; returns
+/// the stream and the sid.
 async fn handshake(tcp: TcpStream, addr: SocketAddr) -> (Ws, String) {
-    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
-    let (mut ws, _) = tokio::time::timeout(super::QUICK, client_async(url.as_str(), tcp))
+    let mut ws = tokio::time::timeout(QUICK, socketio::upgrade(tcp, addr, None))
         .await
         .unwrap_or_else(|_| panic!("WebSocket handshake with {addr} timed out"))
-        .unwrap_or_else(|e| panic!("WebSocket handshake with {addr}: {e}"));
-    let open = tokio::time::timeout(super::QUICK, ws.next())
+        .unwrap_or_else(|e| panic!("{addr}: {e}"));
+    let sid = tokio::time::timeout(QUICK, socketio::read_open(&mut ws))
         .await
         .expect("no Engine.IO open packet")
-        .expect("connection closed before the open packet")
-        .expect("reading the open packet");
-    let text = open.to_text().expect("open packet is text");
-    let body = text
-        .strip_prefix('0')
-        .unwrap_or_else(|| panic!("expected an Engine.IO open packet, got {text:?}"));
-    let open: Value = serde_json::from_str(body).expect("open packet JSON");
-    let sid = open["sid"].as_str().expect("open packet sid").to_string();
+        .unwrap_or_else(|e| panic!("{addr}: {e}"));
     (ws, sid)
 }
 
-/// What one Engine.IO text frame means to the client.
-enum Frame {
-    Ping,
-    Packet(Packet),
-    Connected,
-    Ignored,
-}
-
-fn decode(text: &str) -> Frame {
-    let Some(sio) = text.strip_prefix('4') else {
-        return match text {
-            "2" => Frame::Ping,
-            _ => Frame::Ignored,
-        };
-    };
-    let (kind, rest) = sio.split_at(sio.len().min(1));
-    let (id, body) = rest.split_at(
-        rest.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len()),
-    );
-    let json = || serde_json::from_str::<Value>(body).unwrap_or(Value::Null);
-    match kind {
-        "0" => Frame::Connected,
-        "1" => Frame::Packet(Packet::Disconnect),
-        "2" => {
-            let args = json();
+/// What a frame means to a test, if anything: events are parsed here.
+fn packet(frame: Frame<'_>) -> Option<Packet> {
+    let json = |body: &str| serde_json::from_str::<Value>(body).unwrap_or(Value::Null);
+    Some(match frame {
+        Frame::Event { args, .. } => {
+            let args = json(args);
             let name = args[0].as_str().unwrap_or_default().to_string();
             let data = args.get(1).cloned().unwrap_or(Value::Null);
             match args.get(2).and_then(|meta| meta["seq"].as_u64()) {
-                Some(seq) => Frame::Packet(Packet::Durable(name, data, seq)),
-                None => Frame::Packet(Packet::Event(name, data)),
+                Some(seq) => Packet::Durable(name, data, seq),
+                None => Packet::Event(name, data),
             }
         }
-        "3" => Frame::Packet(Packet::Ack(id.parse().unwrap_or(0), json())),
-        "4" => Frame::Packet(Packet::ConnectError(json())),
-        _ => Frame::Ignored,
-    }
+        Frame::Ack { id, args } => Packet::Ack(id.unwrap_or(0), json(args)),
+        Frame::ConnectError(body) => Packet::ConnectError(json(body)),
+        Frame::Disconnect => Packet::Disconnect,
+        _ => return None,
+    })
 }
 
 async fn pump(
@@ -334,16 +307,17 @@ async fn pump(
                 }
             },
             frame = ws.next() => match frame {
-                Some(Ok(Message::Text(text))) => match decode(text.as_str()) {
+                Some(Ok(Message::Text(text))) => match socketio::decode(text.as_str()) {
                     Frame::Ping => {
-                        if let Err(e) = ws.send(Message::text("3")).await {
+                        if let Err(e) = ws.send(Message::text(socketio::PONG)).await {
                             break format!("pong failed: {e}");
                         }
                     }
-                    Frame::Packet(p) => {
-                        let _ = incoming.send(p);
+                    frame => {
+                        if let Some(p) = packet(frame) {
+                            let _ = incoming.send(p);
+                        }
                     }
-                    Frame::Connected | Frame::Ignored => {}
                 },
                 Some(Ok(Message::Close(frame))) => break format!("close frame {frame:?}"),
                 Some(Ok(_)) => {}
@@ -381,10 +355,12 @@ impl SlowClient {
             .await
             .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
         let (mut ws, _) = handshake(tcp, addr).await;
-        ws.send(Message::text(format!("40{}", json!({ "token": token }))))
-            .await
-            .unwrap();
-        let deadline = Instant::now() + super::QUICK;
+        ws.send(Message::text(socketio::connect(Some(
+            &json!({ "token": token }),
+        ))))
+        .await
+        .unwrap();
+        let deadline = Instant::now() + QUICK;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let frame = tokio::time::timeout(left, ws.next())
@@ -393,10 +369,10 @@ impl SlowClient {
                 .expect("slow client closed before auth-success")
                 .unwrap();
             if let Message::Text(text) = frame {
-                match decode(text.as_str()) {
-                    Frame::Packet(Packet::Event(name, _)) if name == "auth-success" => break,
-                    Frame::Packet(p) => panic!("slow client got {p:?} before auth-success"),
-                    _ => {}
+                match packet(socketio::decode(text.as_str())) {
+                    Some(Packet::Event(name, _)) if name == "auth-success" => break,
+                    Some(p) => panic!("slow client got {p:?} before auth-success"),
+                    None => {}
                 }
             }
         }
@@ -418,9 +394,9 @@ impl SlowClient {
                 Ok(frame) => frame,
             };
             match frame {
-                Some(Ok(Message::Text(text))) => match decode(text.as_str()) {
-                    Frame::Packet(Packet::Event(..) | Packet::Durable(..)) => drained.events += 1,
-                    Frame::Packet(Packet::Disconnect) => drained.disconnect_packet = true,
+                Some(Ok(Message::Text(text))) => match socketio::decode(text.as_str()) {
+                    Frame::Event { .. } => drained.events += 1,
+                    Frame::Disconnect => drained.disconnect_packet = true,
                     _ => {}
                 },
                 Some(Ok(Message::Close(frame))) => {

@@ -1,37 +1,58 @@
-//! A `fanout` replica: the real binary as a child process, on free ports.
+//! A `fanout` replica: the real binary as a child process ([`crate::process`]), on free
+//! ports or on the ones the caller chose.
+//!
+//! The binary is the one `cargo test` built for the tests (`CARGO_BIN_EXE_fanout`, which
+//! Cargo sets when it runs an integration test), unless `FANOUT_BIN` names another build,
+//! such as one without a fix, to see its regression test fail; the load generator passes its
+//! own ([`ReplicaBuilder::bin`]).
 //!
 //! The environment is cleared and set from the builder only, so a developer's shell
-//! (a `JWT_SECRET`, a `REDIS_URL` pointing at the shared Redis) never leaks into a test.
-//! stdout and stderr are collected; a replica dropped while its test is panicking prints
-//! them, which is usually all that is needed to see why.
+//! (a `JWT_SECRET`, a `REDIS_URL` pointing at the shared Redis, a `DATABASE_URL`) never
+//! leaks into a test or a measurement.
+//!
+//! On free ports, another process may bind a port between the check and the child's bind:
+//! a replica counts as started once its log says it listens (so it needs `RUST_LOG` at
+//! `info`, the default) and `/healthz` answers, and is tried again on other ports if it
+//! could not listen. On ports the caller chose, the caller made sure they are free.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use serde_json::{Value, json};
 
-use super::client::Client;
-use super::metrics::Metrics;
-use super::redis_server::RedisServer;
-use super::{INGEST_KEY, INGEST_KEY_NEXT, SECRET, SOON, free_port, valid_token};
+use crate::client::Client;
+use crate::metrics::Metrics;
+use crate::process::{Logs, Proc};
+use crate::redis_server::RedisServer;
+use crate::{INGEST_KEY, INGEST_KEY_NEXT, SECRET, SOON, free_port, valid_token};
 
-/// Path of the binary under test: `FANOUT_BIN` when set (to run the suite against another
-/// build, such as one without a fix, to see its regression test fail), else this crate's.
-pub fn bin() -> String {
-    std::env::var("FANOUT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_fanout").to_string())
+/// Path of the binary under test: `FANOUT_BIN` when set, else the one Cargo built for the
+/// integration test running (`CARGO_BIN_EXE_fanout`, set at run time since Cargo 1.94).
+pub fn bin() -> PathBuf {
+    std::env::var_os("FANOUT_BIN")
+        .or_else(|| std::env::var_os("CARGO_BIN_EXE_fanout"))
+        .map(PathBuf::from)
+        .expect(
+            "no fanout binary: run the tests with `cargo test`, which sets \
+             CARGO_BIN_EXE_fanout, or name one with FANOUT_BIN",
+        )
 }
 
 /// Settings of a replica before it starts. Defaults: `JWT_SECRET` = [`SECRET`], two ingest
-/// keys, `RUST_LOG=info`, in-process bus.
+/// keys, `RUST_LOG=info`, in-process bus, free ports, output in memory.
 pub struct ReplicaBuilder {
     name: String,
+    bin: Option<PathBuf>,
     env: BTreeMap<String, String>,
     /// The open-file limit (soft and hard) the process starts with, if set.
     nofile: Option<u64>,
+    /// `(public, internal)` chosen by the caller.
+    listen: Option<(SocketAddr, SocketAddr)>,
+    logs: Logs,
 }
 
 pub struct Replica {
@@ -40,10 +61,7 @@ pub struct Replica {
     pub public: SocketAddr,
     /// The internal (ingest, ops) listener.
     pub internal: SocketAddr,
-    child: Child,
-    exit: Option<ExitStatus>,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
+    proc: Proc,
     http: reqwest::Client,
 }
 
@@ -63,17 +81,36 @@ impl ReplicaBuilder {
         self
     }
 
+    /// Runs this binary instead of [`bin`].
+    pub fn bin(mut self, path: &Path) -> Self {
+        self.bin = Some(path.to_path_buf());
+        self
+    }
+
+    /// Listens on these addresses, which the caller made sure are free, instead of free
+    /// ports of its own.
+    pub fn listen(mut self, public: SocketAddr, internal: SocketAddr) -> Self {
+        self.listen = Some((public, internal));
+        self
+    }
+
+    /// Where the output goes (default: [`Logs::Memory`]).
+    pub fn logs(mut self, logs: Logs) -> Self {
+        self.logs = logs;
+        self
+    }
+
     /// Uses `redis` as the bus (fleet mode).
     pub fn redis(self, redis: &RedisServer) -> Self {
         self.env("REDIS_URL", redis.url())
     }
 
     /// Stores events in `db` (`DATABASE_URL`).
-    pub fn database(self, db: &super::TestDb) -> Self {
+    pub fn database(self, db: &crate::TestDb) -> Self {
         self.env("DATABASE_URL", db.url())
     }
 
-    /// Stores events in the database at `url` (e.g. a [`super::PgServer`]'s).
+    /// Stores events in the database at `url` (e.g. a [`crate::PgServer`]'s).
     pub fn database_url(self, url: &str) -> Self {
         self.env("DATABASE_URL", url)
     }
@@ -111,69 +148,64 @@ impl ReplicaBuilder {
     }
 
     /// Starts the replica and waits until its internal listener answers `/healthz`, ready or
-    /// not (e.g. while its Redis is down). Needs `RUST_LOG` to keep fanout's info lines.
+    /// not (e.g. while its Redis is down).
     pub async fn spawn(self) -> Replica {
-        for _ in 0..3 {
-            let mut replica = Replica::launch(&self.name, &self.env, self.nofile);
+        self.try_spawn().await.unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// [`ReplicaBuilder::start`] for callers that go on after a failure.
+    pub async fn try_start(self) -> anyhow::Result<Replica> {
+        let mut replica = self.try_spawn().await?;
+        let url = replica.url("/readyz");
+        replica.proc.wait_http(&url, 200, SOON).await?;
+        Ok(replica)
+    }
+
+    async fn try_spawn(self) -> anyhow::Result<Replica> {
+        let attempts = if self.listen.is_some() { 1 } else { 3 };
+        for _ in 0..attempts {
+            let mut replica = self.launch()?;
             let deadline = Instant::now() + SOON;
             loop {
-                // The log line comes after both binds: from then on, the ports are ours.
-                if replica.stderr().contains("fanout is listening")
+                // On free ports, the log line (after both binds) says the ports are ours.
+                if (self.listen.is_some() || replica.stderr().contains("fanout is listening"))
                     && replica
                         .get("/healthz")
                         .await
                         .is_some_and(|r| r.status == 200)
                 {
-                    return replica;
+                    return Ok(replica);
                 }
-                if let Some(status) = replica.try_exit() {
-                    if replica.stderr().contains("cannot listen") {
+                if let Some(status) = replica.exited() {
+                    if self.listen.is_none() && replica.stderr().contains("cannot listen") {
                         break; // A port was taken after all: try others.
                     }
-                    panic!(
+                    anyhow::bail!(
                         "{} exited with {status} before it served /healthz:\n{}",
                         replica.name,
-                        replica.stderr()
+                        replica.proc.log_tail(50)
                     );
                 }
                 if Instant::now() >= deadline {
-                    panic!("{} did not serve /healthz within {SOON:?}", replica.name);
+                    anyhow::bail!(
+                        "{} did not serve /healthz within {SOON:?}\n{}",
+                        replica.name,
+                        replica.proc.log_tail(20)
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
         }
-        panic!("{}: could not find free ports", self.name);
-    }
-}
-
-impl Replica {
-    pub fn builder() -> ReplicaBuilder {
-        let env = [
-            ("JWT_SECRET", SECRET.to_string()),
-            (
-                "FANOUT_INGEST_KEYS",
-                format!("{INGEST_KEY},{INGEST_KEY_NEXT}"),
-            ),
-            ("RUST_LOG", "info".to_string()),
-            ("NO_COLOR", "1".to_string()),
-        ];
-        ReplicaBuilder {
-            name: "replica".into(),
-            env: env.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-            nofile: None,
-        }
+        anyhow::bail!("{}: could not find free ports", self.name)
     }
 
-    /// Starts a replica with the default settings on `redis`.
-    pub async fn on(redis: &RedisServer, name: &str) -> Self {
-        Self::builder().name(name).redis(redis).start().await
-    }
-
-    fn launch(name: &str, env: &BTreeMap<String, String>, nofile: Option<u64>) -> Self {
-        let public: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let internal: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut command = Command::new(bin());
-        if let Some(limit) = nofile {
+    fn launch(&self) -> anyhow::Result<Replica> {
+        let (public, internal) = self.listen.unwrap_or_else(|| {
+            let port = || SocketAddr::from(([127, 0, 0, 1], free_port()));
+            (port(), port())
+        });
+        let mut command = Command::new(self.bin.clone().unwrap_or_else(bin));
+        if let Some(limit) = self.nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: only an async-signal-safe system call between fork and exec.
             unsafe {
@@ -190,32 +222,50 @@ impl Replica {
                 });
             }
         }
-        let mut child = command
+        command
             .env_clear()
-            .envs(env)
+            .envs(&self.env)
             .env("FANOUT_LISTEN", public.to_string())
-            .env("FANOUT_INTERNAL_LISTEN", internal.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning the fanout binary");
-        let stdout = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
-        Self {
-            name: name.to_string(),
+            .env("FANOUT_INTERNAL_LISTEN", internal.to_string());
+        Ok(Replica {
+            name: self.name.clone(),
             public,
             internal,
-            child,
-            exit: None,
-            stdout,
-            stderr,
+            proc: Proc::spawn(&self.name, command, self.logs.clone())
+                .context("spawning the fanout binary")?,
             http: reqwest::Client::builder()
                 .no_proxy()
                 .timeout(SOON)
                 .build()
                 .unwrap(),
+        })
+    }
+}
+
+impl Replica {
+    pub fn builder() -> ReplicaBuilder {
+        let env = [
+            ("JWT_SECRET", SECRET.to_string()),
+            (
+                "FANOUT_INGEST_KEYS",
+                format!("{INGEST_KEY},{INGEST_KEY_NEXT}"),
+            ),
+            ("RUST_LOG", "info".to_string()),
+            ("NO_COLOR", "1".to_string()),
+        ];
+        ReplicaBuilder {
+            name: "replica".into(),
+            bin: None,
+            env: env.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            nofile: None,
+            listen: None,
+            logs: Logs::Memory,
         }
+    }
+
+    /// Starts a replica with the default settings on `redis`.
+    pub async fn on(redis: &RedisServer, name: &str) -> Self {
+        Self::builder().name(name).redis(redis).start().await
     }
 
     /// Waits until `/readyz` answers 200.
@@ -225,25 +275,9 @@ impl Replica {
 
     /// Waits until `/readyz` answers `status`.
     pub async fn wait_readyz(&mut self, status: u16) {
-        let deadline = Instant::now() + SOON;
-        loop {
-            if self.readyz().await == Some(status) {
-                return;
-            }
-            if let Some(exit) = self.try_exit() {
-                panic!(
-                    "{} exited with {exit} while waiting for /readyz {status}",
-                    self.name
-                );
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "{}: /readyz is {:?}, not {status}, after {SOON:?}",
-                    self.name,
-                    self.readyz().await
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        let url = self.url("/readyz");
+        if let Err(e) = self.proc.wait_http(&url, status, SOON).await {
+            panic!("{e:#}");
         }
     }
 
@@ -306,16 +340,24 @@ impl Replica {
 
     /// Waits until `/readyz` says the store is up (migrated and reachable).
     pub async fn wait_store_up(&self) {
+        self.try_wait_store_up()
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    /// [`Replica::wait_store_up`] for callers that go on after a failure.
+    pub async fn try_wait_store_up(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + SOON;
         loop {
             let reply = self.get("/readyz").await;
             if reply.as_ref().is_some_and(|r| r.json["store"] == "up") {
-                return;
+                return Ok(());
             }
             if Instant::now() >= deadline {
-                panic!(
-                    "{}: the store is not up after {SOON:?}: {reply:?}",
-                    self.name
+                anyhow::bail!(
+                    "{}: the store is not up after {SOON:?}: {reply:?}\n{}",
+                    self.name,
+                    self.proc.log_tail(20)
                 );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -376,60 +418,35 @@ impl Replica {
     }
 
     /// Sends SIGTERM.
-    pub fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("running kill");
-        assert!(status.success(), "kill -TERM failed");
+    pub fn sigterm(&mut self) {
+        self.proc.signal(libc::SIGTERM);
     }
 
     /// Waits for the process to exit; `None` if it is still running after `timeout`.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_exit() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.proc.wait_exit(timeout).await
     }
 
-    fn try_exit(&mut self) -> Option<ExitStatus> {
-        if self.exit.is_none() {
-            self.exit = self.child.try_wait().expect("try_wait");
-        }
-        self.exit
+    /// How the process exited, or `None` while it runs.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.proc.exited()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 
     pub fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
+        self.proc.stdout()
     }
 
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.proc.stderr()
     }
-}
 
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if self.try_exit().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "----- {} ({}) stderr -----\n{}----- {} stdout -----\n{}",
-                self.name,
-                self.public,
-                self.stderr(),
-                self.name,
-                self.stdout()
-            );
-        }
+    /// The process alone, for a caller that runs it next to other programs' processes.
+    pub fn into_proc(self) -> Proc {
+        self.proc
     }
 }
 
@@ -445,21 +462,6 @@ pub async fn reply(resp: reqwest::Response) -> Reply {
         text,
         headers,
     }
-}
-
-/// Collects a child's output on a thread, line by line.
-fn collect(stream: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let buf = Arc::new(Mutex::new(String::new()));
-    let sink = buf.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            let mut b = sink.lock().unwrap();
-            b.push_str(&line);
-            b.push('\n');
-        }
-    });
-    buf
 }
 
 /// Runs the binary to completion with `args` and exactly the environment `env`; panics if
@@ -482,9 +484,9 @@ pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     match rx.recv_timeout(SOON) {
         Ok(output) => output.expect("waiting for fanout"),
         Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
+            // SAFETY: kill has no memory-safety preconditions; the child is not reaped yet
+            // (its waiting thread is still waiting).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             panic!(
                 "`fanout {}` with {env:?} still running after {SOON:?}",
                 args.join(" ")

@@ -18,8 +18,13 @@
 //!
 //! When the gap is too large (`FANOUT_REPLAY_MAX`), already deleted by retention, or the
 //! store is unreachable, the client gets `resync-required` and refetches over REST.
+//!
+//! The decisions (what to deliver, what waits, what to read) are plain state in
+//! [`order`]; this module runs them: the tasks, the locks, the store reads, the sockets.
 
-use std::collections::{BTreeMap, HashMap};
+mod order;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,13 +34,15 @@ use socketioxide::extract::SocketRef;
 use socketioxide::{SendError, SocketError};
 use tokio::sync::watch;
 
-use super::Delivery;
+use super::rooms::Rooms;
 use crate::ops::metrics;
+use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
 use crate::protocol::{Message, Meta, OrgId, UserId};
 use crate::retry::{Backoff, RateLimit};
 use crate::store::Store;
 use crate::store::events::CHUNK;
+use order::{FillStep, Order, ReplayStep};
 
 /// How long an event that arrived early waits for the ones before it to arrive on their
 /// own before they are read from the store.
@@ -44,7 +51,7 @@ const GAP_WAIT: Duration = Duration::from_millis(50);
 /// then they are delivered anyway and the organization's clients told to resync.
 const FILL_GIVE_UP: Duration = Duration::from_secs(3);
 /// How often the streams are compared with the store's last sequence numbers.
-pub(super) const TAIL_CHECK_EVERY: Duration = Duration::from_secs(5);
+const TAIL_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Longest a replay may take, including waiting for a slow client's queue.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a first socket waits for its stream's first cursor (the first fill gives up
@@ -58,6 +65,7 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
 pub(super) struct History {
     store: Store,
+    rooms: Arc<Rooms>,
     replay_max: u64,
     streams: Mutex<HashMap<OrgId, Arc<Stream>>>,
     /// Warnings about durable envelopes dropped for their signature, at most one per period.
@@ -93,19 +101,9 @@ impl Drop for Seam {
 }
 
 struct State {
-    /// The last sequence number delivered to the room; `None` until read from the store.
-    cursor: Option<u64>,
-    /// Events that arrived ahead of the cursor.
-    pending: BTreeMap<u64, Message>,
-    /// The highest sequence number known to exist.
-    known_last: u64,
-    /// Whether a task is filling the gap (one per stream).
-    filling: bool,
+    order: Order,
     /// Set when the stream was forgotten: nothing may be emitted through it any more.
     closed: bool,
-    /// Set when a durable event was dropped because the store (and so the key that
-    /// verifies it) was not reached yet: the first cursor then comes with a resync.
-    unverified: bool,
 }
 
 /// Why a client is told to resync; the label of `fanout_resyncs_total`.
@@ -134,10 +132,18 @@ fn replay_room(org: &OrgId) -> String {
     format!("replay:{org}")
 }
 
+impl Stream {
+    /// The replay room, when broadcasts must leave it out.
+    fn except(&self) -> Option<String> {
+        (self.replaying.load(Ordering::Acquire) > 0).then(|| replay_room(&self.org))
+    }
+}
+
 impl History {
-    pub(super) fn new(store: Store, replay_max: u64) -> Self {
+    pub(super) fn new(store: Store, rooms: Arc<Rooms>, replay_max: u64) -> Self {
         Self {
             store,
+            rooms,
             replay_max,
             streams: Mutex::new(HashMap::new()),
             warn: Mutex::new(RateLimit::new(WARN_EVERY)),
@@ -149,7 +155,7 @@ impl History {
     }
 
     /// The stream of `org`, created (and its cursor read from the store) on first use.
-    fn open(&self, delivery: &Arc<Delivery>, org: &OrgId) -> Arc<Stream> {
+    fn open(self: &Arc<Self>, org: &OrgId) -> Arc<Stream> {
         let mut streams = self.streams.lock().unwrap();
         if let Some(stream) = streams.get(org) {
             return stream.clone();
@@ -157,19 +163,15 @@ impl History {
         let stream = Arc::new(Stream {
             org: org.clone(),
             state: tokio::sync::Mutex::new(State {
-                cursor: None,
-                pending: BTreeMap::new(),
-                known_last: 0,
-                filling: true,
+                order: Order::new(self.replay_max),
                 closed: false,
-                unverified: false,
             }),
             cursor: watch::Sender::new(None),
             settled: watch::Sender::new(false),
             replaying: AtomicUsize::new(0),
         });
         streams.insert(org.clone(), stream.clone());
-        tokio::spawn(delivery.clone().fill(stream.clone()));
+        tokio::spawn(self.clone().fill(stream.clone()));
         stream
     }
 
@@ -193,8 +195,7 @@ impl History {
     }
 
     pub(super) async fn join(
-        &self,
-        delivery: &Arc<Delivery>,
+        self: &Arc<Self>,
         socket: &SocketRef,
         org: &OrgId,
         mut rooms: Vec<String>,
@@ -203,7 +204,7 @@ impl History {
         // The caller is counted in presence, so the stream cannot be closed from here on;
         // one closed just before (its last socket left as this one came) is replaced.
         let stream = loop {
-            let stream = self.open(delivery, org);
+            let stream = self.open(org);
             if !stream.state.lock().await.closed {
                 break stream;
             }
@@ -213,7 +214,8 @@ impl History {
         // has not brought yet, and that event would then be dropped as delivered.
         let mut settled = stream.settled.subscribe();
         let _ = tokio::time::timeout(SETTLE_WAIT, settled.wait_for(|done| *done)).await;
-        let _state = stream.state.lock().await;
+        let mut state = stream.state.lock().await;
+        state.order.joined();
         let seam = last_seq.map(|last_seq| {
             rooms.push(replay_room(org));
             stream.replaying.fetch_add(1, Ordering::AcqRel);
@@ -226,13 +228,14 @@ impl History {
         seam
     }
 
-    /// A delivered durable event from the bus.
-    pub(super) async fn on_event(&self, delivery: &Arc<Delivery>, msg: Message) {
+    /// A durable event from the bus.
+    pub(super) async fn on_event(self: &Arc<Self>, msg: Message) {
         let Some(stream) = self.stream(&msg.org) else {
             return; // no socket of this organization here
         };
-        let seq = msg.seq.expect("durable events have a sequence number");
-        // A `seq` moves the cursor: it is believed only when signed with the history's key.
+        // A `seq` moves the cursor: it is believed only when signed with the history's
+        // key. Without the key (the store was never reached), the stream has no cursor
+        // yet, and its sockets resync when it gets one (`Order::joined`).
         let key = self.store.bus_key();
         if !key.is_some_and(|key| key.verify(&msg)) {
             let reason = match (key, msg.sig) {
@@ -244,13 +247,10 @@ impl History {
             if let Some(suppressed) = self.warn.lock().unwrap().check() {
                 tracing::warn!(
                     org = %msg.org,
-                    seq,
+                    seq = msg.seq,
                     suppressed_since_last = suppressed,
                     "durable event dropped ({reason}): a \"seq\" is only believed with the signature of a replica of this history; workers publishing straight to Redis must not set one"
                 );
-            }
-            if key.is_none() {
-                stream.state.lock().await.unverified = true;
             }
             return;
         }
@@ -258,26 +258,16 @@ impl History {
         if state.closed {
             return;
         }
-        state.known_last = state.known_last.max(seq);
-        match state.cursor {
-            Some(cursor) if seq <= cursor => {} // already delivered (read back, or twice)
-            Some(cursor) if seq == cursor + 1 && state.pending.is_empty() => {
-                delivery.emit_durable(&stream, &mut state, &msg).await;
-            }
-            _ => {
-                state.pending.insert(seq, msg);
-                delivery.drain(&stream, &mut state).await;
-                if !state.pending.is_empty() && !state.filling {
-                    state.filling = true;
-                    tokio::spawn(delivery.clone().fill(stream.clone()));
-                }
-            }
+        let mut out = Vec::new();
+        if state.order.arrive(msg, &mut out) {
+            tokio::spawn(self.clone().fill(stream.clone()));
         }
+        self.emit(&stream, &state, out).await;
     }
 
     /// Compares every stream's cursor with the store and starts filling where behind, or
     /// where no cursor was read yet.
-    pub(super) async fn check_tails(&self, delivery: &Arc<Delivery>) {
+    async fn check_tails(self: &Arc<Self>) {
         let streams: Vec<Arc<Stream>> = self.streams.lock().unwrap().values().cloned().collect();
         if streams.is_empty() {
             return;
@@ -293,26 +283,35 @@ impl History {
         for stream in streams {
             let known = last.get(stream.org.as_str()).copied().unwrap_or(0);
             let mut state = stream.state.lock().await;
-            if state.closed {
-                continue;
-            }
-            state.known_last = state.known_last.max(known);
-            // A stream without a cursor (the store was down when it opened) gets one now.
-            let behind = state.cursor.is_none_or(|c| c < state.known_last);
-            if behind && !state.filling {
-                state.filling = true;
-                tokio::spawn(delivery.clone().fill(stream.clone()));
+            if !state.closed && state.order.known(known) {
+                tokio::spawn(self.clone().fill(stream.clone()));
             }
         }
     }
 
-    pub(super) async fn replay(
-        &self,
-        delivery: &Delivery,
-        socket: &SocketRef,
-        user: &UserId,
-        seam: Seam,
-    ) {
+    /// Reads back, now, whatever the bus may have lost (it reconnected).
+    pub(super) fn bus_reconnected(self: &Arc<Self>) {
+        let history = self.clone();
+        tokio::spawn(async move { history.check_tails().await });
+    }
+
+    /// Checks, every few seconds, that no committed event was missed by the bus (a failed
+    /// publish leaves no trace on the receiving side).
+    pub(super) fn watch_tails(self: &Arc<Self>, shutdown: Shutdown) {
+        let history = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(TAIL_CHECK_EVERY);
+            every.tick().await;
+            loop {
+                tokio::select! {
+                    _ = every.tick() => history.check_tails().await,
+                    _ = shutdown.wait() => return,
+                }
+            }
+        });
+    }
+
+    pub(super) async fn replay(&self, socket: &SocketRef, user: &UserId, seam: Seam) {
         let stream = seam.stream.clone();
         let last_seq = seam.last_seq;
         let org = &stream.org;
@@ -321,39 +320,40 @@ impl History {
         let mut from = last_seq;
         let mut checked_ahead = false;
         let outcome = loop {
-            let cursor = {
+            let step = {
                 let state = stream.state.lock().await;
-                match state.cursor {
-                    Some(cursor) if cursor == from => {
+                let step = state.order.replay_step(from);
+                match step {
+                    ReplayStep::CaughtUp => {
                         socket.leave(replay_room(org));
                         break Ok(());
                     }
-                    Some(cursor) if cursor > from && cursor - from > self.replay_max => {
-                        break Err((state, Resync::TooFarBehind, cursor));
+                    ReplayStep::TooFar { latest } => {
+                        break Err((state, Resync::TooFarBehind, latest));
                     }
-                    cursor => cursor,
+                    step => step,
                 }
             };
-            match cursor {
-                Some(cursor) if cursor > from => {
-                    let range = match self.store.range(org, from, cursor, Some(user)).await {
+            match step {
+                ReplayStep::Read { from: after, to } => {
+                    let range = match self.store.range(org, after, to, Some(user)).await {
                         Ok(range) => range,
                         Err(e) => {
                             tracing::warn!(%org, "replay failed: {e}");
-                            break Err((stream.state.lock().await, Resync::Unavailable, cursor));
+                            break Err((stream.state.lock().await, Resync::Unavailable, to));
                         }
                     };
-                    if range.first_retained.is_none_or(|first| first > from + 1) {
-                        break Err((stream.state.lock().await, Resync::Expired, cursor));
+                    if range.first_retained.is_none_or(|first| first > after + 1) {
+                        break Err((stream.state.lock().await, Resync::Expired, to));
                     }
                     let last = range.events.last().and_then(|m| m.seq);
-                    tracing::debug!(sid = %socket.id, %org, from, cursor, events = range.events.len(), "replaying");
+                    tracing::debug!(sid = %socket.id, %org, after, to, events = range.events.len(), "replaying");
                     for msg in &range.events {
                         match send_patiently(socket, msg, deadline).await {
                             Sent::Queued => sent += 1,
                             Sent::Gone => return,
                             Sent::TooSlow => {
-                                delivery.evict(socket, "too slow to take its replay");
+                                self.rooms.evict(socket, "too slow to take its replay");
                                 return;
                             }
                         }
@@ -361,9 +361,9 @@ impl History {
                     // A full chunk may stop short of the cursor; otherwise every event up
                     // to the cursor that is meant for this user has been sent.
                     from = if range.events.len() as i64 == CHUNK {
-                        last.unwrap_or(cursor)
+                        last.unwrap_or(to)
                     } else {
-                        cursor
+                        to
                     };
                 }
                 _ => {
@@ -371,6 +371,7 @@ impl History {
                     // another replica delivered first). A client ahead of the store itself
                     // names events that do not exist.
                     let mut watch = stream.cursor.subscribe();
+                    let cursor = *watch.borrow();
                     if cursor.is_none() {
                         let known = watch.wait_for(Option::is_some);
                         if tokio::time::timeout(CATCH_UP_WAIT, known).await.is_err() {
@@ -401,7 +402,7 @@ impl History {
                         || Instant::now() > deadline
                     {
                         let state = stream.state.lock().await;
-                        let cursor = state.cursor.unwrap_or(0);
+                        let cursor = state.order.cursor().unwrap_or(0);
                         break Err((state, Resync::Unavailable, cursor));
                     }
                 }
@@ -424,6 +425,160 @@ impl History {
         }
         drop(seam);
     }
+
+    /// Delivers `out` (in order, to the organization's rooms, leaving out clients still
+    /// being replayed to) and publishes the cursor. Called under the stream's lock.
+    async fn emit(&self, stream: &Stream, state: &State, out: Vec<Message>) {
+        if out.is_empty() {
+            return;
+        }
+        let except = stream.except();
+        for msg in &out {
+            self.rooms.emit(msg, except.clone()).await;
+        }
+        stream.cursor.send_replace(state.order.cursor());
+    }
+
+    /// Sends `resync-required` to the organization's clients (those still replaying get
+    /// their own), moves the cursor to `to` and delivers what waited after it.
+    async fn skip_to(&self, stream: &Stream, state: &mut State, why: Resync, to: u64) {
+        let from = state.order.cursor().unwrap_or(0);
+        ::metrics::counter!(metrics::RESYNCS, "reason" => why.reason()).increment(1);
+        tracing::warn!(org = %stream.org, from, to, reason = why.reason(), "events skipped; clients told to resync");
+        self.rooms
+            .broadcast(
+                stream.org.room(),
+                stream.except(),
+                "resync-required",
+                &json!({"reason": why.reason(), "lastSeq": from, "latestSeq": to}),
+            )
+            .await;
+        let mut out = Vec::new();
+        state.order.skip_to(to, &mut out);
+        stream.cursor.send_replace(state.order.cursor());
+        self.emit(stream, state, out).await;
+    }
+
+    /// Brings the stream's cursor up to what is known to exist: reads the first cursor,
+    /// then whatever the bus has not delivered. One task per stream at a time.
+    async fn fill(self: Arc<Self>, stream: Arc<Stream>) {
+        // However this fill ends (panics included), joining sockets stop waiting for it.
+        struct Settle<'a>(&'a Stream);
+        impl Drop for Settle<'_> {
+            fn drop(&mut self) {
+                self.0.settled.send_replace(true);
+            }
+        }
+        let _settle = Settle(&stream);
+        if stream.state.lock().await.order.cursor().is_some() {
+            // Give events that are merely out of order the chance to arrive by themselves.
+            tokio::time::sleep(GAP_WAIT).await;
+        }
+        let started = Instant::now();
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            let step = {
+                let mut state = stream.state.lock().await;
+                if state.closed {
+                    return;
+                }
+                let mut out = Vec::new();
+                let step = state.order.fill_step(&mut out);
+                self.emit(&stream, &state, out).await;
+                step
+            };
+            let read = match step {
+                FillStep::Done => return,
+                FillStep::TooFar { to } => {
+                    let mut state = stream.state.lock().await;
+                    if state.closed {
+                        return;
+                    }
+                    self.skip_to(&stream, &mut state, Resync::TooFarBehind, to)
+                        .await;
+                    continue;
+                }
+                FillStep::Init => self.store.last_seq(&stream.org).await.map(Read::Init),
+                FillStep::Read { from, to } => self
+                    .store
+                    .range(&stream.org, from, to, None)
+                    .await
+                    .map(|range| Read::Events(range, to)),
+            };
+            let mut state = stream.state.lock().await;
+            if state.closed {
+                return;
+            }
+            let mut out = Vec::new();
+            match read {
+                Ok(Read::Init(last)) => {
+                    let resync = state.order.init(last, &mut out);
+                    self.emit(&stream, &state, out).await;
+                    stream.cursor.send_replace(state.order.cursor());
+                    if let Some(to) = resync {
+                        // Sockets joined before any cursor could be read (the store was out
+                        // of reach): they cannot know what they missed, so they refetch.
+                        self.skip_to(&stream, &mut state, Resync::Unavailable, to)
+                            .await;
+                    }
+                    stream.settled.send_replace(true);
+                }
+                Ok(Read::Events(range, target)) => {
+                    let read = range.events.len();
+                    let delivered = state.order.filled(range.events, &mut out);
+                    ::metrics::counter!(metrics::GAP_FILLS).increment(delivered as u64);
+                    self.emit(&stream, &state, out).await;
+                    let cursor = state.order.cursor().unwrap_or(0);
+                    if read < CHUNK as usize && cursor < target {
+                        // The store does not have them: deleted by retention, or numbers
+                        // that were never given out (a history reset, say).
+                        match self.store.last_seq(&stream.org).await {
+                            Ok(last) if last < target => {
+                                let dropped = state.order.store_last(last);
+                                if dropped > 0 {
+                                    ::metrics::counter!(metrics::MALFORMED, "reason" => "unknown_seq")
+                                        .increment(dropped as u64);
+                                }
+                                if cursor < last {
+                                    self.skip_to(&stream, &mut state, Resync::Expired, last)
+                                        .await;
+                                }
+                            }
+                            Ok(_) => {
+                                self.skip_to(&stream, &mut state, Resync::Expired, target)
+                                    .await;
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                }
+                Err(e) if started.elapsed() > FILL_GIVE_UP => match state.order.give_up() {
+                    Some(to) => {
+                        self.skip_to(&stream, &mut state, Resync::Unavailable, to)
+                            .await
+                    }
+                    // Nothing waits: try again with the next event or check.
+                    None => {
+                        tracing::debug!(org = %stream.org, "gap fill gave up ({e})");
+                        return;
+                    }
+                },
+                Err(e) => {
+                    tracing::debug!(org = %stream.org, "gap fill failed ({e}); retrying");
+                    drop(state);
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+}
+
+/// What a fill read from the store.
+enum Read {
+    /// The stream's first cursor.
+    Init(u64),
+    /// Events after the cursor, and the oldest retained; up to the target.
+    Events(crate::store::events::Range, u64),
 }
 
 /// Tells a client its history cannot be replayed: it should refetch over REST and carry on
@@ -463,202 +618,6 @@ async fn send_patiently(socket: &SocketRef, msg: &Message, deadline: Instant) ->
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err(_) => return Sent::Gone,
-        }
-    }
-}
-
-/// What a fill step found.
-enum Step {
-    /// The stream's first cursor.
-    Init(u64),
-    /// Events after the cursor, and the oldest retained.
-    Events(crate::store::events::Range),
-    TooFar,
-}
-
-impl Delivery {
-    /// Delivers `msg`, the event right after the cursor, and advances the cursor.
-    async fn emit_durable(&self, stream: &Stream, state: &mut State, msg: &Message) {
-        let except =
-            (stream.replaying.load(Ordering::Acquire) > 0).then(|| replay_room(&stream.org));
-        self.emit_to_room(msg, except).await;
-        state.cursor = msg.seq;
-        stream.cursor.send_replace(state.cursor);
-    }
-
-    /// Delivers the pending events that now follow the cursor; drops those behind it.
-    async fn drain(&self, stream: &Stream, state: &mut State) {
-        let Some(mut cursor) = state.cursor else {
-            return;
-        };
-        while let Some(entry) = state.pending.first_entry() {
-            let seq = *entry.key();
-            if seq <= cursor {
-                entry.remove();
-            } else if seq == cursor + 1 {
-                let msg = entry.remove();
-                self.emit_durable(stream, state, &msg).await;
-                cursor = seq;
-            } else {
-                break;
-            }
-        }
-    }
-
-    /// Sends `resync-required` to the organization's clients (those still replaying get
-    /// their own) and moves the cursor to `to`.
-    async fn skip_to(&self, stream: &Stream, state: &mut State, why: Resync, to: u64) {
-        let from = state.cursor.unwrap_or(0);
-        ::metrics::counter!(metrics::RESYNCS, "reason" => why.reason()).increment(1);
-        tracing::warn!(org = %stream.org, from, to, reason = why.reason(), "events skipped; clients told to resync");
-        let mut target = self.io.to(stream.org.room());
-        if stream.replaying.load(Ordering::Acquire) > 0 {
-            target = target.except(replay_room(&stream.org));
-        }
-        let _ = target
-            .emit(
-                "resync-required",
-                &json!({"reason": why.reason(), "lastSeq": from, "latestSeq": to}),
-            )
-            .await;
-        state.cursor = Some(to);
-        stream.cursor.send_replace(state.cursor);
-        self.drain(stream, state).await;
-    }
-
-    /// Brings the stream's cursor up to what is known to exist: reads the first cursor,
-    /// then whatever the bus has not delivered. One task per stream at a time.
-    async fn fill(self: Arc<Self>, stream: Arc<Stream>) {
-        let history = self
-            .history
-            .as_ref()
-            .expect("only streams of a history fill");
-        // However this fill ends (panics included), joining sockets stop waiting for it.
-        struct Settle<'a>(&'a Stream);
-        impl Drop for Settle<'_> {
-            fn drop(&mut self) {
-                self.0.settled.send_replace(true);
-            }
-        }
-        let _settle = Settle(&stream);
-        if stream.state.lock().await.cursor.is_some() {
-            // Give events that are merely out of order the chance to arrive by themselves.
-            tokio::time::sleep(GAP_WAIT).await;
-        }
-        let started = Instant::now();
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-        loop {
-            let (cursor, target) = {
-                let mut state = stream.state.lock().await;
-                if state.closed {
-                    return;
-                }
-                self.drain(&stream, &mut state).await;
-                let target = match state.pending.first_key_value() {
-                    Some((first, _)) => first - 1,
-                    None => state.known_last,
-                };
-                match state.cursor {
-                    Some(cursor) if cursor >= target => {
-                        state.filling = false;
-                        return;
-                    }
-                    cursor => (cursor, target),
-                }
-            };
-            let step = match cursor {
-                None => history.store.last_seq(&stream.org).await.map(Step::Init),
-                Some(cursor) if target - cursor > history.replay_max => Ok(Step::TooFar),
-                Some(cursor) => history
-                    .store
-                    .range(&stream.org, cursor, target, None)
-                    .await
-                    .map(Step::Events),
-            };
-            let mut state = stream.state.lock().await;
-            if state.closed {
-                return;
-            }
-            match step {
-                Ok(Step::Init(last)) => {
-                    state.known_last = state.known_last.max(last);
-                    if state.cursor.is_none() {
-                        // Sockets already here receive what arrived since they joined.
-                        let first_pending = state.pending.first_key_value().map(|(s, _)| s - 1);
-                        let cursor = first_pending.map_or(last, |p| p.min(last));
-                        state.cursor = Some(cursor);
-                        stream.cursor.send_replace(state.cursor);
-                        stream.settled.send_replace(true);
-                        if std::mem::take(&mut state.unverified) {
-                            // Events were dropped unverified before the store was reached:
-                            // the clients here cannot know which, so they refetch.
-                            self.skip_to(&stream, &mut state, Resync::Unavailable, cursor)
-                                .await;
-                        }
-                    }
-                }
-                Ok(Step::TooFar) => {
-                    self.skip_to(&stream, &mut state, Resync::TooFarBehind, target)
-                        .await;
-                }
-                Ok(Step::Events(range)) => {
-                    let read = range.events.len();
-                    for msg in range.events {
-                        if state.cursor.is_some_and(|c| msg.seq == Some(c + 1)) {
-                            ::metrics::counter!(metrics::GAP_FILLS).increment(1);
-                            self.emit_durable(&stream, &mut state, &msg).await;
-                        }
-                    }
-                    let cursor = state.cursor.unwrap_or(0);
-                    if read < CHUNK as usize && cursor < target {
-                        // The store does not have them: deleted by retention, or numbers
-                        // that were never given out (a forged `seq` on the bus).
-                        match history.store.last_seq(&stream.org).await {
-                            Ok(last) if last < target => {
-                                let forged = state.pending.split_off(&(last + 1));
-                                if !forged.is_empty() {
-                                    ::metrics::counter!(metrics::MALFORMED, "reason" => "unknown_seq")
-                                        .increment(forged.len() as u64);
-                                }
-                                state.known_last = last;
-                                if cursor < last {
-                                    self.skip_to(&stream, &mut state, Resync::Expired, last)
-                                        .await;
-                                }
-                            }
-                            Ok(_) => {
-                                self.skip_to(&stream, &mut state, Resync::Expired, target)
-                                    .await;
-                            }
-                            Err(_) => {}
-                        }
-                    }
-                }
-                Err(e) => {
-                    if started.elapsed() > FILL_GIVE_UP {
-                        match state.cursor {
-                            Some(_) => {
-                                self.skip_to(&stream, &mut state, Resync::Unavailable, target)
-                                    .await
-                            }
-                            None => {
-                                if let Some((&first, _)) = state.pending.first_key_value() {
-                                    state.cursor = Some(first - 1);
-                                    stream.cursor.send_replace(state.cursor);
-                                } else {
-                                    // Nothing waits: try again with the next event.
-                                    state.filling = false;
-                                    return;
-                                }
-                            }
-                        }
-                    } else {
-                        tracing::debug!(org = %stream.org, "gap fill failed ({e}); retrying");
-                        drop(state);
-                        tokio::time::sleep(backoff.next_delay()).await;
-                    }
-                }
-            }
         }
     }
 }

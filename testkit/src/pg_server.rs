@@ -1,6 +1,6 @@
 //! A private PostgreSQL server per test, for tests that stop and restart PostgreSQL.
 //!
-//! Most store tests share one server and create a database each (`postgres.rs`); a test that
+//! Most store tests share one server and create a database each ([`crate::postgres`]); a test that
 //! takes the server down cannot share it. This one runs `initdb` into a temporary directory
 //! and serves it on a free port of 127.0.0.1, with trust auth, no fsync and small buffers:
 //! a throwaway cluster that starts in about a second.
@@ -15,15 +15,15 @@
 //! itself before `exec`, so the process we signal is the postmaster, not a wrapper such as
 //! `runuser`, which forks and would outlive a SIGKILL.
 
-use std::fs::File;
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::free_port;
+use crate::free_port;
+use crate::process::{Logs, Proc};
 
 /// How long a start (recovery included) or a fast shutdown may take on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -34,7 +34,7 @@ pub struct PgServer {
     /// The temporary directory: `data/` (the cluster), the Unix socket, `server.log`.
     root: PathBuf,
     port: u16,
-    child: Option<Child>,
+    postmaster: Option<Proc>,
 }
 
 /// `(uid, gid)` to run PostgreSQL as: the `postgres` user when we are root, else ourselves.
@@ -133,7 +133,7 @@ impl PgServer {
         let root = std::env::temp_dir().join(format!(
             "fanout-pg-{}-{:08x}",
             std::process::id(),
-            rand::random::<u32>()
+            crate::random_u64() as u32
         ));
         std::fs::create_dir(&root).expect("creating the PostgreSQL temp dir");
         {
@@ -148,7 +148,7 @@ impl PgServer {
         let mut server = Self {
             root,
             port: 0,
-            child: None,
+            postmaster: None,
         };
         let out = command("initdb", &server.root, user)
             .arg("-D")
@@ -188,18 +188,18 @@ impl PgServer {
 
     /// A new connection to the `postgres` database.
     pub async fn connect(&self) -> tokio_postgres::Client {
-        super::postgres::connect(&self.url()).await
+        crate::postgres::connect(&self.url()).await
     }
 
     /// Fast shutdown (SIGINT: sessions are ended, the data is kept); waits until the
     /// process has exited and the port is closed.
     pub async fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        let Some(mut postmaster) = self.postmaster.take() else {
             return;
         };
-        signal(&child, libc::SIGINT);
+        postmaster.signal(libc::SIGINT);
         let deadline = Instant::now() + PATIENCE;
-        while child.try_wait().expect("try_wait").is_none() {
+        while postmaster.exited().is_none() {
             assert!(
                 Instant::now() < deadline,
                 "PostgreSQL on port {} did not shut down within {PATIENCE:?}:\n{}",
@@ -221,7 +221,10 @@ impl PgServer {
     /// Serves the same data directory on the same port again; waits until it accepts
     /// connections.
     pub async fn start_again(&mut self) {
-        assert!(self.child.is_none(), "start_again on a running PgServer");
+        assert!(
+            self.postmaster.is_none(),
+            "start_again on a running PgServer"
+        );
         assert!(
             self.spawn().await,
             "PostgreSQL did not start again on port {} (taken by another process?):\n{}",
@@ -249,12 +252,8 @@ impl PgServer {
     /// Starts the postmaster on `self.port` and waits until it answers a query. False if it
     /// exited first (the port was taken) or is not ours.
     async fn spawn(&mut self) -> bool {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.root.join("server.log"))
-            .expect("opening the PostgreSQL log");
-        let mut child = command("postgres", &self.root, run_as())
+        let mut command = command("postgres", &self.root, run_as());
+        command
             .arg("-D")
             .arg(self.data())
             .arg("-p")
@@ -265,24 +264,23 @@ impl PgServer {
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off", "-c", "shared_buffers=16MB"])
-            .args(["-c", "max_connections=50"])
-            .stdout(log.try_clone().expect("cloning the log file"))
-            .stderr(log)
-            .spawn()
+            .args(["-c", "max_connections=50"]);
+        // `server.log` in our directory, appended to by every start.
+        let mut postmaster = Proc::spawn("server", command, Logs::File(self.root.clone()))
             .expect("spawning postgres");
         let deadline = Instant::now() + PATIENCE;
         while Instant::now() < deadline {
-            if child.try_wait().expect("try_wait").is_some() {
+            if postmaster.exited().is_some() {
                 return false;
             }
             if self.serves_our_data().await {
-                self.child = Some(child);
+                self.postmaster = Some(postmaster);
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        signal(&child, libc::SIGQUIT);
-        let _ = child.wait();
+        postmaster.signal(libc::SIGQUIT);
+        postmaster.wait_exit(Duration::from_secs(5)).await;
         false
     }
 
@@ -306,27 +304,16 @@ impl PgServer {
     }
 }
 
-fn signal(child: &Child, signal: libc::c_int) {
-    // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, signal);
-    }
-}
-
 impl Drop for PgServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if let Some(mut postmaster) = self.postmaster.take() {
             // Immediate shutdown: the postmaster ends its backends and frees its shared memory.
-            signal(&child, libc::SIGQUIT);
+            postmaster.signal(libc::SIGQUIT);
             let deadline = Instant::now() + Duration::from_secs(5);
-            while child.try_wait().ok().flatten().is_none() {
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
+            while postmaster.exited().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
+            // Dropping it kills what is left.
         }
         if std::thread::panicking() {
             eprintln!(
