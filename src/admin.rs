@@ -15,8 +15,8 @@ use serde_json::json;
 
 use crate::bus::Bus;
 use crate::ops::metrics;
-use crate::ops::shutdown::Shutdown;
 use crate::store::Store;
+use crate::tasks::Tasks;
 use crate::transport::Transports;
 
 /// What `/readyz` and `/metrics` need to answer.
@@ -28,22 +28,39 @@ pub struct AdminState {
     pub store: Option<Store>,
     /// The public connections, against their cap.
     pub transports: Transports,
-    pub shutdown: Shutdown,
+    /// The replica's tasks: one that failed makes it unready; their shutdown signal.
+    pub tasks: Tasks,
     pub metrics: PrometheusHandle,
 }
 
 pub fn router(state: AdminState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
-        .with_state(state)
+        .route("/metrics", get(render_metrics));
+    #[cfg(feature = "fault-injection")]
+    let router = router.route(
+        "/faults/{task}",
+        axum::routing::post(
+            |axum::extract::Path(task): axum::extract::Path<String>| async move {
+                crate::tasks::faults::inject(&task);
+                Json(json!({"injected": task}))
+            },
+        ),
+    );
+    router.with_state(state)
 }
 
 /// Why the replica should get no new connections, if it should not.
 fn unready(s: &AdminState) -> Option<String> {
-    if s.shutdown.is_triggered() {
+    let failed = s.tasks.failed();
+    if s.tasks.shutdown().is_triggered() {
         Some("shutting down".into())
+    } else if !failed.is_empty() {
+        Some(format!(
+            "task failed: {}; restarting (or exiting, for a task the replica cannot do without)",
+            failed.join(", ")
+        ))
     } else if !s.bus.is_up() {
         Some("redis subscriber is down; reconnecting".into())
     } else if s.transports.is_full() {

@@ -16,4 +16,5 @@ pub mod protocol;
 pub mod retry;
 pub mod server;
 pub mod store;
+pub mod tasks;
 pub mod transport;

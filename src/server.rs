@@ -31,10 +31,11 @@ use crate::ops;
 use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
 use crate::store::{Store, retention};
+use crate::tasks::{Policy, Tasks};
 use crate::transport::serve::{self, Internal};
 use crate::transport::{self, Listener, Transports};
 
-/// Why a replica could not start.
+/// Why a replica could not start, or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {setting}={addr}: {source}")]
@@ -45,15 +46,42 @@ pub enum StartError {
     },
     #[error("{0}")]
     Setup(String),
+    #[error("task {0} failed (see the log above); the replica stopped")]
+    TaskFailed(&'static str),
 }
 
 /// Runs a replica until `shutdown` is triggered (the binary triggers it on SIGTERM/SIGINT),
-/// then drains it.
+/// or a task it cannot do without fails, then drains it.
 pub async fn run(
     config: Config,
     metrics: PrometheusHandle,
     shutdown: Shutdown,
 ) -> Result<(), StartError> {
+    let listeners = bind(&config).await?;
+    let tasks = Tasks::new(shutdown.clone());
+    let replica = build(&config, metrics, &tasks)?;
+    let internal_stop = replica.serve(listeners, &config, &tasks);
+    let fatal = tokio::select! {
+        _ = shutdown.wait() => None,
+        task = tasks.fatal() => {
+            shutdown.trigger();
+            Some(task)
+        }
+    };
+    replica.drain(&config, &tasks, internal_stop).await;
+    match fatal {
+        Some(task) => Err(StartError::TaskFailed(task)),
+        None => Ok(()),
+    }
+}
+
+/// Both listeners, bound before anything is served: a taken port fails fast.
+struct Listeners {
+    public: TcpListener,
+    internal: TcpListener,
+}
+
+async fn bind(config: &Config) -> Result<Listeners, StartError> {
     let public = bind_with_backlog(config.listen).map_err(|source| StartError::Bind {
         setting: "FANOUT_LISTEN",
         addr: config.listen,
@@ -66,7 +94,22 @@ pub async fn run(
             addr: config.internal_listen,
             source,
         })?;
+    Ok(Listeners { public, internal })
+}
 
+/// A replica's parts, wired, before it serves.
+struct Replica {
+    io: SocketIo,
+    presence: Arc<Presence>,
+    transports: Transports,
+    public_app: axum::Router,
+    internal_app: axum::Router,
+}
+
+/// Builds every part and starts their tasks. The store connects and migrates in the
+/// background (then retention runs there too), so a replica starting while PostgreSQL is
+/// down still serves fan-out.
+fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Replica, StartError> {
     let descriptor_limit = transport::raise_descriptor_limit();
     let max_connections = config
         .max_connections
@@ -89,23 +132,19 @@ pub async fn run(
         .build_layer();
     let presence = Arc::new(Presence::new());
     let transports = Transports::new(max_connections);
-    // Not awaited: the store connects and migrates in the background (then retention runs
-    // there too), so a replica starting while PostgreSQL is down still serves fan-out.
     let store = match &config.database {
         Some(db) => {
-            let store =
-                Store::start(db, shutdown.clone()).map_err(|e| StartError::Setup(e.to_string()))?;
-            retention::start(store.clone(), config.event_retention, shutdown.clone());
+            let store = Store::start(db, tasks).map_err(|e| StartError::Setup(e.to_string()))?;
+            retention::start(store.clone(), config.event_retention, tasks);
             Some(store)
         }
         None => None,
     };
     let mut delivery = Delivery::new(io.clone(), presence.clone(), transports.clone());
     if let Some(store) = &store {
-        delivery = delivery.with_history(store.clone(), config.replay_max);
+        delivery = delivery.with_history(store.clone(), config.replay_max, tasks);
     }
     let delivery = Arc::new(delivery);
-    delivery.watch_tails(shutdown.clone());
     let bus = Arc::new(match &config.redis_url {
         Some(url) => Bus::redis(
             RedisSettings {
@@ -115,28 +154,29 @@ pub async fn run(
             },
             presence.clone(),
             delivery.clone(),
-            shutdown.clone(),
+            tasks,
         )
         .map_err(StartError::Setup)?,
         None => Bus::memory(delivery.clone()),
     });
     let writer = store
         .as_ref()
-        .map(|store| Writer::start(store.clone(), bus.clone()));
+        .map(|store| Writer::start(store.clone(), bus.clone(), tasks));
     let verifier =
         Arc::new(Verifier::new(config.jwt.verifier_config()).map_err(StartError::Setup)?);
-    let expiry = Expiry::start(io.clone(), transports.clone(), shutdown.clone());
     Arc::new(Gateway {
         verifier: verifier.clone(),
         leeway_ms: config.jwt.leeway_seconds * 1000,
         bus: bus.clone(),
         delivery: delivery.clone(),
         presence: presence.clone(),
-        expiry,
+        expiry: Expiry::start(io.clone(), transports.clone(), tasks),
         transports: transports.clone(),
-        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
     })
     .attach(&io);
+    // Restarted if it fails: it keeps no state.
+    tasks.spawn("memory-trim", Policy::Restart, ops::memory::run);
 
     let public_app = api::router(ApiState::new(verifier, store.clone()))
         .fallback(not_found)
@@ -153,10 +193,10 @@ pub async fn run(
         writer,
     })
     .merge(admin::router(AdminState {
-        store: store.clone(),
-        bus: bus.clone(),
+        store,
+        bus,
         transports: transports.clone(),
-        shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
         metrics,
     }))
     .fallback(not_found)
@@ -171,44 +211,71 @@ pub async fn run(
         descriptor_limit,
         "fanout is listening"
     );
-
-    ops::memory::start(shutdown.clone());
-    let internal_stop = Shutdown::new();
-    let internal_task = tokio::spawn(serve::serve(
-        Internal(internal),
-        internal_app,
-        config.header_read_timeout,
-        internal_stop.clone(),
-    ));
-    let public_task = tokio::spawn(serve::serve(
-        Listener::new(public, transports.clone()),
+    Ok(Replica {
+        io,
+        presence,
+        transports,
         public_app,
-        config.header_read_timeout,
-        shutdown.clone(),
-    ));
+        internal_app,
+    })
+}
 
-    shutdown.wait().await;
-    tracing::info!(
-        connections = presence.total_sockets(),
-        timeout = ?config.shutdown_timeout,
-        "shutting down: not ready, closing every connection"
-    );
-    let drain = async {
-        io.close().await;
-        let _ = public_task.await;
-    };
-    if tokio::time::timeout(config.shutdown_timeout, drain)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "FANOUT_SHUTDOWN_TIMEOUT reached with connections still open; exiting anyway"
-        );
+impl Replica {
+    /// Serves both listeners. The public one stops on the shutdown signal; the internal
+    /// one on the returned signal, at the very end of the drain, so the drain can be
+    /// watched (`/readyz`, `/metrics`) and ingest keeps working meanwhile. Both are fatal
+    /// if they end otherwise.
+    fn serve(&self, listeners: Listeners, config: &Config, tasks: &Tasks) -> Shutdown {
+        let timeout = config.header_read_timeout;
+        let internal_stop = Shutdown::new();
+        let mut internal = Some((listeners.internal, self.internal_app.clone()));
+        let stop = internal_stop.clone();
+        tasks.spawn("internal-listener", Policy::Fatal, move |_| {
+            let (tcp, app) = internal.take().expect("a fatal task starts once");
+            serve::serve(Internal(tcp), app, timeout, stop.clone())
+        });
+        let mut public = Some((
+            Listener::new(listeners.public, self.transports.clone()),
+            self.public_app.clone(),
+        ));
+        tasks.spawn("public-listener", Policy::Fatal, move |shutdown| {
+            let (listener, app) = public.take().expect("a fatal task starts once");
+            serve::serve(listener, app, timeout, shutdown)
+        });
+        internal_stop
     }
-    internal_stop.trigger();
-    let _ = tokio::time::timeout(Duration::from_secs(1), internal_task).await;
-    tracing::info!("shutdown complete");
-    Ok(())
+
+    /// After the shutdown signal: closes every Socket.IO transport (clients reconnect
+    /// through the load balancer to another replica), then stops the internal listener and
+    /// waits for every task, all within `FANOUT_SHUTDOWN_TIMEOUT`.
+    async fn drain(self, config: &Config, tasks: &Tasks, internal_stop: Shutdown) {
+        tracing::info!(
+            connections = self.presence.total_sockets(),
+            timeout = ?config.shutdown_timeout,
+            "shutting down: not ready, closing every connection"
+        );
+        let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+        if tokio::time::timeout_at(deadline, self.io.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "FANOUT_SHUTDOWN_TIMEOUT reached with connections still open; exiting anyway"
+            );
+        }
+        internal_stop.trigger();
+        drop(self);
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_secs(1));
+        if !tasks.wait(left).await {
+            tracing::warn!(
+                running = tasks.running(),
+                "tasks still running at the end of the shutdown; exiting anyway"
+            );
+        }
+        tracing::info!("shutdown complete");
+    }
 }
 
 /// Connection attempts the kernel queues while the replica is busy accepting. tokio's

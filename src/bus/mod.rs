@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
-use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
 use crate::protocol::{Message, OrgId};
+use crate::tasks::Tasks;
 
 /// Why a message could not be handed to the bus. The ingest API answers 503 with it.
 #[derive(Debug, thiserror::Error)]
@@ -70,10 +70,10 @@ impl Bus {
         settings: RedisSettings,
         presence: Arc<Presence>,
         sink: Arc<dyn Sink>,
-        shutdown: Shutdown,
+        tasks: &Tasks,
     ) -> Result<Self, String> {
         Ok(Self {
-            inner: Inner::Redis(redis::RedisBus::start(settings, presence, sink, shutdown)?),
+            inner: Inner::Redis(redis::RedisBus::start(settings, presence, sink, tasks)?),
         })
     }
 

@@ -32,6 +32,7 @@ use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
 use crate::protocol::{Message, OrgId};
 use crate::retry::{Backoff, RateLimit};
+use crate::tasks::{Policy, Tasks};
 
 /// How long a joining socket waits for its organization's subscription before it is told
 /// `auth-success` anyway (Redis slow but up; the subscription still happens).
@@ -71,7 +72,7 @@ impl RedisBus {
         settings: RedisSettings,
         presence: Arc<Presence>,
         sink: Arc<dyn Sink>,
-        shutdown: Shutdown,
+        tasks: &Tasks,
     ) -> Result<Self, String> {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| format!("invalid REDIS_URL: {e}"))?;
@@ -93,18 +94,27 @@ impl RedisBus {
         let (tx, rx) = mpsc::unbounded_channel();
         ::metrics::gauge!(metrics::REDIS_UP).set(0.0);
         ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(0.0);
-        let subscriber = Subscriber {
-            client,
-            prefix: settings.prefix.clone(),
-            max_payload: settings.max_payload_bytes,
-            presence,
-            sink,
-            up: up.clone(),
-            sessions: sessions.clone(),
-            shutdown,
-            subscribed: HashSet::new(),
-        };
-        tokio::spawn(subscriber.run(rx));
+        // Restarted when it fails: presence says what to subscribe to, and requests wait
+        // in their channel for the next incarnation.
+        let requests = Arc::new(tokio::sync::Mutex::new(rx));
+        let prefix = settings.prefix.clone();
+        let (max_payload, up_flag, session_count) =
+            (settings.max_payload_bytes, up.clone(), sessions.clone());
+        tasks.spawn("redis-subscriber", Policy::Restart, move |shutdown| {
+            let subscriber = Subscriber {
+                client: client.clone(),
+                prefix: prefix.clone(),
+                max_payload,
+                presence: presence.clone(),
+                sink: sink.clone(),
+                up: up_flag.clone(),
+                sessions: session_count.clone(),
+                shutdown,
+                subscribed: HashSet::new(),
+            };
+            let requests = requests.clone();
+            async move { subscriber.run(&mut *requests.lock().await).await }
+        });
         Ok(Self {
             pool,
             prefix: settings.prefix,
@@ -216,15 +226,26 @@ struct Subscriber {
     subscribed: HashSet<OrgId>,
 }
 
+/// The task reading a pub/sub connection: aborted when its session ends, however it ends
+/// (a panic included), so that no reader of an old connection keeps delivering.
+struct Reader(JoinHandle<()>);
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 enum SessionEnd {
     Shutdown,
     Lost(String),
 }
 
 impl Subscriber {
-    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
+    async fn run(mut self, requests: &mut mpsc::UnboundedReceiver<Request>) {
+        // A previous incarnation may have died while up.
+        self.down();
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
-        let mut sessions = 0u64;
         loop {
             let connect = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub());
             let pubsub = tokio::select! {
@@ -236,25 +257,16 @@ impl Subscriber {
                 },
             };
             let (mut sink, stream) = pubsub.split();
-            let reader = tokio::spawn(read_loop(
+            let reader = Reader(tokio::spawn(read_loop(
                 stream,
                 format!("{}org:", self.prefix),
                 self.max_payload,
                 self.sink.clone(),
-            ));
+            )));
             let end = self
-                .session(
-                    &mut sink,
-                    &mut requests,
-                    reader,
-                    &mut sessions,
-                    &mut backoff,
-                )
+                .session(&mut sink, requests, reader, &mut backoff)
                 .await;
-            self.up.store(false, Ordering::Release);
-            self.subscribed.clear();
-            ::metrics::gauge!(metrics::REDIS_UP).set(0.0);
-            ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(0.0);
+            self.down();
             match end {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Lost(why) => {
@@ -263,6 +275,14 @@ impl Subscriber {
                 }
             }
         }
+    }
+
+    /// Not subscribed (any more): ingest refuses ephemeral messages, readiness says so.
+    fn down(&mut self) {
+        self.up.store(false, Ordering::Release);
+        self.subscribed.clear();
+        ::metrics::gauge!(metrics::REDIS_UP).set(0.0);
+        ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(0.0);
     }
 
     async fn wait_retry(&self, backoff: &mut Backoff, why: &str) {
@@ -283,8 +303,7 @@ impl Subscriber {
         &mut self,
         sink: &mut PubSubSink,
         requests: &mut mpsc::UnboundedReceiver<Request>,
-        mut reader: JoinHandle<()>,
-        sessions: &mut u64,
+        mut reader: Reader,
         backoff: &mut Backoff,
     ) -> SessionEnd {
         // Full resync: whatever was requested while down, presence says what is needed now.
@@ -296,22 +315,20 @@ impl Subscriber {
         for chunk in wanted.chunks(CHUNK) {
             let chans: Vec<String> = chunk.iter().map(|o| channel(&self.prefix, o)).collect();
             if let Err(e) = with_timeout(sink.subscribe(chans)).await {
-                reader.abort();
                 return SessionEnd::Lost(e);
             }
             self.subscribed.extend(chunk.iter().cloned());
         }
-        self.sessions.fetch_add(1, Ordering::AcqRel);
+        let earlier = self.sessions.fetch_add(1, Ordering::AcqRel);
         self.up.store(true, Ordering::Release);
         ::metrics::gauge!(metrics::REDIS_UP).set(1.0);
         ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(self.subscribed.len() as f64);
-        if *sessions > 0 {
+        if earlier > 0 {
             ::metrics::counter!(metrics::REDIS_RECONNECTS).increment(1);
             // Whatever was published while this replica was not subscribed is in the
             // history (if there is one): read it back now rather than at the next event.
             self.sink.clone().reconnected();
         }
-        *sessions += 1;
         backoff.reset();
         tracing::info!(
             channels = self.subscribed.len(),
@@ -326,7 +343,8 @@ impl Subscriber {
         let end = loop {
             tokio::select! {
                 _ = self.shutdown.wait() => break SessionEnd::Shutdown,
-                _ = &mut reader => break SessionEnd::Lost("connection closed".into()),
+                _ = &mut reader.0 => break SessionEnd::Lost("connection closed".into()),
+                _ = crate::tasks::fault("redis-subscriber") => panic!("fault injected"),
                 req = requests.recv() => {
                     let Some(first) = req else { break SessionEnd::Shutdown };
                     let mut batch = vec![first];
@@ -348,7 +366,6 @@ impl Subscriber {
                 }
             }
         };
-        reader.abort();
         end
     }
 

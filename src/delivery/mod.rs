@@ -20,10 +20,10 @@ pub use history::Seam;
 pub use rooms::Rooms;
 
 use crate::bus::Sink;
-use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
 use crate::protocol::{Message, OrgId, UserId, user_room};
 use crate::store::Store;
+use crate::tasks::Tasks;
 use crate::transport::Transports;
 
 pub struct Delivery {
@@ -41,13 +41,17 @@ impl Delivery {
         }
     }
 
-    /// With a store: durable events are delivered in sequence order and can be replayed.
-    pub fn with_history(mut self, store: Store, replay_max: u64) -> Self {
-        self.history = Some(Arc::new(History::new(
+    /// With a store: durable events are delivered in sequence order and can be replayed;
+    /// a task checks every few seconds that the bus missed nothing.
+    pub fn with_history(mut self, store: Store, replay_max: u64, tasks: &Tasks) -> Self {
+        let history = Arc::new(History::new(
             store,
             self.rooms.clone(),
             replay_max,
-        )));
+            tasks.clone(),
+        ));
+        history.watch_tails();
+        self.history = Some(history);
         self
     }
 
@@ -112,16 +116,7 @@ impl Delivery {
     /// Called when the last socket of `org` left this replica.
     pub fn left(&self, org: &OrgId) {
         if let Some(history) = &self.history {
-            let (history, presence, org) = (history.clone(), self.presence.clone(), org.clone());
-            tokio::spawn(async move { history.close_if_unused(&presence, &org).await });
-        }
-    }
-
-    /// Checks, every few seconds, that no committed event was missed by the bus (a failed
-    /// publish leaves no trace on the receiving side).
-    pub fn watch_tails(&self, shutdown: Shutdown) {
-        if let Some(history) = &self.history {
-            history.watch_tails(shutdown);
+            history.left(self.presence.clone(), org.clone());
         }
     }
 }

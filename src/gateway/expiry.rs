@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 use crate::protocol::now_ms;
+use crate::tasks::{Policy, Tasks};
 use crate::transport::Transports;
 
 /// The longest the task sleeps: a far-away deadline is looked at again after this.
@@ -32,9 +33,22 @@ pub struct Expiry {
 }
 
 impl Expiry {
-    pub fn start(io: SocketIo, transports: Transports, shutdown: Shutdown) -> Self {
+    /// Starts the timer task. Fatal if it fails: the schedule it holds is the only record
+    /// of when each session ends.
+    pub fn start(io: SocketIo, transports: Transports, tasks: &Tasks) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(io, transports, rx, shutdown));
+        let mut rx = Some(rx);
+        let refusals = tasks.clone();
+        tasks.spawn("session-expiry", Policy::Fatal, move |shutdown| {
+            let rx = rx.take().expect("a fatal task starts once");
+            run(
+                io.clone(),
+                transports.clone(),
+                refusals.clone(),
+                rx,
+                shutdown,
+            )
+        });
         Self { tx }
     }
 
@@ -51,6 +65,7 @@ impl Expiry {
 async fn run(
     io: SocketIo,
     transports: Transports,
+    tasks: Tasks,
     mut rx: mpsc::UnboundedReceiver<Command>,
     shutdown: Shutdown,
 ) {
@@ -64,6 +79,7 @@ async fn run(
         };
         tokio::select! {
             _ = shutdown.wait() => return,
+            _ = crate::tasks::fault("session-expiry") => panic!("fault injected"),
             cmd = rx.recv() => match cmd {
                 None => return,
                 Some(Command::Set(sid, at)) => {
@@ -89,7 +105,7 @@ async fn run(
                     if let Some(socket) = io.get_socket(sid) {
                         ::metrics::counter!(metrics::AUTH_FAILURES, "reason" => "session_expired").increment(1);
                         tracing::info!(%sid, "token expired without refresh; disconnecting");
-                        super::refuse(&socket, &transports, "Token expired");
+                        super::refuse(&socket, &transports, &tasks, "Token expired");
                     }
                 }
             }

@@ -26,9 +26,9 @@ use crate::auth::{Identity, Verifier};
 use crate::bus::Bus;
 use crate::delivery::Delivery;
 use crate::ops::metrics;
-use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
 use crate::protocol::{OrgId, UserId};
+use crate::tasks::Tasks;
 use crate::transport::Transports;
 pub use expiry::Expiry;
 pub use handshake::{Handshakes, middleware};
@@ -43,7 +43,7 @@ pub struct Gateway {
     pub presence: Arc<Presence>,
     pub expiry: Expiry,
     pub transports: Transports,
-    pub shutdown: Shutdown,
+    pub tasks: Tasks,
 }
 
 impl Gateway {
@@ -60,7 +60,7 @@ impl Gateway {
     }
 
     async fn on_connect(self: Arc<Self>, socket: SocketRef, auth: Option<Value>) {
-        if self.shutdown.is_triggered() {
+        if self.tasks.shutdown().is_triggered() {
             // Closing the transport (not a Socket.IO disconnect) makes the client retry,
             // through the load balancer, on a replica that is not going away.
             self.transports.close(&socket);
@@ -74,7 +74,7 @@ impl Gateway {
                 ::metrics::counter!(metrics::CONNECTIONS_TOTAL, "result" => "rejected")
                     .increment(1);
                 tracing::debug!(sid = %socket.id, reason = e.reason(), "rejected: {e}");
-                return refuse(&socket, &self.transports, e.client_message());
+                return refuse(&socket, &self.transports, &self.tasks, e.client_message());
             }
         };
         handshake::authenticated(&socket);
@@ -216,11 +216,11 @@ const REFUSAL_GRACE: std::time::Duration = std::time::Duration::from_millis(250)
 /// session: the `auth-error` is queued before the disconnect packet on the same ordered
 /// queue, so it always arrives first, and a stock client closes its transport on that
 /// disconnect; one that keeps polling or answering pings has it closed for it.
-fn refuse(socket: &SocketRef, transports: &Transports, message: &str) {
+fn refuse(socket: &SocketRef, transports: &Transports, tasks: &Tasks, message: &str) {
     let _ = socket.emit("auth-error", &json!({ "error": message }));
     let _ = socket.clone().disconnect();
     let (socket, transports) = (socket.clone(), transports.clone());
-    tokio::spawn(async move {
+    tasks.spawn_short("refusal", async move {
         tokio::time::sleep(REFUSAL_GRACE).await;
         transports.end_session(&socket);
     });

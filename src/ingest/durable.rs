@@ -29,6 +29,7 @@ use crate::ops::metrics;
 use crate::protocol::Message;
 use crate::store::write::{self, CommitError, NewEvent, Projection};
 use crate::store::{Store, StoreError};
+use crate::tasks::{Policy, Tasks};
 
 /// Most events in one transaction.
 const MAX_BATCH: usize = 512;
@@ -65,12 +66,24 @@ struct Committed {
 }
 
 impl Writer {
-    /// Starts the committer and the publisher. They stop when every `Writer` is dropped.
-    pub fn start(store: Store, bus: Arc<Bus>) -> Self {
+    /// Starts the committer and the publisher. Fatal if either fails: the requests and
+    /// committed batches in their queues exist nowhere else, and a restarted publisher
+    /// could not keep the commit order. They end when every `Writer` is dropped, which is
+    /// when the internal listener has stopped, at the end of the shutdown: ingest keeps
+    /// working while the replica drains.
+    pub fn start(store: Store, bus: Arc<Bus>, tasks: &Tasks) -> Self {
         let (jobs, rx) = mpsc::channel(QUEUE);
         let (committed_tx, committed_rx) = mpsc::unbounded_channel();
-        tokio::spawn(commit_loop(store, rx, committed_tx));
-        tokio::spawn(publish_loop(bus, committed_rx));
+        let mut committer = Some((rx, committed_tx));
+        tasks.spawn("durable-committer", Policy::Fatal, move |_| {
+            let (rx, committed) = committer.take().expect("a fatal task starts once");
+            commit_loop(store.clone(), rx, committed)
+        });
+        let mut publisher = Some(committed_rx);
+        tasks.spawn("durable-publisher", Policy::Fatal, move |_| {
+            let committed = publisher.take().expect("a fatal task starts once");
+            publish_loop(bus.clone(), committed)
+        });
         Self { jobs }
     }
 

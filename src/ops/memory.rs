@@ -18,10 +18,10 @@ use crate::ops::shutdown::Shutdown;
 /// How often freed memory is handed back.
 const EVERY: Duration = Duration::from_secs(10);
 
-/// Starts the task (with glibc only).
-pub fn start(shutdown: Shutdown) {
+/// The task (with glibc; elsewhere it only waits for `shutdown`).
+pub async fn run(shutdown: Shutdown) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    tokio::spawn(async move {
+    {
         let mut every = tokio::time::interval(EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -30,9 +30,9 @@ pub fn start(shutdown: Shutdown) {
                 _ = shutdown.wait() => return,
             }
             // SAFETY: malloc_trim has no preconditions; it only releases free memory.
-            tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) });
+            let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
         }
-    });
+    }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    let _ = shutdown;
+    shutdown.wait().await;
 }

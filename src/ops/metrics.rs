@@ -36,6 +36,7 @@ pub const PUBLIC_CONNECTIONS_LIMIT: &str = "fanout_public_connections_limit";
 pub const PENDING_SESSIONS: &str = "fanout_pending_sessions";
 pub const CONNECTIONS_REFUSED: &str = "fanout_connections_refused_total";
 pub const ACCEPT_ERRORS: &str = "fanout_accept_errors_total";
+pub const TASK_FAILURES: &str = "fanout_task_failures_total";
 
 /// Installs the process-wide recorder. Call once, before any metric is touched.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -165,6 +166,10 @@ fn describe() {
     describe_counter!(
         CONNECTIONS_REFUSED,
         "Connections and handshakes refused or closed by a limit, by reason (max_connections, max_pending, header_timeout)."
+    );
+    describe_counter!(
+        TASK_FAILURES,
+        "Tasks that panicked or ended unexpectedly, by task (each is then restarted, or the replica exits)."
     );
     describe_counter!(
         ACCEPT_ERRORS,

@@ -33,6 +33,7 @@ use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 use crate::protocol::BusKey;
 use crate::retry::{Backoff, RateLimit};
+use crate::tasks::{Policy, Tasks};
 
 /// Used when `DATABASE_URL` sets no `connect_timeout`, so an unreachable server is reported
 /// in seconds rather than after the operating system's TCP timeout.
@@ -146,7 +147,7 @@ struct Health {
 
 impl Store {
     /// Builds the pool (no connection is made yet) and starts migrating in the background.
-    pub fn start(config: &tokio_postgres::Config, shutdown: Shutdown) -> Result<Self, StoreError> {
+    pub fn start(config: &tokio_postgres::Config, tasks: &Tasks) -> Result<Self, StoreError> {
         let manager = Manager::from_config(
             with_timeout(config),
             NoTls,
@@ -169,7 +170,11 @@ impl Store {
             bus_key: Arc::new(OnceLock::new()),
         };
         ::metrics::gauge!(metrics::STORE_UP).set(0.0);
-        tokio::spawn(store.clone().watch(target(config), shutdown));
+        // Restarted if it fails: migrating again is a no-op, and the probe starts over.
+        let (watched, target) = (store.clone(), target(config));
+        tasks.spawn("store-watch", Policy::Restart, move |shutdown| {
+            watched.clone().watch(target.clone(), shutdown)
+        });
         Ok(store)
     }
 

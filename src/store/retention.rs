@@ -26,6 +26,7 @@ use std::time::Duration;
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 use crate::retry::{Backoff, RateLimit};
+use crate::tasks::{Policy, Tasks};
 
 use super::{Store, StoreError, describe};
 
@@ -55,9 +56,11 @@ fn interval(retention: Duration) -> Duration {
     (retention / 10).min(MAX_INTERVAL)
 }
 
-/// Spawns the retention task for `store`; it ends on `shutdown`.
-pub fn start(store: Store, retention: Duration, shutdown: Shutdown) {
-    tokio::spawn(run(store, retention, shutdown));
+/// Spawns the retention task for `store`. Restarted if it fails: it keeps no state.
+pub fn start(store: Store, retention: Duration, tasks: &Tasks) {
+    tasks.spawn("retention", Policy::Restart, move |shutdown| {
+        run(store.clone(), retention, shutdown)
+    });
 }
 
 async fn run(store: Store, retention: Duration, shutdown: Shutdown) {

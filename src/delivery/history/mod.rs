@@ -42,6 +42,7 @@ use crate::protocol::{Message, Meta, OrgId, UserId};
 use crate::retry::{Backoff, RateLimit};
 use crate::store::Store;
 use crate::store::events::CHUNK;
+use crate::tasks::{Policy, Tasks};
 use order::{FillStep, Order, ReplayStep};
 
 /// How long an event that arrived early waits for the ones before it to arrive on their
@@ -66,6 +67,7 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 pub(super) struct History {
     store: Store,
     rooms: Arc<Rooms>,
+    tasks: Tasks,
     replay_max: u64,
     streams: Mutex<HashMap<OrgId, Arc<Stream>>>,
     /// Warnings about durable envelopes dropped for their signature, at most one per period.
@@ -140,10 +142,11 @@ impl Stream {
 }
 
 impl History {
-    pub(super) fn new(store: Store, rooms: Arc<Rooms>, replay_max: u64) -> Self {
+    pub(super) fn new(store: Store, rooms: Arc<Rooms>, replay_max: u64, tasks: Tasks) -> Self {
         Self {
             store,
             rooms,
+            tasks,
             replay_max,
             streams: Mutex::new(HashMap::new()),
             warn: Mutex::new(RateLimit::new(WARN_EVERY)),
@@ -171,7 +174,7 @@ impl History {
             replaying: AtomicUsize::new(0),
         });
         streams.insert(org.clone(), stream.clone());
-        tokio::spawn(self.clone().fill(stream.clone()));
+        self.start_fill(&stream);
         stream
     }
 
@@ -260,7 +263,7 @@ impl History {
         }
         let mut out = Vec::new();
         if state.order.arrive(msg, &mut out) {
-            tokio::spawn(self.clone().fill(stream.clone()));
+            self.start_fill(&stream);
         }
         self.emit(&stream, &state, out).await;
     }
@@ -284,30 +287,49 @@ impl History {
             let known = last.get(stream.org.as_str()).copied().unwrap_or(0);
             let mut state = stream.state.lock().await;
             if !state.closed && state.order.known(known) {
-                tokio::spawn(self.clone().fill(stream.clone()));
+                self.start_fill(&stream);
             }
         }
+    }
+
+    fn start_fill(self: &Arc<Self>, stream: &Arc<Stream>) {
+        self.tasks
+            .spawn_short("gap-fill", self.clone().fill(stream.clone()));
     }
 
     /// Reads back, now, whatever the bus may have lost (it reconnected).
     pub(super) fn bus_reconnected(self: &Arc<Self>) {
         let history = self.clone();
-        tokio::spawn(async move { history.check_tails().await });
+        self.tasks
+            .spawn_short("tail-check", async move { history.check_tails().await });
     }
 
     /// Checks, every few seconds, that no committed event was missed by the bus (a failed
-    /// publish leaves no trace on the receiving side).
-    pub(super) fn watch_tails(self: &Arc<Self>, shutdown: Shutdown) {
+    /// publish leaves no trace on the receiving side). Restarted if it fails: it keeps no
+    /// state.
+    pub(super) fn watch_tails(self: &Arc<Self>) {
         let history = self.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(TAIL_CHECK_EVERY);
-            every.tick().await;
-            loop {
-                tokio::select! {
-                    _ = every.tick() => history.check_tails().await,
-                    _ = shutdown.wait() => return,
+        self.tasks
+            .spawn("tail-watch", Policy::Restart, move |shutdown: Shutdown| {
+                let history = history.clone();
+                async move {
+                    let mut every = tokio::time::interval(TAIL_CHECK_EVERY);
+                    every.tick().await;
+                    loop {
+                        tokio::select! {
+                            _ = every.tick() => history.check_tails().await,
+                            _ = shutdown.wait() => return,
+                        }
+                    }
                 }
-            }
+            });
+    }
+
+    /// Forgets `org`'s stream if no socket of it is left (see [`History::close_if_unused`]).
+    pub(super) fn left(self: &Arc<Self>, presence: Arc<Presence>, org: OrgId) {
+        let history = self.clone();
+        self.tasks.spawn_short("stream-close", async move {
+            history.close_if_unused(&presence, &org).await
         });
     }
 
