@@ -60,7 +60,7 @@ pub async fn run(
     let listeners = bind(&config).await?;
     let tasks = Tasks::new(shutdown.clone());
     let replica = build(&config, metrics, &tasks)?;
-    let internal_stop = replica.serve(listeners, &config, &tasks);
+    let serving = replica.serve(listeners, &config, &tasks);
     let fatal = tokio::select! {
         _ = shutdown.wait() => None,
         task = tasks.fatal() => {
@@ -68,7 +68,7 @@ pub async fn run(
             Some(task)
         }
     };
-    replica.drain(&config, &tasks, internal_stop).await;
+    replica.drain(&config, &tasks, serving).await;
     match fatal {
         Some(task) => Err(StartError::TaskFailed(task)),
         None => Ok(()),
@@ -220,12 +220,19 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
     })
 }
 
+/// The listeners being served: when the public one is done, and how to stop the internal
+/// one.
+struct Serving {
+    public_done: tokio::sync::oneshot::Receiver<()>,
+    internal_stop: Shutdown,
+}
+
 impl Replica {
     /// Serves both listeners. The public one stops on the shutdown signal; the internal
-    /// one on the returned signal, at the very end of the drain, so the drain can be
-    /// watched (`/readyz`, `/metrics`) and ingest keeps working meanwhile. Both are fatal
-    /// if they end otherwise.
-    fn serve(&self, listeners: Listeners, config: &Config, tasks: &Tasks) -> Shutdown {
+    /// one at the very end of the drain, so the drain can be watched (`/readyz`,
+    /// `/metrics`) and ingest keeps working meanwhile. Both are fatal if they end
+    /// otherwise.
+    fn serve(&self, listeners: Listeners, config: &Config, tasks: &Tasks) -> Serving {
         let timeout = config.header_read_timeout;
         let internal_stop = Shutdown::new();
         let mut internal = Some((listeners.internal, self.internal_app.clone()));
@@ -234,40 +241,50 @@ impl Replica {
             let (tcp, app) = internal.take().expect("a fatal task starts once");
             serve::serve(Internal(tcp), app, timeout, stop.clone())
         });
+        let (done, public_done) = tokio::sync::oneshot::channel();
         let mut public = Some((
             Listener::new(listeners.public, self.transports.clone()),
             self.public_app.clone(),
+            done,
         ));
         tasks.spawn("public-listener", Policy::Fatal, move |shutdown| {
-            let (listener, app) = public.take().expect("a fatal task starts once");
-            serve::serve(listener, app, timeout, shutdown)
+            let (listener, app, done) = public.take().expect("a fatal task starts once");
+            async move {
+                serve::serve(listener, app, timeout, shutdown).await;
+                let _ = done.send(());
+            }
         });
-        internal_stop
+        Serving {
+            public_done,
+            internal_stop,
+        }
     }
 
     /// After the shutdown signal: closes every Socket.IO transport (clients reconnect
-    /// through the load balancer to another replica), then stops the internal listener and
-    /// waits for every task, all within `FANOUT_SHUTDOWN_TIMEOUT`.
-    async fn drain(self, config: &Config, tasks: &Tasks, internal_stop: Shutdown) {
+    /// through the load balancer to another replica) and waits for the public listener's
+    /// last requests, then stops the internal listener and waits for every task, all within
+    /// `FANOUT_SHUTDOWN_TIMEOUT`.
+    async fn drain(self, config: &Config, tasks: &Tasks, serving: Serving) {
         tracing::info!(
             connections = self.presence.total_sockets(),
             timeout = ?config.shutdown_timeout,
             "shutting down: not ready, closing every connection"
         );
         let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
-        if tokio::time::timeout_at(deadline, self.io.close())
-            .await
-            .is_err()
-        {
+        let public = async {
+            self.io.close().await;
+            let _ = serving.public_done.await;
+        };
+        if tokio::time::timeout_at(deadline, public).await.is_err() {
             tracing::warn!(
                 "FANOUT_SHUTDOWN_TIMEOUT reached with connections still open; exiting anyway"
             );
         }
-        internal_stop.trigger();
+        serving.internal_stop.trigger();
         drop(self);
         let left = deadline
             .saturating_duration_since(tokio::time::Instant::now())
-            .max(Duration::from_secs(1));
+            .max(Duration::from_millis(200));
         if !tasks.wait(left).await {
             tracing::warn!(
                 running = tasks.running(),
