@@ -30,7 +30,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 
-use crate::auth::{AuthError, Verifier};
+use crate::auth::{self, AuthError, Bearer, Verifier};
 use crate::ops::{self, metrics};
 use crate::protocol::{ExecutionStatus, OrgId, TaskId};
 use crate::retry::RateLimit;
@@ -183,17 +183,13 @@ fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
     };
     let value = value
         .to_str()
-        .map_err(|_| AuthError::Malformed("Authorization header is not ASCII".into()))?
-        .trim();
-    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(AuthError::Malformed(
+        .map_err(|_| AuthError::Malformed("Authorization header is not ASCII".into()))?;
+    match auth::bearer(value) {
+        Some(Bearer::Token(token)) => Ok(token),
+        Some(Bearer::Empty) => Err(AuthError::Missing),
+        None => Err(AuthError::Malformed(
             "Authorization header is not \"Bearer <token>\"".into(),
-        ));
-    }
-    match token.trim() {
-        "" => Err(AuthError::Missing),
-        token => Ok(token),
+        )),
     }
 }
 

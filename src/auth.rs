@@ -143,30 +143,65 @@ pub struct VerifierConfig {
     pub leeway_seconds: u64,
 }
 
+/// Why the configured key cannot verify tokens; the message says which setting to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("JWT_SECRET is empty")]
+    EmptySecret,
+    #[error(
+        "JWT_ALGORITHM={0:?} needs JWT_PUBLIC_KEY, not JWT_SECRET (JWT_SECRET is for HS256/HS384/HS512)"
+    )]
+    SecretForAsymmetric(Algorithm),
+    #[error(
+        "JWT_ALGORITHM={0:?} is an HMAC algorithm: set JWT_SECRET instead of JWT_PUBLIC_KEY, or choose RS256/ES256/EdDSA"
+    )]
+    PublicKeyForHmac(Algorithm),
+    #[error(
+        "JWT_PUBLIC_KEY is not a valid public key for JWT_ALGORITHM={alg:?} ({reason}); expected a PEM block starting with \"-----BEGIN PUBLIC KEY-----\""
+    )]
+    InvalidPublicKey { alg: Algorithm, reason: String },
+}
+
+impl KeyError {
+    /// The setting to fix.
+    pub fn setting(&self) -> &'static str {
+        match self {
+            Self::EmptySecret => "JWT_SECRET",
+            Self::SecretForAsymmetric(_) | Self::PublicKeyForHmac(_) => "JWT_ALGORITHM",
+            Self::InvalidPublicKey { .. } => "JWT_PUBLIC_KEY",
+        }
+    }
+}
+
+/// Why a token could not be minted.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error(
+        "cannot mint tokens with JWT_ALGORITHM={0:?}: fanout only holds a public key; mint with JWT_SECRET (HS256)"
+    )]
+    NoSigningKey(Algorithm),
+    #[error("cannot encode the token: {0}")]
+    Encode(#[from] jsonwebtoken::errors::Error),
+}
+
 impl Verifier {
     /// Builds a verifier, or says which setting is wrong and why.
-    pub fn new(cfg: VerifierConfig) -> Result<Self, String> {
+    pub fn new(cfg: VerifierConfig) -> Result<Self, KeyError> {
         use jsonwebtoken::Algorithm::*;
         let alg = cfg.algorithm;
         let (key, signing) = match (&cfg.key, alg) {
             (VerifyKey::Secret(secret), HS256 | HS384 | HS512) => {
                 if secret.is_empty() {
-                    return Err("JWT_SECRET is empty".into());
+                    return Err(KeyError::EmptySecret);
                 }
                 (
                     DecodingKey::from_secret(secret),
                     Some(EncodingKey::from_secret(secret)),
                 )
             }
-            (VerifyKey::Secret(_), _) => {
-                return Err(format!(
-                    "JWT_ALGORITHM={alg:?} needs JWT_PUBLIC_KEY, not JWT_SECRET (JWT_SECRET is for HS256/HS384/HS512)"
-                ));
-            }
+            (VerifyKey::Secret(_), _) => return Err(KeyError::SecretForAsymmetric(alg)),
             (VerifyKey::PublicPem(_), HS256 | HS384 | HS512) => {
-                return Err(format!(
-                    "JWT_ALGORITHM={alg:?} is an HMAC algorithm: set JWT_SECRET instead of JWT_PUBLIC_KEY, or choose RS256/ES256/EdDSA"
-                ));
+                return Err(KeyError::PublicKeyForHmac(alg));
             }
             (VerifyKey::PublicPem(pem), _) => {
                 let bytes = pem.as_bytes();
@@ -178,10 +213,9 @@ impl Verifier {
                     EdDSA => DecodingKey::from_ed_pem(bytes),
                     _ => unreachable!("HMAC handled above"),
                 };
-                let key = parsed.map_err(|e| {
-                    format!(
-                        "JWT_PUBLIC_KEY is not a valid public key for JWT_ALGORITHM={alg:?} ({e}); expected a PEM block starting with \"-----BEGIN PUBLIC KEY-----\""
-                    )
+                let key = parsed.map_err(|e| KeyError::InvalidPublicKey {
+                    alg,
+                    reason: e.to_string(),
                 })?;
                 (key, None)
             }
@@ -233,7 +267,11 @@ impl Verifier {
             Some(_) => return Err(AuthError::Malformed("token is not a string".into())),
         };
         // Tolerate the "Bearer " prefix some clients copy from HTTP headers.
-        let token = token.strip_prefix("Bearer ").unwrap_or(token);
+        let token = match bearer(token) {
+            Some(Bearer::Token(token)) => token,
+            Some(Bearer::Empty) => return Err(AuthError::Missing),
+            None => token,
+        };
         self.verify_str(token)
     }
 
@@ -298,13 +336,11 @@ impl Verifier {
         user: &UserId,
         role: &str,
         ttl: std::time::Duration,
-    ) -> Result<String, String> {
-        let key = self.signing.as_ref().ok_or_else(|| {
-            format!(
-                "cannot mint tokens with JWT_ALGORITHM={:?}: fanout only holds a public key; mint with JWT_SECRET (HS256)",
-                self.algorithm
-            )
-        })?;
+    ) -> Result<String, MintError> {
+        let key = self
+            .signing
+            .as_ref()
+            .ok_or(MintError::NoSigningKey(self.algorithm))?;
         let now = crate::protocol::now_ms() / 1000;
         let claims = MintClaims {
             user_id: user.as_str(),
@@ -315,8 +351,36 @@ impl Verifier {
             iss: self.issuer.as_deref(),
             aud: self.audience.as_deref(),
         };
-        jsonwebtoken::encode(&Header::new(self.algorithm), &claims, key).map_err(|e| e.to_string())
+        Ok(jsonwebtoken::encode(
+            &Header::new(self.algorithm),
+            &claims,
+            key,
+        )?)
     }
+}
+
+/// What `Bearer <credential>` (an `Authorization` header's value, or a token a client
+/// copied from one) holds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Bearer<'a> {
+    Token(&'a str),
+    /// The scheme without a credential.
+    Empty,
+}
+
+/// Reads the `Bearer` scheme (in any case) and its credential, trimmed; `None` when the
+/// text is not of that scheme. The one parser of the ingest keys, the REST API's header and
+/// tokens with the prefix left on.
+pub fn bearer(text: &str) -> Option<Bearer<'_>> {
+    let text = text.trim();
+    let (scheme, credential) = text.split_once(' ').unwrap_or((text, ""));
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    Some(match credential.trim() {
+        "" => Bearer::Empty,
+        token => Bearer::Token(token),
+    })
 }
 
 /// Checks ingest bearer keys in constant time (per key), so timing reveals nothing about
@@ -335,10 +399,7 @@ impl IngestKeys {
 
     /// Accepts an `Authorization` header value of the form `Bearer <key>`.
     pub fn check_header(&self, header: Option<&str>) -> bool {
-        let Some(presented) = header.and_then(|h| {
-            let (scheme, rest) = h.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        }) else {
+        let Some(Bearer::Token(presented)) = header.and_then(bearer) else {
             return false;
         };
         use subtle::ConstantTimeEq;
@@ -432,6 +493,20 @@ mod tests {
             verify(&v, &sign(c, Algorithm::HS256, SECRET)),
             Err(AuthError::Expired)
         );
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case() {
+        assert_eq!(bearer("Bearer abc"), Some(Bearer::Token("abc")));
+        assert_eq!(bearer(" bearer   abc "), Some(Bearer::Token("abc")));
+        assert_eq!(bearer("BEARER"), Some(Bearer::Empty));
+        assert_eq!(bearer("Bearer  "), Some(Bearer::Empty));
+        assert_eq!(bearer("Basic dXNlcg=="), None);
+        assert_eq!(bearer("abc.def.ghi"), None);
+        let v = hs_verifier();
+        let token = sign(good_claims(), Algorithm::HS256, SECRET);
+        assert!(verify(&v, &format!("bearer {token}")).is_ok());
+        assert_eq!(verify(&v, "Bearer "), Err(AuthError::Missing));
     }
 
     #[test]
@@ -636,7 +711,7 @@ mod tests {
 
     #[test]
     fn key_and_algorithm_mismatch_is_a_config_error() {
-        let err = |cfg| Verifier::new(cfg).err().unwrap();
+        let err = |cfg| Verifier::new(cfg).err().unwrap().to_string();
         let e = err(VerifierConfig {
             key: VerifyKey::PublicPem(
                 "-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n".into(),

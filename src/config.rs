@@ -311,16 +311,14 @@ impl JwtSettings {
             leeway_seconds,
         };
         // Build a verifier once so that a bad key or a key/algorithm mismatch stops start-up.
-        crate::auth::Verifier::new(settings.verifier_config()).map_err(|message| ConfigError {
-            setting: if settings.public_pem.is_some() {
-                "JWT_PUBLIC_KEY"
-            } else {
-                "JWT_ALGORITHM"
-            },
-            message: message
-                .trim_start_matches("JWT_PUBLIC_KEY ")
-                .trim_start_matches("JWT_ALGORITHM=")
-                .to_string(),
+        crate::auth::Verifier::new(settings.verifier_config()).map_err(|e| {
+            // "invalid JWT_ALGORITHM: RS256 needs ...", not "...: JWT_ALGORITHM=RS256 needs".
+            let text = e.to_string();
+            let message = text
+                .strip_prefix(e.setting())
+                .map_or(text.as_str(), |rest| rest.trim_start_matches(['=', ' ']))
+                .to_string();
+            invalid(e.setting(), message)
         })?;
         Ok(Some(settings))
     }

@@ -21,12 +21,11 @@ fn main() -> ExitCode {
 const BAD_CONFIG: u8 = 2;
 
 fn mint(args: &fanout::config::TokenArgs) -> ExitCode {
-    let result = TokenRequest::from_args(args)
-        .map_err(|e| e.to_string())
-        .and_then(|req| {
-            let verifier = Verifier::new(req.jwt.verifier_config())?;
-            verifier.mint(&req.org, &req.user, &req.role, req.ttl)
-        });
+    let result = || -> anyhow::Result<String> {
+        let req = TokenRequest::from_args(args)?;
+        let verifier = Verifier::new(req.jwt.verifier_config())?;
+        Ok(verifier.mint(&req.org, &req.user, &req.role, req.ttl)?)
+    }();
     match result {
         Ok(token) => {
             println!("{token}");

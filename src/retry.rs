@@ -1,11 +1,63 @@
-//! How every reconnecting task waits and complains: capped exponential backoff with jitter,
-//! and rate-limited warnings.
+//! How every task that retries a peer waits and complains: capped exponential backoff with
+//! jitter, and rate-limited warnings.
 //!
-//! The Redis subscriber and the store's background migration both retry a peer that may
-//! be down for a long time; they share these two small types so that every such loop backs
-//! off the same way and no outage or misbehaving publisher can flood the logs.
+//! The Redis subscriber, the store's migration and health probe, and retention all retry a
+//! peer that may be down for a long time: [`Retry`] is that loop's one mechanism, so every
+//! such loop backs off the same way, stops at shutdown, and no outage can flood the logs.
+//! [`Backoff`] and [`RateLimit`] are its parts, for the places that need only one.
 
+use std::fmt::Display;
 use std::time::{Duration, Instant};
+
+use crate::ops::shutdown::Shutdown;
+
+/// Failures of one peer, retried: each failure waits a capped, jittered backoff (or ends at
+/// shutdown) and is logged, as a warning at most once per period (with how many failed
+/// meanwhile), else at debug level.
+pub struct Retry {
+    what: &'static str,
+    backoff: Backoff,
+    warn: RateLimit,
+    failures: u64,
+}
+
+impl Retry {
+    /// `what` names the operation in the log ("cannot {what}: ...; retrying").
+    pub fn new(what: &'static str, min: Duration, max: Duration, warn_every: Duration) -> Self {
+        Self {
+            what,
+            backoff: Backoff::new(min, max),
+            warn: RateLimit::new(warn_every),
+            failures: 0,
+        }
+    }
+
+    /// Records a failure, logs it, and waits; `false` when shutdown came first.
+    pub async fn failed(&mut self, error: impl Display, shutdown: &Shutdown) -> bool {
+        self.failures += 1;
+        let delay = self.backoff.next_delay();
+        match self.warn.check() {
+            Some(suppressed) => tracing::warn!(
+                failures = self.failures,
+                suppressed_since_last = suppressed,
+                "cannot {}: {error}; retrying in {delay:?}",
+                self.what
+            ),
+            None => tracing::debug!("cannot {}: {error}; retrying in {delay:?}", self.what),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = shutdown.wait() => false,
+        }
+    }
+
+    /// Records a success: the next failure waits the shortest backoff again. Returns how
+    /// many failures came before it.
+    pub fn succeeded(&mut self) -> u64 {
+        self.backoff.reset();
+        std::mem::take(&mut self.failures)
+    }
+}
 
 /// Capped exponential backoff with "equal jitter": half of each step fixed, half random,
 /// so replicas that lost a peer together do not retry in lockstep.

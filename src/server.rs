@@ -44,8 +44,12 @@ pub enum StartError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Setup(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Bus(#[from] crate::bus::BusSetupError),
+    #[error(transparent)]
+    Key(#[from] crate::auth::KeyError),
     #[error("task {0} failed (see the log above); the replica stopped")]
     TaskFailed(&'static str),
 }
@@ -134,7 +138,7 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
     let transports = Transports::new(max_connections);
     let store = match &config.database {
         Some(db) => {
-            let store = Store::start(db, tasks).map_err(|e| StartError::Setup(e.to_string()))?;
+            let store = Store::start(db, tasks)?;
             retention::start(store.clone(), config.event_retention, tasks);
             Some(store)
         }
@@ -155,15 +159,13 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
             presence.clone(),
             delivery.clone(),
             tasks,
-        )
-        .map_err(StartError::Setup)?,
+        )?,
         None => Bus::memory(delivery.clone()),
     });
     let writer = store
         .as_ref()
         .map(|store| Writer::start(store.clone(), bus.clone(), tasks));
-    let verifier =
-        Arc::new(Verifier::new(config.jwt.verifier_config()).map_err(StartError::Setup)?);
+    let verifier = Arc::new(Verifier::new(config.jwt.verifier_config())?);
     Arc::new(Gateway {
         verifier: verifier.clone(),
         leeway_ms: config.jwt.leeway_seconds * 1000,

@@ -19,6 +19,13 @@ use crate::presence::Presence;
 use crate::protocol::{Message, OrgId};
 use crate::tasks::Tasks;
 
+/// Why the bus could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BusSetupError {
+    #[error("invalid REDIS_URL: {0}")]
+    InvalidUrl(String),
+}
+
 /// Why a message could not be handed to the bus. The ingest API answers 503 with it.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -71,7 +78,7 @@ impl Bus {
         presence: Arc<Presence>,
         sink: Arc<dyn Sink>,
         tasks: &Tasks,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, BusSetupError> {
         Ok(Self {
             inner: Inner::Redis(redis::RedisBus::start(settings, presence, sink, tasks)?),
         })

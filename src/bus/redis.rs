@@ -26,12 +26,12 @@ use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{BusError, RedisSettings, Sink};
+use super::{BusError, BusSetupError, RedisSettings, Sink};
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
 use crate::protocol::{Message, OrgId};
-use crate::retry::{Backoff, RateLimit};
+use crate::retry::{RateLimit, Retry};
 use crate::tasks::{Policy, Tasks};
 
 /// How long a joining socket waits for its organization's subscription before it is told
@@ -44,6 +44,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const PING_EVERY: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// At most one warning per this interval while the subscriber cannot connect.
+const WARN_EVERY: Duration = Duration::from_secs(30);
 /// Channels per SUBSCRIBE command when re-subscribing or applying a batch.
 const CHUNK: usize = 1000;
 
@@ -73,9 +75,9 @@ impl RedisBus {
         presence: Arc<Presence>,
         sink: Arc<dyn Sink>,
         tasks: &Tasks,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, BusSetupError> {
         let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| format!("invalid REDIS_URL: {e}"))?;
+            .map_err(|e| BusSetupError::InvalidUrl(e.to_string()))?;
         let mut cfg = deadpool_redis::Config::from_url(settings.url.clone());
         cfg.pool = Some(PoolConfig {
             max_size: 32,
@@ -88,7 +90,7 @@ impl RedisBus {
         });
         let pool = cfg
             .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| format!("invalid REDIS_URL: {e}"))?;
+            .map_err(|e| BusSetupError::InvalidUrl(e.to_string()))?;
         let up = Arc::new(AtomicBool::new(false));
         let sessions = Arc::new(AtomicU64::new(0));
         let (tx, rx) = mpsc::unbounded_channel();
@@ -245,16 +247,31 @@ impl Subscriber {
     async fn run(mut self, requests: &mut mpsc::UnboundedReceiver<Request>) {
         // A previous incarnation may have died while up.
         self.down();
-        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+        let mut retry = Retry::new(
+            "connect the redis subscriber",
+            BACKOFF_MIN,
+            BACKOFF_MAX,
+            WARN_EVERY,
+        );
+        let shutdown = self.shutdown.clone();
         loop {
             let connect = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub());
-            let pubsub = tokio::select! {
-                _ = self.shutdown.wait() => return,
+            let failure = tokio::select! {
+                _ = shutdown.wait() => return,
                 res = connect => match res {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(e)) => { self.wait_retry(&mut backoff, &e.to_string()).await; continue; }
-                    Err(_) => { self.wait_retry(&mut backoff, "connect timed out").await; continue; }
+                    Ok(Ok(pubsub)) => Ok(pubsub),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no connection within {CONNECT_TIMEOUT:?}")),
                 },
+            };
+            let pubsub = match failure {
+                Ok(pubsub) => pubsub,
+                Err(why) => {
+                    if !retry.failed(why, &shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
             };
             let (mut sink, stream) = pubsub.split();
             let reader = Reader(tokio::spawn(read_loop(
@@ -263,15 +280,15 @@ impl Subscriber {
                 self.max_payload,
                 self.sink.clone(),
             )));
-            let end = self
-                .session(&mut sink, requests, reader, &mut backoff)
-                .await;
+            let end = self.session(&mut sink, requests, reader, &mut retry).await;
             self.down();
             match end {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Lost(why) => {
                     tracing::error!("redis subscriber connection lost ({why}); reconnecting");
-                    self.wait_retry(&mut backoff, &why).await;
+                    if !retry.failed(why, &shutdown).await {
+                        return;
+                    }
                 }
             }
         }
@@ -285,26 +302,12 @@ impl Subscriber {
         ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(0.0);
     }
 
-    async fn wait_retry(&self, backoff: &mut Backoff, why: &str) {
-        let delay = backoff.next_delay();
-        if backoff.attempt() <= 1 || backoff.attempt().is_multiple_of(20) {
-            tracing::warn!(
-                attempt = backoff.attempt(),
-                "cannot connect the redis subscriber ({why}); retrying in {delay:?}"
-            );
-        }
-        tokio::select! {
-            _ = self.shutdown.wait() => {}
-            _ = tokio::time::sleep(delay) => {}
-        }
-    }
-
     async fn session(
         &mut self,
         sink: &mut PubSubSink,
         requests: &mut mpsc::UnboundedReceiver<Request>,
         mut reader: Reader,
-        backoff: &mut Backoff,
+        retry: &mut Retry,
     ) -> SessionEnd {
         // Full resync: whatever was requested while down, presence says what is needed now.
         let mut waiting = Vec::new();
@@ -329,7 +332,7 @@ impl Subscriber {
             // history (if there is one): read it back now rather than at the next event.
             self.sink.clone().reconnected();
         }
-        backoff.reset();
+        retry.succeeded();
         tracing::info!(
             channels = self.subscribed.len(),
             "redis subscriber connected"

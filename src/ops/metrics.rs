@@ -38,8 +38,13 @@ pub const CONNECTIONS_REFUSED: &str = "fanout_connections_refused_total";
 pub const ACCEPT_ERRORS: &str = "fanout_accept_errors_total";
 pub const TASK_FAILURES: &str = "fanout_task_failures_total";
 
+/// Why the metrics recorder could not be installed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot install the metrics recorder: {0}")]
+pub struct InstallError(#[from] metrics_exporter_prometheus::BuildError);
+
 /// Installs the process-wide recorder. Call once, before any metric is touched.
-pub fn install() -> Result<PrometheusHandle, String> {
+pub fn install() -> Result<PrometheusHandle, InstallError> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(LATENCY.into()),
@@ -61,8 +66,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
                 &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
             )
         })
-        .and_then(|b| b.install_recorder())
-        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+        .and_then(|b| b.install_recorder())?;
     describe();
     Ok(handle)
 }

@@ -32,7 +32,7 @@ pub use migrations::{MIGRATIONS, Migration, migrate};
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 use crate::protocol::BusKey;
-use crate::retry::{Backoff, RateLimit};
+use crate::retry::Retry;
 use crate::tasks::{Policy, Tasks};
 
 /// Used when `DATABASE_URL` sets no `connect_timeout`, so an unreachable server is reported
@@ -247,12 +247,8 @@ impl Store {
                 _ = self.health.down.notified() => {}
                 _ = shutdown.wait() => return,
             }
-            let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+            let mut retry = Retry::new("reach PostgreSQL", BACKOFF_MIN, BACKOFF_MAX, WARN_EVERY);
             while !self.health.up.load(Ordering::Acquire) {
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff.next_delay()) => {}
-                    _ = shutdown.wait() => return,
-                }
                 let probe = match self.pool.get().await {
                     Ok(client) => client
                         .simple_query("SELECT 1")
@@ -263,11 +259,14 @@ impl Store {
                 };
                 match probe {
                     Ok(()) => {
-                        tracing::info!(database = %target, "PostgreSQL is reachable again");
+                        let failures = retry.succeeded();
+                        tracing::info!(database = %target, failures, "PostgreSQL is reachable again");
                         self.mark_up();
                     }
                     Err(e) => {
-                        tracing::debug!(database = %target, error = %e, "PostgreSQL probe failed")
+                        if !retry.failed(format!("{target}: {e}"), &shutdown).await {
+                            return;
+                        }
                     }
                 }
             }
@@ -277,9 +276,12 @@ impl Store {
     /// Retries with capped exponential backoff until the schema is current or the replica
     /// shuts down. Warnings are rate-limited: a database down for an hour is a few lines.
     async fn migrate_until_done(self, target: String, shutdown: Shutdown) -> bool {
-        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
-        let mut warn = RateLimit::new(WARN_EVERY);
-        let mut failures = 0u64;
+        let mut retry = Retry::new(
+            "migrate the database (ephemeral fan-out still works)",
+            BACKOFF_MIN,
+            BACKOFF_MAX,
+            WARN_EVERY,
+        );
         loop {
             let result = match self.pool.get().await {
                 Ok(mut client) => match migrate(&mut client).await {
@@ -305,22 +307,10 @@ impl Store {
                     return true;
                 }
                 Err(reason) => {
-                    failures += 1;
-                    if warn.check().is_some() {
-                        tracing::warn!(
-                            database = %target,
-                            failures,
-                            error = %reason,
-                            "cannot migrate the database; retrying (ephemeral fan-out still works)"
-                        );
-                    } else {
-                        tracing::debug!(database = %target, error = %reason, "migration retry failed");
+                    if !retry.failed(format!("{target}: {reason}"), &shutdown).await {
+                        return false;
                     }
                 }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
-                _ = shutdown.wait() => return false,
             }
         }
     }

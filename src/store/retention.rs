@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
-use crate::retry::{Backoff, RateLimit};
+use crate::retry::Retry;
 use crate::tasks::{Policy, Tasks};
 
 use super::{Store, StoreError, describe};
@@ -73,9 +73,7 @@ async fn run(store: Store, retention: Duration, shutdown: Shutdown) {
         }
     }
     let every = interval(retention);
-    let mut backoff = Backoff::new(BACKOFF_MIN, every);
-    let mut warn = RateLimit::new(WARN_EVERY);
-    let mut failures = 0u64;
+    let mut retry = Retry::new("delete expired events", BACKOFF_MIN, every, WARN_EVERY);
     loop {
         let (deleted, result) = pass(&store, retention, &shutdown).await;
         if deleted > 0 {
@@ -85,30 +83,18 @@ async fn run(store: Store, retention: Duration, shutdown: Shutdown) {
                 "deleted expired events"
             );
         }
-        let delay = match result {
+        let go_on = match result {
             Ok(()) => {
-                backoff.reset();
-                failures = 0;
-                every
-            }
-            Err(reason) => {
-                failures += 1;
-                if let Some(suppressed) = warn.check() {
-                    tracing::warn!(
-                        failures,
-                        suppressed,
-                        error = %reason,
-                        "cannot delete expired events; retrying"
-                    );
-                } else {
-                    tracing::debug!(error = %reason, "deleting expired events failed");
+                retry.succeeded();
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => true,
+                    _ = shutdown.wait() => false,
                 }
-                backoff.next_delay()
             }
+            Err(reason) => retry.failed(reason, &shutdown).await,
         };
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.wait() => return,
+        if !go_on {
+            return;
         }
     }
 }
