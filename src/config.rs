@@ -193,35 +193,74 @@ pub struct DevMode {
     pub ingest_key: String,
 }
 
-/// A validated configuration of `fanout serve`.
+/// A validated configuration of `fanout serve`, in sections.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
-    pub internal_listen: SocketAddr,
+    pub listeners: Listeners,
+    pub bus: BusSettings,
+    pub store: StoreSettings,
+    pub auth: AuthSettings,
+    pub engine: EngineSettings,
+    pub limits: Limits,
+    /// Time allowed for a graceful shutdown.
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+/// Where a replica listens, and who may call its public port from a browser.
+#[derive(Debug, Clone)]
+pub struct Listeners {
+    pub public: SocketAddr,
+    pub internal: SocketAddr,
+    pub cors_origins: CorsOrigins,
+}
+
+/// The bus between replicas: Redis, or none (the in-process bus).
+#[derive(Debug, Clone)]
+pub struct BusSettings {
     pub redis_url: Option<String>,
     pub redis_prefix: String,
+}
+
+/// The durable history, if any.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
     /// The PostgreSQL of the event history, if any.
     pub database: Option<tokio_postgres::Config>,
     /// Most events replayed to one client before it is told to resync.
     pub replay_max: u64,
     /// Age after which durable events are deleted.
     pub event_retention: Duration,
+}
+
+/// Who may connect and who may publish.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
     pub jwt: JwtSettings,
     pub ingest_keys: Vec<String>,
-    pub cors_origins: CorsOrigins,
-    pub max_payload_bytes: usize,
-    pub socket_buffer: usize,
-    pub shutdown_timeout: Duration,
+    /// Set when no JWT key was configured and fanout generated a secret and an ingest key.
+    pub dev_mode: Option<DevMode>,
+}
+
+/// The Socket.IO engine's timings and queues.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
     pub ping_interval: Duration,
     pub ping_timeout: Duration,
+    /// Messages queued per socket before it counts as a slow consumer.
+    pub socket_buffer: usize,
+}
+
+/// What a client may make a replica spend.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest ingest body or bus envelope (and, doubled, the Engine.IO `maxPayload`).
+    pub max_payload_bytes: usize,
     /// Cap on public connections; `None`: derived from the open-file limit at start.
     pub max_connections: Option<usize>,
     pub header_read_timeout: Duration,
     pub max_pending_sessions: usize,
     pub handshake_timeout: Duration,
-    pub log_format: LogFormat,
-    /// Set when no JWT key was configured and fanout generated a secret and an ingest key.
-    pub dev_mode: Option<DevMode>,
 }
 
 /// JWT settings in a form that can build a verifier (and be cloned, unlike the verifier).
@@ -447,16 +486,84 @@ fn random_hex(bytes: usize) -> String {
 
 impl Config {
     pub fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
-        let listen = parse_addr("FANOUT_LISTEN", &args.listen)?;
-        let internal_listen = parse_addr("FANOUT_INTERNAL_LISTEN", &args.internal_listen)?;
-        if listen == internal_listen {
+        let log_format = match args.log_format.trim() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "FANOUT_LOG_FORMAT",
+                    format!("{other:?} is not a log format; expected text or json"),
+                ));
+            }
+        };
+        Ok(Self {
+            listeners: Listeners::from_args(args)?,
+            bus: BusSettings::from_args(args)?,
+            store: StoreSettings::from_args(args)?,
+            auth: AuthSettings::from_args(args)?,
+            engine: EngineSettings::from_args(args)?,
+            limits: Limits::from_args(args)?,
+            shutdown_timeout: parse_duration("FANOUT_SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?,
+            log_format,
+        })
+    }
+}
+
+impl Listeners {
+    fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let public = parse_addr("FANOUT_LISTEN", &args.listen)?;
+        let internal = parse_addr("FANOUT_INTERNAL_LISTEN", &args.internal_listen)?;
+        if public == internal {
             return Err(invalid(
                 "FANOUT_INTERNAL_LISTEN",
                 format!(
-                    "{internal_listen} is also FANOUT_LISTEN; the internal port must differ from the public one"
+                    "{internal} is also FANOUT_LISTEN; the internal port must differ from the public one"
                 ),
             ));
         }
+        Ok(Self {
+            public,
+            internal,
+            cors_origins: cors_origins(&args.cors_origins)?,
+        })
+    }
+}
+
+fn cors_origins(text: &str) -> Result<CorsOrigins, ConfigError> {
+    let list = match text.trim() {
+        "*" => return Ok(CorsOrigins::Any),
+        list => list,
+    };
+    let origins: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(String::from)
+        .collect();
+    if origins.is_empty() {
+        return Err(invalid(
+            "FANOUT_CORS_ORIGINS",
+            "is empty; use * or a list of origins",
+        ));
+    }
+    for o in &origins {
+        let ok = (o.starts_with("http://") || o.starts_with("https://"))
+            && !o.ends_with('/')
+            && o.parse::<axum::http::HeaderValue>().is_ok();
+        if !ok {
+            return Err(invalid(
+                "FANOUT_CORS_ORIGINS",
+                format!(
+                    "{o:?} is not an origin; expected scheme://host[:port] with no path, e.g. https://app.example.com"
+                ),
+            ));
+        }
+    }
+    Ok(CorsOrigins::List(origins))
+}
+
+impl BusSettings {
+    fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
         let redis_url = match args.redis_url.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(url) => {
@@ -471,15 +578,6 @@ impl Config {
                 Some(url.to_string())
             }
         };
-        let database = parse_database_url(args.database_url.as_deref())?;
-        let replay_max = parse_count("FANOUT_REPLAY_MAX", &args.replay_max, 0, 1_000_000)? as u64;
-        let event_retention = parse_duration("FANOUT_EVENT_RETENTION", &args.event_retention)?;
-        if event_retention < Duration::from_secs(60) {
-            return Err(invalid(
-                "FANOUT_EVENT_RETENTION",
-                "must be at least 1m: clients replay from the retained events",
-            ));
-        }
         if args
             .redis_prefix
             .chars()
@@ -490,6 +588,34 @@ impl Config {
                 format!("{:?} contains whitespace", args.redis_prefix),
             ));
         }
+        Ok(Self {
+            redis_url,
+            redis_prefix: args.redis_prefix.clone(),
+        })
+    }
+}
+
+impl StoreSettings {
+    fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let event_retention = parse_duration("FANOUT_EVENT_RETENTION", &args.event_retention)?;
+        if event_retention < Duration::from_secs(60) {
+            return Err(invalid(
+                "FANOUT_EVENT_RETENTION",
+                "must be at least 1m: clients replay from the retained events",
+            ));
+        }
+        Ok(Self {
+            database: parse_database_url(args.database_url.as_deref())?,
+            replay_max: parse_count("FANOUT_REPLAY_MAX", &args.replay_max, 0, 1_000_000)? as u64,
+            event_retention,
+        })
+    }
+}
+
+impl AuthSettings {
+    /// A JWT key and ingest keys; with no JWT key at all, dev mode: a random secret, and
+    /// a random ingest key unless some were given.
+    fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
         let mut ingest_keys: Vec<String> = args
             .ingest_keys
             .as_deref()
@@ -499,77 +625,47 @@ impl Config {
             .filter(|k| !k.is_empty())
             .map(String::from)
             .collect();
-        let (jwt, dev_mode) = match JwtSettings::from_args(&args.jwt)? {
-            Some(jwt) => {
-                if ingest_keys.is_empty() {
-                    return Err(invalid(
-                        "FANOUT_INGEST_KEYS",
-                        "is empty; with a JWT key configured, set at least one ingest key (comma-separated) for workers",
-                    ));
-                }
-                (jwt, None)
+        if let Some(jwt) = JwtSettings::from_args(&args.jwt)? {
+            if ingest_keys.is_empty() {
+                return Err(invalid(
+                    "FANOUT_INGEST_KEYS",
+                    "is empty; with a JWT key configured, set at least one ingest key (comma-separated) for workers",
+                ));
             }
-            None => {
-                let dev = DevMode {
-                    secret: random_hex(32),
-                    ingest_key: ingest_keys
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(|| random_hex(16)),
-                };
-                if ingest_keys.is_empty() {
-                    ingest_keys.push(dev.ingest_key.clone());
-                }
-                let jwt = JwtSettings {
-                    secret: Some(dev.secret.clone()),
-                    public_pem: None,
-                    algorithm: Algorithm::HS256,
-                    issuer: None,
-                    audience: None,
-                    leeway_seconds: 0,
-                };
-                (jwt, Some(dev))
-            }
+            return Ok(Self {
+                jwt,
+                ingest_keys,
+                dev_mode: None,
+            });
+        }
+        let dev = DevMode {
+            secret: random_hex(32),
+            ingest_key: ingest_keys
+                .first()
+                .cloned()
+                .unwrap_or_else(|| random_hex(16)),
         };
-        let cors_origins = match args.cors_origins.trim() {
-            "*" => CorsOrigins::Any,
-            list => {
-                let origins: Vec<String> = list
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|o| !o.is_empty())
-                    .map(String::from)
-                    .collect();
-                if origins.is_empty() {
-                    return Err(invalid(
-                        "FANOUT_CORS_ORIGINS",
-                        "is empty; use * or a list of origins",
-                    ));
-                }
-                for o in &origins {
-                    let ok = (o.starts_with("http://") || o.starts_with("https://"))
-                        && !o.ends_with('/')
-                        && o.parse::<axum::http::HeaderValue>().is_ok();
-                    if !ok {
-                        return Err(invalid(
-                            "FANOUT_CORS_ORIGINS",
-                            format!(
-                                "{o:?} is not an origin; expected scheme://host[:port] with no path, e.g. https://app.example.com"
-                            ),
-                        ));
-                    }
-                }
-                CorsOrigins::List(origins)
-            }
+        if ingest_keys.is_empty() {
+            ingest_keys.push(dev.ingest_key.clone());
+        }
+        let jwt = JwtSettings {
+            secret: Some(dev.secret.clone()),
+            public_pem: None,
+            algorithm: Algorithm::HS256,
+            issuer: None,
+            audience: None,
+            leeway_seconds: 0,
         };
-        let max_payload_bytes = parse_count(
-            "FANOUT_MAX_PAYLOAD_BYTES",
-            &args.max_payload_bytes,
-            256,
-            64 << 20,
-        )?;
-        let socket_buffer = parse_count("FANOUT_SOCKET_BUFFER", &args.socket_buffer, 8, 1 << 20)?;
-        let shutdown_timeout = parse_duration("FANOUT_SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?;
+        Ok(Self {
+            jwt,
+            ingest_keys,
+            dev_mode: Some(dev),
+        })
+    }
+}
+
+impl EngineSettings {
+    fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
         let ping_interval = parse_duration("FANOUT_PING_INTERVAL", &args.ping_interval)?;
         let ping_timeout = parse_duration("FANOUT_PING_TIMEOUT", &args.ping_timeout)?;
         for (setting, d) in [
@@ -580,6 +676,16 @@ impl Config {
                 return Err(invalid(setting, "must be at least 100ms"));
             }
         }
+        Ok(Self {
+            ping_interval,
+            ping_timeout,
+            socket_buffer: parse_count("FANOUT_SOCKET_BUFFER", &args.socket_buffer, 8, 1 << 20)?,
+        })
+    }
+}
+
+impl Limits {
+    fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
         let max_connections = match args.max_connections.trim() {
             "auto" => None,
             text => Some(parse_count("FANOUT_MAX_CONNECTIONS", text, 1, 10_000_000)?),
@@ -596,44 +702,22 @@ impl Config {
                 return Err(invalid(setting, "must be from 100ms to 10m"));
             }
         }
-        let max_pending_sessions = parse_count(
-            "FANOUT_MAX_PENDING_SESSIONS",
-            &args.max_pending_sessions,
-            1,
-            10_000_000,
-        )?;
-        let log_format = match args.log_format.trim() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(invalid(
-                    "FANOUT_LOG_FORMAT",
-                    format!("{other:?} is not a log format; expected text or json"),
-                ));
-            }
-        };
         Ok(Self {
-            listen,
-            internal_listen,
-            redis_url,
-            redis_prefix: args.redis_prefix.clone(),
-            database,
-            replay_max,
-            event_retention,
-            jwt,
-            ingest_keys,
-            cors_origins,
-            max_payload_bytes,
-            socket_buffer,
-            shutdown_timeout,
-            ping_interval,
-            ping_timeout,
+            max_payload_bytes: parse_count(
+                "FANOUT_MAX_PAYLOAD_BYTES",
+                &args.max_payload_bytes,
+                256,
+                64 << 20,
+            )?,
             max_connections,
             header_read_timeout,
-            max_pending_sessions,
+            max_pending_sessions: parse_count(
+                "FANOUT_MAX_PENDING_SESSIONS",
+                &args.max_pending_sessions,
+                1,
+                10_000_000,
+            )?,
             handshake_timeout,
-            log_format,
-            dev_mode,
         })
     }
 }
@@ -706,16 +790,16 @@ mod tests {
     #[test]
     fn defaults_are_dev_mode() {
         let c = serve(&[]).unwrap();
-        assert_eq!(c.listen.to_string(), "0.0.0.0:3000");
-        assert_eq!(c.internal_listen.to_string(), "0.0.0.0:3001");
-        assert!(c.redis_url.is_none());
-        assert_eq!(c.redis_prefix, "fanout:");
-        assert_eq!(c.max_payload_bytes, 65536);
+        assert_eq!(c.listeners.public.to_string(), "0.0.0.0:3000");
+        assert_eq!(c.listeners.internal.to_string(), "0.0.0.0:3001");
+        assert!(c.bus.redis_url.is_none());
+        assert_eq!(c.bus.redis_prefix, "fanout:");
+        assert_eq!(c.limits.max_payload_bytes, 65536);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
-        assert_eq!(c.cors_origins, CorsOrigins::Any);
-        let dev = c.dev_mode.expect("no JWT config means dev mode");
-        assert_eq!(c.ingest_keys, vec![dev.ingest_key.clone()]);
-        assert_eq!(c.jwt.secret.as_deref(), Some(dev.secret.as_str()));
+        assert_eq!(c.listeners.cors_origins, CorsOrigins::Any);
+        let dev = c.auth.dev_mode.expect("no JWT config means dev mode");
+        assert_eq!(c.auth.ingest_keys, vec![dev.ingest_key.clone()]);
+        assert_eq!(c.auth.jwt.secret.as_deref(), Some(dev.secret.as_str()));
     }
 
     #[test]
@@ -730,12 +814,12 @@ mod tests {
             "1500ms",
         ]);
         let c = serve(&args).unwrap();
-        assert!(c.dev_mode.is_none());
-        assert_eq!(c.ingest_keys, vec!["k1", "k2"]);
-        assert_eq!(c.jwt.algorithm, Algorithm::HS256);
+        assert!(c.auth.dev_mode.is_none());
+        assert_eq!(c.auth.ingest_keys, vec!["k1", "k2"]);
+        assert_eq!(c.auth.jwt.algorithm, Algorithm::HS256);
         assert_eq!(c.shutdown_timeout, Duration::from_millis(1500));
         assert_eq!(
-            c.cors_origins,
+            c.listeners.cors_origins,
             CorsOrigins::List(vec![
                 "https://a.example.com".into(),
                 "http://localhost:5173".into()
@@ -809,10 +893,10 @@ mod tests {
     fn public_key_from_file_or_inline() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/rsa_public.pem");
         let c = serve(&["--jwt-public-key", path, "--ingest-keys", "k"]).unwrap();
-        assert_eq!(c.jwt.algorithm, Algorithm::RS256);
+        assert_eq!(c.auth.jwt.algorithm, Algorithm::RS256);
         let inline = std::fs::read_to_string(path).unwrap();
         let c = serve(&["--jwt-public-key", &inline, "--ingest-keys", "k"]).unwrap();
-        assert!(c.jwt.public_pem.is_some());
+        assert!(c.auth.jwt.public_pem.is_some());
     }
 
     #[test]
@@ -875,10 +959,16 @@ mod tests {
             "postgres://fanout:pw@db.internal:6543/events",
         ])
         .unwrap();
-        let db = c.database.expect("DATABASE_URL is set");
+        let db = c.store.database.expect("DATABASE_URL is set");
         assert_eq!(db.get_dbname(), Some("events"));
         assert_eq!(db.get_ports(), &[6543]);
-        assert!(serve(&["--database-url", ""]).unwrap().database.is_none());
+        assert!(
+            serve(&["--database-url", ""])
+                .unwrap()
+                .store
+                .database
+                .is_none()
+        );
 
         let err = parse_database_url(Some("postgres://fanout:hunter2@db:notaport/events"))
             .unwrap_err()

@@ -84,7 +84,7 @@ fn serve(args: &fanout::config::ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(dev) = &config.dev_mode {
+    if let Some(dev) = &config.auth.dev_mode {
         print_dev_banner(&config, dev);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -126,7 +126,7 @@ fn init_logging(format: LogFormat) {
 /// Dev mode: everything needed to try fanout, on stdout, with a warning that this is
 /// not a production configuration.
 fn print_dev_banner(config: &Config, dev: &DevMode) {
-    let verifier = Verifier::new(config.jwt.verifier_config()).expect("dev secret is valid");
+    let verifier = Verifier::new(config.auth.jwt.verifier_config()).expect("dev secret is valid");
     let org = fanout::protocol::OrgId::parse("demo").unwrap();
     let user = fanout::protocol::UserId::parse("dev").unwrap();
     let token = verifier
@@ -144,8 +144,8 @@ fn print_dev_banner(config: &Config, dev: &DevMode) {
             addr.to_string()
         }
     };
-    let public = host(config.listen);
-    let internal = host(config.internal_listen);
+    let public = host(config.listeners.public);
+    let internal = host(config.listeners.internal);
     tracing::warn!(
         "DEV MODE: no JWT_SECRET or JWT_PUBLIC_KEY set; using a random secret and ingest key. Do not run this in production."
     );

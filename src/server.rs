@@ -86,16 +86,16 @@ struct Listeners {
 }
 
 async fn bind(config: &Config) -> Result<Listeners, StartError> {
-    let public = bind_with_backlog(config.listen).map_err(|source| StartError::Bind {
+    let public = bind_with_backlog(config.listeners.public).map_err(|source| StartError::Bind {
         setting: "FANOUT_LISTEN",
-        addr: config.listen,
+        addr: config.listeners.public,
         source,
     })?;
-    let internal = TcpListener::bind(config.internal_listen)
+    let internal = TcpListener::bind(config.listeners.internal)
         .await
         .map_err(|source| StartError::Bind {
             setting: "FANOUT_INTERNAL_LISTEN",
-            addr: config.internal_listen,
+            addr: config.listeners.internal,
             source,
         })?;
     Ok(Listeners { public, internal })
@@ -116,6 +116,7 @@ struct Replica {
 fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Replica, StartError> {
     let descriptor_limit = transport::raise_descriptor_limit();
     let max_connections = config
+        .limits
         .max_connections
         .unwrap_or_else(|| transport::default_max_connections(descriptor_limit));
     // The largest Engine.IO payload, advertised to clients as `maxPayload`. Also the size of
@@ -123,38 +124,38 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
     // Socket.IO framing; and the most a client may send in one request or WebSocket
     // message (or frame), before authentication or after: a bigger one closes the
     // connection before it is buffered.
-    let max_payload = (2 * config.max_payload_bytes + 4096).max(100_000);
+    let max_payload = (2 * config.limits.max_payload_bytes + 4096).max(100_000);
     let (sio_layer, io) = SocketIo::builder()
-        .ping_interval(config.ping_interval)
-        .ping_timeout(config.ping_timeout)
-        .max_buffer_size(config.socket_buffer)
+        .ping_interval(config.engine.ping_interval)
+        .ping_timeout(config.engine.ping_timeout)
+        .max_buffer_size(config.engine.socket_buffer)
         .ws_read_buffer_size(1024)
         .max_payload(max_payload as u64)
         .ws_max_message_size(max_payload)
         .ws_max_frame_size(max_payload)
-        .connect_timeout(config.handshake_timeout)
+        .connect_timeout(config.limits.handshake_timeout)
         .build_layer();
     let presence = Arc::new(Presence::new());
     let transports = Transports::new(max_connections);
-    let store = match &config.database {
+    let store = match &config.store.database {
         Some(db) => {
             let store = Store::start(db, tasks)?;
-            retention::start(store.clone(), config.event_retention, tasks);
+            retention::start(store.clone(), config.store.event_retention, tasks);
             Some(store)
         }
         None => None,
     };
     let mut delivery = Delivery::new(io.clone(), presence.clone(), transports.clone());
     if let Some(store) = &store {
-        delivery = delivery.with_history(store.clone(), config.replay_max, tasks);
+        delivery = delivery.with_history(store.clone(), config.store.replay_max, tasks);
     }
     let delivery = Arc::new(delivery);
-    let bus = Arc::new(match &config.redis_url {
+    let bus = Arc::new(match &config.bus.redis_url {
         Some(url) => Bus::redis(
             RedisSettings {
                 url: url.clone(),
-                prefix: config.redis_prefix.clone(),
-                max_payload_bytes: config.max_payload_bytes,
+                prefix: config.bus.redis_prefix.clone(),
+                max_payload_bytes: config.limits.max_payload_bytes,
             },
             presence.clone(),
             delivery.clone(),
@@ -165,10 +166,10 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
     let writer = store
         .as_ref()
         .map(|store| Writer::start(store.clone(), bus.clone(), tasks));
-    let verifier = Arc::new(Verifier::new(config.jwt.verifier_config())?);
+    let verifier = Arc::new(Verifier::new(config.auth.jwt.verifier_config())?);
     Arc::new(Gateway {
         verifier: verifier.clone(),
-        leeway_ms: config.jwt.leeway_seconds * 1000,
+        leeway_ms: config.auth.jwt.leeway_seconds * 1000,
         bus: bus.clone(),
         delivery: delivery.clone(),
         presence: presence.clone(),
@@ -183,15 +184,15 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
     let public_app = api::router(ApiState::new(verifier, store.clone()))
         .fallback(not_found)
         .layer(sio_layer)
-        .layer(cors(&config.cors_origins))
+        .layer(cors(&config.listeners.cors_origins))
         .layer(middleware::from_fn_with_state(
-            Handshakes::new(transports.clone(), config.max_pending_sessions),
+            Handshakes::new(transports.clone(), config.limits.max_pending_sessions),
             gateway::middleware,
         ));
     let internal_app = ingest::router(IngestState {
         bus: bus.clone(),
-        keys: Arc::new(IngestKeys::new(config.ingest_keys.clone())),
-        max_payload_bytes: config.max_payload_bytes,
+        keys: Arc::new(IngestKeys::new(config.auth.ingest_keys.clone())),
+        max_payload_bytes: config.limits.max_payload_bytes,
         writer,
     })
     .merge(admin::router(AdminState {
@@ -205,10 +206,10 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
     .layer(middleware::from_fn(ops::count_requests));
 
     tracing::info!(
-        public = %config.listen,
-        internal = %config.internal_listen,
-        bus = if config.redis_url.is_some() { "redis" } else { "memory" },
-        store = if config.database.is_some() { "postgres" } else { "none" },
+        public = %config.listeners.public,
+        internal = %config.listeners.internal,
+        bus = if config.bus.redis_url.is_some() { "redis" } else { "memory" },
+        store = if config.store.database.is_some() { "postgres" } else { "none" },
         max_connections,
         descriptor_limit,
         "fanout is listening"
@@ -235,7 +236,7 @@ impl Replica {
     /// `/metrics`) and ingest keeps working meanwhile. Both are fatal if they end
     /// otherwise.
     fn serve(&self, listeners: Listeners, config: &Config, tasks: &Tasks) -> Serving {
-        let timeout = config.header_read_timeout;
+        let timeout = config.limits.header_read_timeout;
         let internal_stop = Shutdown::new();
         let mut internal = Some((listeners.internal, self.internal_app.clone()));
         let stop = internal_stop.clone();
