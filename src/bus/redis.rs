@@ -343,7 +343,7 @@ impl Subscriber {
 
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
-        let end = loop {
+        loop {
             tokio::select! {
                 _ = self.shutdown.wait() => break SessionEnd::Shutdown,
                 _ = &mut reader.0 => break SessionEnd::Lost("connection closed".into()),
@@ -368,8 +368,7 @@ impl Subscriber {
                     }
                 }
             }
-        };
-        end
+        }
     }
 
     /// Brings the subscription of every org in `batch` in line with presence, in at most
