@@ -76,18 +76,25 @@ fn unready(s: &AdminState) -> Option<String> {
 /// Ready means "send me connections": shutting down or cut off from the bus is not.
 /// PostgreSQL being down is reported (`"store": "down"`) but keeps the replica ready:
 /// sockets still get every live message, only durable ingest and replay wait for it, and
-/// taking every replica out of the load balancer would stop fan-out too.
+/// taking every replica out of the load balancer would stop fan-out too. Every answer
+/// names the bus, so an SRE sees at once a replica left on the in-process one.
 async fn readyz(State(s): State<AdminState>) -> Response {
+    let bus = s.bus.name();
     if let Some(reason) = unready(&s) {
-        return not_ready(&reason);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready", "bus": bus, "reason": reason})),
+        )
+            .into_response();
     }
     match &s.store {
-        None => Json(json!({"status": "ready"})).into_response(),
+        None => Json(json!({"status": "ready", "bus": bus})).into_response(),
         Some(store) if store.is_up() => {
-            Json(json!({"status": "ready", "store": "up"})).into_response()
+            Json(json!({"status": "ready", "bus": bus, "store": "up"})).into_response()
         }
         Some(store) => Json(json!({
             "status": "ready",
+            "bus": bus,
             "store": "down",
             "reason": if store.is_migrated() {
                 "PostgreSQL is unreachable: durable ingest answers 503 and replay sends resync-required until it is back"
@@ -97,14 +104,6 @@ async fn readyz(State(s): State<AdminState>) -> Response {
         }))
         .into_response(),
     }
-}
-
-fn not_ready(reason: &str) -> Response {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"status": "not ready", "reason": reason})),
-    )
-        .into_response()
 }
 
 async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {

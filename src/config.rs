@@ -75,9 +75,19 @@ pub struct ServeArgs {
     /// Internal listener: ingest API, /metrics, /healthz, /readyz.
     #[arg(long, env = "FANOUT_INTERNAL_LISTEN", default_value = "0.0.0.0:3001")]
     pub internal_listen: String,
-    /// Redis for fan-out across replicas; without it, an in-process bus (one replica).
+    /// Redis for fan-out across replicas.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+    /// `memory`: the in-process bus, for a single replica (each replica on it delivers only
+    /// its own messages). Needed outside dev mode when no Redis is set, so that a mistyped
+    /// variable cannot split a fleet silently.
+    #[arg(long, env = "FANOUT_BUS")]
+    pub bus: Option<String>,
+    /// How often each bus subscription connection sends itself a probe message; one that
+    /// does not come back within this interval gets the connection torn down and
+    /// re-subscribed.
+    #[arg(long, env = "FANOUT_BUS_PROBE_INTERVAL", default_value = "5s")]
+    pub bus_probe_interval: String,
     /// Prefix of the Redis channels (`{prefix}org:{organizationId}`).
     #[arg(long, env = "FANOUT_REDIS_PREFIX", default_value = "fanout:")]
     pub redis_prefix: String,
@@ -215,11 +225,32 @@ pub struct Listeners {
     pub cors_origins: CorsOrigins,
 }
 
-/// The bus between replicas: Redis, or none (the in-process bus).
+/// The bus between replicas.
 #[derive(Debug, Clone)]
 pub struct BusSettings {
-    pub redis_url: Option<String>,
+    pub backend: BusBackend,
     pub redis_prefix: String,
+    /// Interval of the liveness probes through each subscription connection.
+    pub probe_interval: Duration,
+}
+
+/// Which bus a replica runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusBackend {
+    /// In-process: one replica only. Chosen with `FANOUT_BUS=memory`, or by dev mode.
+    Memory,
+    /// One Redis (`REDIS_URL`).
+    Redis { url: String },
+}
+
+impl BusBackend {
+    /// The name `/readyz` and the logs give it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Redis { .. } => "redis",
+        }
+    }
 }
 
 /// The durable history, if any.
@@ -496,14 +527,23 @@ impl Config {
                 ));
             }
         };
+        let listeners = Listeners::from_args(args)?;
+        let store = StoreSettings::from_args(args)?;
+        let auth = AuthSettings::from_args(args)?;
+        let engine = EngineSettings::from_args(args)?;
+        let limits = Limits::from_args(args)?;
+        let shutdown_timeout = parse_duration("FANOUT_SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?;
+        // Last: whether a bus is missing depends on dev mode, and a bad setting elsewhere
+        // is the more useful message.
+        let bus = BusSettings::from_args(args, auth.dev_mode.is_some())?;
         Ok(Self {
-            listeners: Listeners::from_args(args)?,
-            bus: BusSettings::from_args(args)?,
-            store: StoreSettings::from_args(args)?,
-            auth: AuthSettings::from_args(args)?,
-            engine: EngineSettings::from_args(args)?,
-            limits: Limits::from_args(args)?,
-            shutdown_timeout: parse_duration("FANOUT_SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?,
+            listeners,
+            bus,
+            store,
+            auth,
+            engine,
+            limits,
+            shutdown_timeout,
             log_format,
         })
     }
@@ -563,7 +603,9 @@ fn cors_origins(text: &str) -> Result<CorsOrigins, ConfigError> {
 }
 
 impl BusSettings {
-    fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
+    /// Exactly one bus: Redis when its URL is set, memory when asked for (or in dev mode,
+    /// when nothing is set). Anything else stops the start, naming the settings.
+    fn from_args(args: &ServeArgs, dev_mode: bool) -> Result<Self, ConfigError> {
         let redis_url = match args.redis_url.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(url) => {
@@ -588,9 +630,47 @@ impl BusSettings {
                 format!("{:?} contains whitespace", args.redis_prefix),
             ));
         }
+        let memory = match args.bus.as_deref().map(str::trim) {
+            None | Some("") => false,
+            Some("memory") => true,
+            Some(other) => {
+                return Err(invalid(
+                    "FANOUT_BUS",
+                    format!(
+                        "{other:?} is not a bus; expected memory (for Redis, set REDIS_URL instead)"
+                    ),
+                ));
+            }
+        };
+        let probe_interval = parse_duration("FANOUT_BUS_PROBE_INTERVAL", &args.bus_probe_interval)?;
+        if probe_interval < Duration::from_millis(100) || probe_interval > Duration::from_secs(600)
+        {
+            return Err(invalid(
+                "FANOUT_BUS_PROBE_INTERVAL",
+                "must be from 100ms to 10m",
+            ));
+        }
+        let backend = match (redis_url, memory) {
+            (Some(_), true) => {
+                return Err(invalid(
+                    "FANOUT_BUS",
+                    "FANOUT_BUS=memory and REDIS_URL are both set; set only one: REDIS_URL for a fleet of replicas, FANOUT_BUS=memory for a single replica",
+                ));
+            }
+            (Some(url), false) => BusBackend::Redis { url },
+            (None, true) => BusBackend::Memory,
+            (None, false) if dev_mode => BusBackend::Memory,
+            (None, false) => {
+                return Err(invalid(
+                    "REDIS_URL",
+                    "is not set, and neither is FANOUT_BUS=memory; set REDIS_URL so that the replicas share one bus, or FANOUT_BUS=memory to run a single replica on its in-process bus (replicas on it do not see each other's messages)",
+                ));
+            }
+        };
         Ok(Self {
-            redis_url,
+            backend,
             redis_prefix: args.redis_prefix.clone(),
+            probe_interval,
         })
     }
 }
@@ -792,8 +872,9 @@ mod tests {
         let c = serve(&[]).unwrap();
         assert_eq!(c.listeners.public.to_string(), "0.0.0.0:3000");
         assert_eq!(c.listeners.internal.to_string(), "0.0.0.0:3001");
-        assert!(c.bus.redis_url.is_none());
+        assert_eq!(c.bus.backend, BusBackend::Memory);
         assert_eq!(c.bus.redis_prefix, "fanout:");
+        assert_eq!(c.bus.probe_interval, Duration::from_secs(5));
         assert_eq!(c.limits.max_payload_bytes, 65536);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
         assert_eq!(c.listeners.cors_origins, CorsOrigins::Any);
@@ -815,6 +896,12 @@ mod tests {
         ]);
         let c = serve(&args).unwrap();
         assert!(c.auth.dev_mode.is_none());
+        assert_eq!(
+            c.bus.backend,
+            BusBackend::Redis {
+                url: "redis://127.0.0.1:6390/0".into()
+            }
+        );
         assert_eq!(c.auth.ingest_keys, vec!["k1", "k2"]);
         assert_eq!(c.auth.jwt.algorithm, Algorithm::HS256);
         assert_eq!(c.shutdown_timeout, Duration::from_millis(1500));
@@ -847,6 +934,15 @@ mod tests {
                 "FANOUT_INTERNAL_LISTEN",
             ),
             (&["--redis-url", "http://x"], "REDIS_URL"),
+            (&["--bus", "redis"], "FANOUT_BUS"),
+            (
+                &["--bus-probe-interval", "10ms"],
+                "FANOUT_BUS_PROBE_INTERVAL",
+            ),
+            (
+                &["--bus", "memory", "--redis-url", "redis://r"],
+                "FANOUT_BUS",
+            ),
             (&["--redis-prefix", "a b"], "FANOUT_REDIS_PREFIX"),
             (
                 &["--database-url", "postgres://u@h:port/db"],
@@ -874,6 +970,15 @@ mod tests {
             assert_eq!(with(args), *setting, "{args:?}");
         }
         assert_eq!(setting_of(&["--jwt-secret", "s"]), "FANOUT_INGEST_KEYS");
+        // Outside dev mode the in-process bus is never a fallback.
+        assert_eq!(setting_of(&KEYS), "REDIS_URL");
+        let both = serve(&["--bus", "memory", "--redis-url", "redis://r"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            both.contains("FANOUT_BUS=memory") && both.contains("REDIS_URL"),
+            "{both}"
+        );
         assert_eq!(setting_of(&["--jwt-algorithm", "RS256"]), "JWT_ALGORITHM");
         let err = serve(&[
             "--jwt-public-key",
@@ -892,10 +997,27 @@ mod tests {
     #[test]
     fn public_key_from_file_or_inline() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/rsa_public.pem");
-        let c = serve(&["--jwt-public-key", path, "--ingest-keys", "k"]).unwrap();
+        let c = serve(&[
+            "--jwt-public-key",
+            path,
+            "--ingest-keys",
+            "k",
+            "--bus",
+            "memory",
+        ])
+        .unwrap();
         assert_eq!(c.auth.jwt.algorithm, Algorithm::RS256);
+        assert_eq!(c.bus.backend, BusBackend::Memory);
         let inline = std::fs::read_to_string(path).unwrap();
-        let c = serve(&["--jwt-public-key", &inline, "--ingest-keys", "k"]).unwrap();
+        let c = serve(&[
+            "--jwt-public-key",
+            &inline,
+            "--ingest-keys",
+            "k",
+            "--bus",
+            "memory",
+        ])
+        .unwrap();
         assert!(c.auth.jwt.public_pem.is_some());
     }
 

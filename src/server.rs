@@ -22,7 +22,7 @@ use crate::admin::{self, AdminState};
 use crate::api::{self, ApiState};
 use crate::auth::{IngestKeys, Verifier};
 use crate::bus::{Bus, RedisSettings};
-use crate::config::{Config, CorsOrigins};
+use crate::config::{BusBackend, Config, CorsOrigins};
 use crate::delivery::Delivery;
 use crate::gateway::{self, Expiry, Gateway, Handshakes};
 use crate::ingest::durable::Writer;
@@ -150,18 +150,19 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
         delivery = delivery.with_history(store.clone(), config.store.replay_max, tasks);
     }
     let delivery = Arc::new(delivery);
-    let bus = Arc::new(match &config.bus.redis_url {
-        Some(url) => Bus::redis(
+    let bus = Arc::new(match &config.bus.backend {
+        BusBackend::Redis { url } => Bus::redis(
             RedisSettings {
                 url: url.clone(),
                 prefix: config.bus.redis_prefix.clone(),
                 max_payload_bytes: config.limits.max_payload_bytes,
+                probe_interval: config.bus.probe_interval,
             },
             presence.clone(),
             delivery.clone(),
             tasks,
         )?,
-        None => Bus::memory(delivery.clone()),
+        BusBackend::Memory => Bus::memory(delivery.clone()),
     });
     let writer = store
         .as_ref()
@@ -208,7 +209,7 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
     tracing::info!(
         public = %config.listeners.public,
         internal = %config.listeners.internal,
-        bus = if config.bus.redis_url.is_some() { "redis" } else { "memory" },
+        bus = config.bus.backend.name(),
         store = if config.store.database.is_some() { "postgres" } else { "none" },
         max_connections,
         descriptor_limit,

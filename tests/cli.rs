@@ -17,6 +17,7 @@ fn base_env() -> Vec<(String, String)> {
         ),
         ("JWT_SECRET".into(), SECRET.into()),
         ("FANOUT_INGEST_KEYS".into(), INGEST_KEY.into()),
+        ("FANOUT_BUS".into(), "memory".into()),
     ]
 }
 
@@ -57,6 +58,10 @@ fn invalid_settings_stop_the_start_naming_the_setting() {
             "FANOUT_INTERNAL_LISTEN",
         ),
         (&[("REDIS_URL", "http://localhost")], "REDIS_URL"),
+        // Outside dev mode, no bus is an error, never a silent in-process bus.
+        (&[("FANOUT_BUS", "")], "REDIS_URL"),
+        (&[("FANOUT_BUS", "redis")], "FANOUT_BUS"),
+        (&[("REDIS_URL", "redis://127.0.0.1:1")], "FANOUT_BUS"),
         (&[("FANOUT_REDIS_PREFIX", "a b")], "FANOUT_REDIS_PREFIX"),
         (
             &[("FANOUT_MAX_PAYLOAD_BYTES", "lots")],

@@ -321,7 +321,11 @@ async fn subscriptions_follow_presence() {
     .await;
     globex.disconnect();
     eventually("no subscription left", SOON, || async {
-        redis.channels("*").await.is_empty().then_some(())
+        redis
+            .channels("fanout:org:*")
+            .await
+            .is_empty()
+            .then_some(())
     })
     .await;
     b.wait_metric("fanout_redis_subscriptions", &[], |v| v == 0.0)
@@ -360,9 +364,13 @@ async fn fleets_with_different_prefixes_share_a_redis_without_mixing() {
     let mut on_blue = blue.login("acme", "u").await;
     let mut on_green = green.login("acme", "u").await;
     assert_eq!(
-        redis.channels("*").await,
+        redis.channels("*:org:*").await,
         vec!["blue:org:acme".to_string(), "green:org:acme".to_string()]
     );
+    // Each replica probes its subscription on a channel of its own, under its prefix.
+    let probes = redis.channels("*:probe:*").await;
+    assert_eq!(probes.len(), 2, "{probes:?}");
+    assert!(probes[0].starts_with("blue:probe:") && probes[1].starts_with("green:probe:"));
 
     blue.publish("acme", "blue-only", json!(1)).await;
     green.publish("acme", "marker", Value::Null).await;

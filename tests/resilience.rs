@@ -68,6 +68,7 @@ async fn a_replica_started_before_redis_becomes_ready_when_redis_appears() {
     assert_eq!(r.readyz().await, Some(503));
     let reply = r.get("/readyz").await.unwrap();
     assert_eq!(reply.json["status"], json!("not ready"), "{reply:?}");
+    assert_eq!(reply.json["bus"], json!("redis"), "{reply:?}");
     assert_eq!(r.metric("fanout_redis_up", &[]).await, 0.0);
 
     redis.restart().await;
@@ -79,10 +80,15 @@ async fn a_replica_started_before_redis_becomes_ready_when_redis_appears() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_redis_link_stays_up_and_loses_nothing() {
-    // Longer than the subscriber's 5 s liveness ping, so that a few pings happen.
+    // Long enough for one of the default 5 s liveness probes of b, and for a score of a's.
     const RUN: Duration = Duration::from_secs(7);
     let redis = RedisServer::start().await;
-    let a = Replica::on(&redis, "a").await;
+    let a = Replica::builder()
+        .name("a")
+        .redis(&redis)
+        .env("FANOUT_BUS_PROBE_INTERVAL", "300ms")
+        .start()
+        .await;
     let b = Replica::on(&redis, "b").await;
     let mut client = a.login("acme", "alice").await;
 
@@ -107,13 +113,86 @@ async fn a_healthy_redis_link_stays_up_and_loses_nothing() {
         .collect();
     let missing: Vec<u64> = (0..sent).filter(|n| !got.contains(n)).collect();
     let reconnects = a.metric("fanout_redis_reconnects_total", &[]).await;
+    let probe_failures = a.metric("fanout_bus_probe_failures_total", &[]).await;
     assert!(
-        missing.is_empty() && not_ready.is_empty() && reconnects == 0.0,
+        missing.is_empty() && not_ready.is_empty() && reconnects == 0.0 && probe_failures == 0.0,
         "Redis never failed, yet: {} of {sent} messages lost ({missing:?}), /readyz not 200 at {not_ready:?}, \
-         {reconnects} reconnects",
+         {reconnects} reconnects, {probe_failures} probe failures",
         missing.len()
     );
     assert_eq!(got, (0..sent).collect::<Vec<_>>());
+    let probes = a.metric("fanout_bus_probe_rtt_seconds_count", &[]).await;
+    assert!(probes >= 10.0, "only {probes} probes came back in {RUN:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_connection_killed_by_the_server_is_made_again() {
+    let redis = RedisServer::start().await;
+    let mut a = Replica::on(&redis, "a").await;
+    let mut b = Replica::on(&redis, "b").await;
+    let mut alice = a.login("acme", "alice").await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(killed, 2, "one subscriber connection per replica");
+    for replica in [&mut a, &mut b] {
+        replica
+            .wait_metric("fanout_redis_reconnects_total", &[], |v| v >= 1.0)
+            .await;
+        replica.wait_ready().await;
+    }
+    assert_eq!(redis.numsub(&["fanout:org:acme".to_string()]).await, [1]);
+    b.publish("acme", "after", json!(1)).await;
+    assert_eq!(alice.expect("after", QUICK).await, json!(1));
+}
+
+/// A subscription connection that stays open but carries nothing any more (a proxy or a
+/// NAT that stopped forwarding): the probe finds it, the replica says it is unready, and
+/// it subscribes again on a new connection once the path works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscription_is_found_by_the_probe_and_made_again() {
+    let redis = RedisServer::start().await;
+    let proxy = Proxy::start(([127, 0, 0, 1], redis.port()).into()).await;
+    let mut a = Replica::builder()
+        .name("a")
+        .redis_url(&proxy.url())
+        .env("FANOUT_BUS_PROBE_INTERVAL", "300ms")
+        .start()
+        .await;
+    let b = Replica::on(&redis, "b").await;
+    let mut alice = a.login("acme", "alice").await;
+    b.publish("acme", "before", json!(1)).await;
+    assert_eq!(alice.expect("before", QUICK).await, json!(1));
+    a.wait_metric("fanout_bus_probe_rtt_seconds_count", &[], |v| v >= 1.0)
+        .await;
+
+    proxy.silence_subscribers();
+    // Found by the probe within two intervals, well before the PING's 3 s timeout.
+    a.wait_metric(
+        "fanout_bus_probe_failures_total",
+        &[("reason", "lost")],
+        |v| v >= 1.0,
+    )
+    .await;
+    a.wait_readyz(503).await;
+    let reply = a.get("/readyz").await.unwrap();
+    assert_eq!(reply.json["bus"], json!("redis"), "{reply:?}");
+    // Refused while this replica cannot receive: a publish through it would reach no one
+    // here, and its publisher must be told.
+    let body = json!({"organizationId": "acme", "event": "during", "data": 2});
+    let refused = a.post("/v1/publish", &body).await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+
+    proxy.resume();
+    a.wait_ready().await;
+    a.wait_metric("fanout_redis_reconnects_total", &[], |v| v >= 1.0)
+        .await;
+    b.publish("acme", "after", json!(3)).await;
+    assert_eq!(alice.expect("after", QUICK).await, json!(3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -363,7 +363,7 @@ async fn start_system(
                     .logs(logs.clone())
                     .env("JWT_SECRET", ctx.secret)
                     .env("FANOUT_INGEST_KEYS", ctx.ingest_key)
-                    .env("REDIS_URL", &redis_url)
+                    .redis_url(&redis_url)
                     .env("FANOUT_SHUTDOWN_TIMEOUT", "5s")
                     .env("RUST_LOG", "warn")
                     .try_start()

@@ -235,7 +235,7 @@ async fn measure(
                     .logs(Logs::File(procs::log_dir()))
                     .env("JWT_SECRET", &secret)
                     .env("FANOUT_INGEST_KEYS", &ingest_key)
-                    .env("REDIS_URL", format!("redis://{}", ports.redis()))
+                    .redis_url(&format!("redis://{}", ports.redis()))
                     .env(
                         "FANOUT_REDIS_PREFIX",
                         if durable {

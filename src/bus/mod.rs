@@ -1,7 +1,7 @@
 //! The message bus between publishers and the replicas that hold sockets.
 //!
-//! Two implementations behind one small type: an in-process bus for a single replica (the
-//! default, nothing to run), and Redis pub/sub for a fleet. With Redis, a published message
+//! Two implementations behind one small type: an in-process bus for a single replica (dev
+//! mode, or `FANOUT_BUS=memory`: never a silent fallback), and Redis pub/sub for a fleet. With Redis, a published message
 //! is *only* sent to Redis, and every replica (including the publishing one) delivers what
 //! arrives on its subscriptions: that is what makes delivery exactly-once per socket.
 //!
@@ -61,6 +61,8 @@ pub struct RedisSettings {
     pub url: String,
     pub prefix: String,
     pub max_payload_bytes: usize,
+    /// Interval of the liveness probe through the subscription connection.
+    pub probe_interval: std::time::Duration,
 }
 
 impl Bus {
@@ -123,6 +125,14 @@ impl Bus {
     pub fn left(&self, org: &OrgId) {
         if let Inner::Redis(r) = &self.inner {
             r.left(org);
+        }
+    }
+
+    /// What `/readyz` calls it: `memory` or `redis`.
+    pub fn name(&self) -> &'static str {
+        match &self.inner {
+            Inner::Memory(_) => "memory",
+            Inner::Redis(_) => "redis",
         }
     }
 

@@ -13,6 +13,14 @@
 //! On connection loss the subscriber reconnects with capped exponential backoff and jitter
 //! and re-subscribes every organization presence still holds (a full resync, so requests
 //! lost while down do not matter).
+//!
+//! A connection can also die without closing: a half-open TCP connection, a proxy that
+//! stops forwarding, a server that dropped the subscription. So the subscriber proves its
+//! subscription alive by using it: every `FANOUT_BUS_PROBE_INTERVAL` it PINGs the connection
+//! and PUBLISHes a numbered probe to a channel of its own (`{prefix}probe:{random id}`),
+//! through the same pool as real messages. A probe that Redis took but that does not come
+//! back within one interval, or that Redis says reached no subscriber, tears the connection
+//! down: the replica turns unready and re-subscribes everything on a new one.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,6 +29,8 @@ use std::time::Duration;
 
 use deadpool_redis::{PoolConfig, Runtime, Timeouts};
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use redis::AsyncCommands;
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, oneshot};
@@ -40,8 +50,6 @@ const JOIN_WAIT: Duration = Duration::from_secs(5);
 /// Bound on any single Redis command, so a half-open connection is noticed.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Liveness check of the pub/sub connection.
-const PING_EVERY: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// At most one warning per this interval while the subscriber cannot connect.
@@ -67,6 +75,26 @@ struct Request {
 
 fn channel(prefix: &str, org: &OrgId) -> String {
     format!("{prefix}org:{org}")
+}
+
+/// Numbers of the liveness probes, unique in the process: a probe of an earlier
+/// connection, arriving late, is never taken for the current one.
+static NEXT_PROBE: AtomicU64 = AtomicU64::new(1);
+
+/// The probe in flight: its number, when it was sent, and whether Redis took it.
+struct Probe {
+    n: u64,
+    sent: tokio::time::Instant,
+    published: bool,
+}
+
+/// The answer to a check a tick started. Checks run beside the session's loop, so a slow
+/// answer never holds up joins and leaves.
+enum Check {
+    /// The PING of the subscription connection.
+    Ping(Result<(), String>),
+    /// Probe `n` was PUBLISHed: to how many subscribers, says Redis.
+    Sent(u64, Result<i64, String>),
 }
 
 impl RedisBus {
@@ -102,10 +130,15 @@ impl RedisBus {
         let prefix = settings.prefix.clone();
         let (max_payload, up_flag, session_count) =
             (settings.max_payload_bytes, up.clone(), sessions.clone());
+        let probe_channel = format!("{}probe:{:016x}", settings.prefix, rand::random::<u64>());
+        let (probe_pool, probe_interval) = (pool.clone(), settings.probe_interval);
         tasks.spawn("redis-subscriber", Policy::Restart, move |shutdown| {
             let subscriber = Subscriber {
                 client: client.clone(),
+                pool: probe_pool.clone(),
                 prefix: prefix.clone(),
+                probe_channel: probe_channel.clone(),
+                probe_interval,
                 max_payload,
                 presence: presence.clone(),
                 sink: sink.clone(),
@@ -217,7 +250,12 @@ impl RedisBus {
 
 struct Subscriber {
     client: redis::Client,
+    /// The publishers' pool, which sends the probes.
+    pool: deadpool_redis::Pool,
     prefix: String,
+    /// This replica's own channel, where its probes come back.
+    probe_channel: String,
+    probe_interval: Duration,
     max_payload: usize,
     presence: Arc<Presence>,
     sink: Arc<dyn Sink>,
@@ -274,13 +312,17 @@ impl Subscriber {
                 }
             };
             let (mut sink, stream) = pubsub.split();
+            let (probes_tx, probes) = mpsc::unbounded_channel();
             let reader = Reader(tokio::spawn(read_loop(
                 stream,
                 format!("{}org:", self.prefix),
+                (self.probe_channel.clone(), probes_tx),
                 self.max_payload,
                 self.sink.clone(),
             )));
-            let end = self.session(&mut sink, requests, reader, &mut retry).await;
+            let end = self
+                .session(&mut sink, requests, reader, probes, &mut retry)
+                .await;
             self.down();
             match end {
                 SessionEnd::Shutdown => return,
@@ -307,12 +349,16 @@ impl Subscriber {
         sink: &mut PubSubSink,
         requests: &mut mpsc::UnboundedReceiver<Request>,
         mut reader: Reader,
+        mut probes: mpsc::UnboundedReceiver<u64>,
         retry: &mut Retry,
     ) -> SessionEnd {
         // Full resync: whatever was requested while down, presence says what is needed now.
         let mut waiting = Vec::new();
         while let Ok(req) = requests.try_recv() {
             waiting.extend(req.applied);
+        }
+        if let Err(e) = with_timeout(sink.subscribe(self.probe_channel.as_str())).await {
+            return SessionEnd::Lost(e);
         }
         let wanted = self.presence.orgs();
         for chunk in wanted.chunks(CHUNK) {
@@ -341,8 +387,12 @@ impl Subscriber {
             let _ = w.send(());
         }
 
-        let mut ping = tokio::time::interval(PING_EVERY);
-        ping.tick().await;
+        let mut tick = tokio::time::interval(self.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut probe: Option<Probe> = None;
+        let mut checks: FuturesUnordered<BoxFuture<'static, Check>> = FuturesUnordered::new();
+        let mut warn = RateLimit::new(WARN_EVERY);
         loop {
             tokio::select! {
                 _ = self.shutdown.wait() => break SessionEnd::Shutdown,
@@ -361,10 +411,62 @@ impl Subscriber {
                         break SessionEnd::Lost(e);
                     }
                 }
-                _ = ping.tick() => {
-                    // In subscribe mode Redis answers PING with ["pong", ""], not a string.
-                    if let Err(e) = with_timeout(sink.ping::<redis::Value>()).await {
-                        break SessionEnd::Lost(format!("ping failed: {e}"));
+                _ = tick.tick() => {
+                    match probe.take() {
+                        Some(p) if p.published => {
+                            probe_failed("lost");
+                            break SessionEnd::Lost(format!(
+                                "probe {} did not come back within {:?}; the subscription is dead even if its connection looks open",
+                                p.n, self.probe_interval
+                            ));
+                        }
+                        Some(p) => {
+                            // Redis has not taken it yet: that says nothing of the
+                            // subscription (the PING below does).
+                            probe_failed("publish");
+                            if let Some(suppressed) = warn.check() {
+                                tracing::warn!(suppressed_since_last = suppressed, "bus probe {} not taken by Redis within {:?}", p.n, self.probe_interval);
+                            }
+                        }
+                        None => {}
+                    }
+                    let mut ping_sink = sink.clone();
+                    checks.push(Box::pin(async move {
+                        // In subscribe mode Redis answers PING with ["pong", ""].
+                        Check::Ping(with_timeout(ping_sink.ping::<redis::Value>()).await.map(drop))
+                    }));
+                    let n = NEXT_PROBE.fetch_add(1, Ordering::Relaxed);
+                    probe = Some(Probe { n, sent: tokio::time::Instant::now(), published: false });
+                    checks.push(send_probe(self.pool.clone(), self.probe_channel.clone(), n));
+                }
+                Some(check) = checks.next(), if !checks.is_empty() => {
+                    let (n, result) = match check {
+                        Check::Ping(Ok(())) => continue,
+                        Check::Ping(Err(e)) => break SessionEnd::Lost(format!("ping failed: {e}")),
+                        Check::Sent(n, result) => (n, result),
+                    };
+                    let Some(p) = probe.as_mut().filter(|p| p.n == n) else { continue };
+                    match result {
+                        Ok(0) => {
+                            probe_failed("not_subscribed");
+                            break SessionEnd::Lost(format!(
+                                "Redis says probe {n} reached no subscriber; the subscription is gone"
+                            ));
+                        }
+                        Ok(_) => p.published = true,
+                        Err(why) => {
+                            probe_failed("publish");
+                            probe = None;
+                            if let Some(suppressed) = warn.check() {
+                                tracing::warn!(suppressed_since_last = suppressed, "bus probe {n} could not be sent: {why}");
+                            }
+                        }
+                    }
+                }
+                Some(n) = probes.recv() => {
+                    if let Some(p) = probe.take_if(|p| p.n == n) {
+                        ::metrics::histogram!(metrics::BUS_PROBE_RTT)
+                            .record(p.sent.elapsed().as_secs_f64());
                     }
                 }
             }
@@ -411,6 +513,21 @@ impl Subscriber {
     }
 }
 
+fn probe_failed(reason: &'static str) {
+    ::metrics::counter!(metrics::BUS_PROBE_FAILURES, "reason" => reason).increment(1);
+}
+
+/// PUBLISHes probe `n`; answers how many subscribers Redis says received it.
+fn send_probe(pool: deadpool_redis::Pool, channel: String, n: u64) -> BoxFuture<'static, Check> {
+    Box::pin(async move {
+        let result = match pool.get().await {
+            Ok(mut conn) => with_timeout(conn.publish::<_, _, i64>(channel, n)).await,
+            Err(e) => Err(e.to_string()),
+        };
+        Check::Sent(n, result)
+    })
+}
+
 async fn with_timeout<T>(fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
     match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
@@ -423,12 +540,19 @@ async fn with_timeout<T>(fut: impl Future<Output = redis::RedisResult<T>>) -> Re
 async fn read_loop(
     mut stream: PubSubStream,
     org_prefix: String,
+    (probe_channel, probes): (String, mpsc::UnboundedSender<u64>),
     max_payload: usize,
     sink: Arc<dyn Sink>,
 ) {
     let mut warn = RateLimit::new(Duration::from_secs(10));
     while let Some(msg) = stream.next().await {
         let name = msg.get_channel_name();
+        if name == probe_channel {
+            if let Ok(n) = msg.get_payload::<u64>() {
+                let _ = probes.send(n);
+            }
+            continue;
+        }
         let Some(org) = name
             .strip_prefix(org_prefix.as_str())
             .and_then(|id| OrgId::parse(id).ok())

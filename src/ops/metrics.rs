@@ -17,6 +17,8 @@ pub const LATENCY: &str = "fanout_delivery_latency_seconds";
 pub const REDIS_SUBSCRIPTIONS: &str = "fanout_redis_subscriptions";
 pub const REDIS_UP: &str = "fanout_redis_up";
 pub const REDIS_RECONNECTS: &str = "fanout_redis_reconnects_total";
+pub const BUS_PROBE_FAILURES: &str = "fanout_bus_probe_failures_total";
+pub const BUS_PROBE_RTT: &str = "fanout_bus_probe_rtt_seconds";
 pub const MALFORMED: &str = "fanout_malformed_messages_total";
 pub const SLOW_CONSUMERS: &str = "fanout_slow_consumer_disconnects_total";
 pub const HTTP_REQUESTS: &str = "fanout_http_requests_total";
@@ -57,6 +59,14 @@ pub fn install() -> Result<PrometheusHandle, InstallError> {
                 Matcher::Full(COMMIT_DURATION.into()),
                 &[
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(BUS_PROBE_RTT.into()),
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 ],
             )
         })
@@ -109,6 +119,15 @@ fn describe() {
     describe_counter!(
         REDIS_RECONNECTS,
         "Times the Redis subscriber connection was re-established."
+    );
+    describe_counter!(
+        BUS_PROBE_FAILURES,
+        "Liveness probes of a bus subscription connection that failed, by reason (lost: sent but not received in time, and the connection was re-made; not_subscribed: the server had no subscriber for it; publish: it could not be sent)."
+    );
+    describe_histogram!(
+        BUS_PROBE_RTT,
+        metrics::Unit::Seconds,
+        "Round trip of a liveness probe: PUBLISH by this replica to its arrival on its own subscription connection."
     );
     describe_counter!(MALFORMED, "Bus messages dropped as malformed, by reason.");
     describe_counter!(

@@ -3,7 +3,8 @@
 //!
 //! - [`process`]: child processes that die with their parent, their output in memory or in
 //!   a log file;
-//! - [`redis_server`]: a private `redis-server`;
+//! - [`redis_server`]: a private `redis-server`, and [`proxy`] a proxy in front of it that
+//!   can silence pub/sub connections;
 //! - [`postgres`]: a throwaway database on a shared PostgreSQL server, and [`pg_server`] a
 //!   private server, for tests that stop it;
 //! - [`replica`]: the `fanout` binary on its ports, with the HTTP calls a test makes to it;
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod pg_server;
 pub mod postgres;
 pub mod process;
+pub mod proxy;
 pub mod redis_server;
 pub mod replica;
 pub mod socketio;
@@ -46,6 +48,7 @@ pub use client::{Client, Packet, SlowClient};
 pub use metrics::Metrics;
 pub use pg_server::PgServer;
 pub use postgres::TestDb;
+pub use proxy::Proxy;
 pub use redis_server::RedisServer;
 pub use replica::{Replica, ReplicaBuilder};
 pub use token::{now_secs, sign, token, token_with, valid_token};

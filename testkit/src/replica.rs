@@ -43,7 +43,8 @@ pub fn bin() -> PathBuf {
 }
 
 /// Settings of a replica before it starts. Defaults: `JWT_SECRET` = [`SECRET`], two ingest
-/// keys, `RUST_LOG=info`, in-process bus, free ports, output in memory.
+/// keys, `RUST_LOG=info`, the in-process bus (`FANOUT_BUS=memory`), free ports, output in
+/// memory.
 pub struct ReplicaBuilder {
     name: String,
     bin: Option<PathBuf>,
@@ -102,7 +103,12 @@ impl ReplicaBuilder {
 
     /// Uses `redis` as the bus (fleet mode).
     pub fn redis(self, redis: &RedisServer) -> Self {
-        self.env("REDIS_URL", redis.url())
+        self.redis_url(&redis.url())
+    }
+
+    /// Uses the Redis at `url` as the bus, instead of the in-process one.
+    pub fn redis_url(self, url: &str) -> Self {
+        self.unset("FANOUT_BUS").env("REDIS_URL", url)
     }
 
     /// Stores events in `db` (`DATABASE_URL`).
@@ -250,6 +256,7 @@ impl Replica {
                 "FANOUT_INGEST_KEYS",
                 format!("{INGEST_KEY},{INGEST_KEY_NEXT}"),
             ),
+            ("FANOUT_BUS", "memory".to_string()),
             ("RUST_LOG", "info".to_string()),
             ("NO_COLOR", "1".to_string()),
         ];

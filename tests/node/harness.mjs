@@ -697,6 +697,7 @@ function replicaEnv({ publicPort, internalPort, redis, database, env }) {
     FANOUT_SHUTDOWN_TIMEOUT: "5s",
   };
   if (redis) base.REDIS_URL = redis.url;
+  else base.FANOUT_BUS = "memory";
   if (database) base.DATABASE_URL = database.url;
   return { ...base, ...env };
 }

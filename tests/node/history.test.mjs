@@ -197,7 +197,7 @@ test("a durable event arrives as (data, meta): data unchanged, meta.seq 1, 2, 3 
 
 test("without DATABASE_URL: one argument, answers without seq, auth.lastSeq ignored", scenario(async (bed) => {
   const fanout = await bed.replica();
-  assert.deepEqual((await fanout.readiness()).body, { status: "ready" });
+  assert.deepEqual((await fanout.readiness()).body, { status: "ready", bus: "memory" });
   const client = await resume(bed, fanout, { organizationId: "acme", userId: "alice" }, 3);
   const update = { organizationId: "acme", taskId: "t-1", status: "RUNNING" };
   assert.deepEqual(await fanout.post("/executions/update", update), { status: 200, body: { status: "broadcasted" } });
