@@ -354,6 +354,7 @@ def check_probe(probe: str, probe_binary: Path, fanout: Path, failures: Failures
         "FANOUT_INTERNAL_LISTEN": f"127.0.0.1:{internal}",
         "JWT_SECRET": "compose-check",
         "FANOUT_INGEST_KEYS": "compose-check",
+        "FANOUT_BUS": "memory",
     }
     server = subprocess.Popen([str(fanout), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
