@@ -5,6 +5,8 @@
 //!   a log file;
 //! - [`redis_server`]: a private `redis-server`, and [`proxy`] a proxy in front of it that
 //!   can silence pub/sub connections;
+//! - [`redis_cluster`]: a private Redis Cluster (masters, replicas), with slot migrations and
+//!   failovers on demand;
 //! - [`postgres`]: a throwaway database on a shared PostgreSQL server, and [`pg_server`] a
 //!   private server, for tests that stop it;
 //! - [`replica`]: the `fanout` binary on its ports, with the HTTP calls a test makes to it;
@@ -34,6 +36,7 @@ pub mod pg_server;
 pub mod postgres;
 pub mod process;
 pub mod proxy;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod replica;
 pub mod socketio;
@@ -49,6 +52,7 @@ pub use metrics::Metrics;
 pub use pg_server::PgServer;
 pub use postgres::TestDb;
 pub use proxy::Proxy;
+pub use redis_cluster::RedisCluster;
 pub use redis_server::RedisServer;
 pub use replica::{Replica, ReplicaBuilder};
 pub use token::{now_secs, sign, token, token_with, valid_token};

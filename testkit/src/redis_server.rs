@@ -135,26 +135,7 @@ impl RedisServer {
     /// Whether the server on our port answers and is the process `pid` (not another
     /// process's server that took the port first).
     async fn served_by(&self, pid: u32) -> bool {
-        let Ok(client) = redis::Client::open(self.url()) else {
-            return false;
-        };
-        let Ok(Ok(mut conn)) = tokio::time::timeout(
-            Duration::from_secs(1),
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        else {
-            return false;
-        };
-        let Ok(info) = redis::cmd("INFO")
-            .arg("server")
-            .query_async::<String>(&mut conn)
-            .await
-        else {
-            return false;
-        };
-        info.lines()
-            .any(|line| line.trim() == format!("process_id:{pid}"))
+        served_by(&self.url(), pid).await
     }
 
     /// A new connection to the server.
@@ -201,4 +182,30 @@ impl RedisServer {
             .expect("PUBSUB NUMSUB");
         pairs.into_iter().map(|(_, n)| n).collect()
     }
+}
+
+/// Whether the Redis server at `url` answers and is the process `pid`: its `INFO server`
+/// names that process id, so a server that another process started on the port first is
+/// never mistaken for our child. Shared with [`crate::redis_cluster`].
+pub(crate) async fn served_by(url: &str, pid: u32) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(Ok(mut conn)) = tokio::time::timeout(
+        Duration::from_secs(1),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    else {
+        return false;
+    };
+    let Ok(info) = redis::cmd("INFO")
+        .arg("server")
+        .query_async::<String>(&mut conn)
+        .await
+    else {
+        return false;
+    };
+    info.lines()
+        .any(|line| line.trim() == format!("process_id:{pid}"))
 }
