@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// Redis for fan-out across replicas.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Seed nodes of a Redis Cluster (comma-separated `redis://HOST:PORT`): sharded pub/sub,
+    /// `SSUBSCRIBE` at the master of each channel's slot, `SPUBLISH`.
+    #[arg(long, env = "REDIS_CLUSTER_URLS")]
+    pub redis_cluster_urls: Option<String>,
     /// `memory`: the in-process bus, for a single replica (each replica on it delivers only
     /// its own messages). Needed outside dev mode when no Redis is set, so that a mistyped
     /// variable cannot split a fleet silently.
@@ -241,6 +245,8 @@ pub enum BusBackend {
     Memory,
     /// One Redis (`REDIS_URL`).
     Redis { url: String },
+    /// A Redis Cluster (`REDIS_CLUSTER_URLS`): its seed nodes.
+    Cluster { seeds: Vec<String> },
 }
 
 impl BusBackend {
@@ -249,6 +255,7 @@ impl BusBackend {
         match self {
             Self::Memory => "memory",
             Self::Redis { .. } => "redis",
+            Self::Cluster { .. } => "redis-cluster",
         }
     }
 }
@@ -650,20 +657,38 @@ impl BusSettings {
                 "must be from 100ms to 10m",
             ));
         }
-        let backend = match (redis_url, memory) {
-            (Some(_), true) => {
-                return Err(invalid(
-                    "FANOUT_BUS",
-                    "FANOUT_BUS=memory and REDIS_URL are both set; set only one: REDIS_URL for a fleet of replicas, FANOUT_BUS=memory for a single replica",
-                ));
-            }
-            (Some(url), false) => BusBackend::Redis { url },
-            (None, true) => BusBackend::Memory,
-            (None, false) if dev_mode => BusBackend::Memory,
-            (None, false) => {
+        let cluster = cluster_seeds(args.redis_cluster_urls.as_deref())?;
+        let mut chosen: Vec<(&'static str, BusBackend)> = Vec::new();
+        if let Some(url) = redis_url {
+            chosen.push(("REDIS_URL", BusBackend::Redis { url }));
+        }
+        if let Some(seeds) = cluster {
+            chosen.push(("REDIS_CLUSTER_URLS", BusBackend::Cluster { seeds }));
+        }
+        if memory {
+            chosen.push(("FANOUT_BUS=memory", BusBackend::Memory));
+        }
+        let backend = match chosen.len() {
+            1 => chosen.pop().expect("one").1,
+            0 if dev_mode => BusBackend::Memory,
+            0 => {
                 return Err(invalid(
                     "REDIS_URL",
-                    "is not set, and neither is FANOUT_BUS=memory; set REDIS_URL so that the replicas share one bus, or FANOUT_BUS=memory to run a single replica on its in-process bus (replicas on it do not see each other's messages)",
+                    "is not set, and neither is REDIS_CLUSTER_URLS or FANOUT_BUS=memory; set REDIS_URL (one Redis) or REDIS_CLUSTER_URLS (a Redis Cluster) so that the replicas share one bus, or FANOUT_BUS=memory to run a single replica on its in-process bus (replicas on it do not see each other's messages)",
+                ));
+            }
+            _ => {
+                let names: Vec<&str> = chosen.iter().map(|(name, _)| *name).collect();
+                return Err(invalid(
+                    if memory {
+                        "FANOUT_BUS"
+                    } else {
+                        "REDIS_CLUSTER_URLS"
+                    },
+                    format!(
+                        "{} are all set; set only one bus: REDIS_URL (one Redis), REDIS_CLUSTER_URLS (a Redis Cluster) or FANOUT_BUS=memory (a single replica)",
+                        names.join(" and ")
+                    ),
                 ));
             }
         };
@@ -673,6 +698,40 @@ impl BusSettings {
             probe_interval,
         })
     }
+}
+
+/// Validates `REDIS_CLUSTER_URLS`: `None` when unset or empty.
+fn cluster_seeds(text: Option<&str>) -> Result<Option<Vec<String>>, ConfigError> {
+    let seeds: Vec<String> = text
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if seeds.is_empty() {
+        return Ok(None);
+    }
+    for seed in &seeds {
+        if seed.starts_with("rediss://") {
+            return Err(invalid(
+                "REDIS_CLUSTER_URLS",
+                format!(
+                    "{seed:?}: TLS (rediss://) is not supported for a cluster yet; use redis:// on a private network"
+                ),
+            ));
+        }
+        let info = redis::IntoConnectionInfo::into_connection_info(seed.as_str()).ok();
+        if !seed.starts_with("redis://") || info.is_none() {
+            return Err(invalid(
+                "REDIS_CLUSTER_URLS",
+                format!(
+                    "{seed:?} is not a Redis URL; expected comma-separated redis://HOST:PORT seed nodes"
+                ),
+            ));
+        }
+    }
+    Ok(Some(seeds))
 }
 
 impl StoreSettings {
@@ -943,6 +1002,23 @@ mod tests {
                 &["--bus", "memory", "--redis-url", "redis://r"],
                 "FANOUT_BUS",
             ),
+            (
+                &[
+                    "--redis-url",
+                    "redis://r",
+                    "--redis-cluster-urls",
+                    "redis://a:1",
+                ],
+                "REDIS_CLUSTER_URLS",
+            ),
+            (
+                &["--redis-cluster-urls", "http://a:1"],
+                "REDIS_CLUSTER_URLS",
+            ),
+            (
+                &["--redis-cluster-urls", "rediss://a:1"],
+                "REDIS_CLUSTER_URLS",
+            ),
             (&["--redis-prefix", "a b"], "FANOUT_REDIS_PREFIX"),
             (
                 &["--database-url", "postgres://u@h:port/db"],
@@ -976,8 +1052,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            both.contains("FANOUT_BUS=memory") && both.contains("REDIS_URL"),
+            both.contains("REDIS_URL and FANOUT_BUS=memory are all set"),
             "{both}"
+        );
+        let mut cluster = KEYS.to_vec();
+        cluster.extend([
+            "--redis-cluster-urls",
+            " redis://10.0.0.1:7000, redis://10.0.0.2:7000 ",
+        ]);
+        assert_eq!(
+            serve(&cluster).unwrap().bus.backend,
+            BusBackend::Cluster {
+                seeds: vec![
+                    "redis://10.0.0.1:7000".into(),
+                    "redis://10.0.0.2:7000".into()
+                ]
+            }
         );
         assert_eq!(setting_of(&["--jwt-algorithm", "RS256"]), "JWT_ALGORITHM");
         let err = serve(&[

@@ -21,7 +21,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::admin::{self, AdminState};
 use crate::api::{self, ApiState};
 use crate::auth::{IngestKeys, Verifier};
-use crate::bus::{Bus, RedisSettings};
+use crate::bus::{Bus, ClusterSettings, RedisSettings};
 use crate::config::{BusBackend, Config, CorsOrigins};
 use crate::delivery::Delivery;
 use crate::gateway::{self, Expiry, Gateway, Handshakes};
@@ -154,6 +154,17 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
         BusBackend::Redis { url } => Bus::redis(
             RedisSettings {
                 url: url.clone(),
+                prefix: config.bus.redis_prefix.clone(),
+                max_payload_bytes: config.limits.max_payload_bytes,
+                probe_interval: config.bus.probe_interval,
+            },
+            presence.clone(),
+            delivery.clone(),
+            tasks,
+        )?,
+        BusBackend::Cluster { seeds } => Bus::cluster(
+            ClusterSettings {
+                seeds: seeds.clone(),
                 prefix: config.bus.redis_prefix.clone(),
                 max_payload_bytes: config.limits.max_payload_bytes,
                 probe_interval: config.bus.probe_interval,

@@ -1,19 +1,25 @@
 //! The message bus between publishers and the replicas that hold sockets.
 //!
-//! Two implementations behind one small type: an in-process bus for a single replica (dev
-//! mode, or `FANOUT_BUS=memory`: never a silent fallback), and Redis pub/sub for a fleet. With Redis, a published message
+//! Three implementations behind one small type: an in-process bus for a single replica (dev
+//! mode, or `FANOUT_BUS=memory`: never a silent fallback), Redis pub/sub for a fleet
+//! (`redis.rs`), and Redis Cluster sharded pub/sub (`cluster/`), which spreads the channels
+//! over the masters. With Redis, a published message
 //! is *only* sent to Redis, and every replica (including the publishing one) delivers what
 //! arrives on its subscriptions: that is what makes delivery exactly-once per socket.
 //!
 //! Subscriptions follow presence: a replica is subscribed to `{prefix}org:{id}` exactly
 //! while it holds a socket of that organization (see `redis.rs` for how races are closed).
 
+mod cluster;
+mod inbound;
 mod memory;
 mod redis;
 
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
+
+pub use cluster::ClusterSettings;
 
 use crate::presence::Presence;
 use crate::protocol::{Message, OrgId};
@@ -22,7 +28,7 @@ use crate::tasks::Tasks;
 /// Why the bus could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum BusSetupError {
-    #[error("invalid REDIS_URL: {0}")]
+    #[error("invalid REDIS_URL or REDIS_CLUSTER_URLS: {0}")]
     InvalidUrl(String),
 }
 
@@ -54,6 +60,7 @@ pub struct Bus {
 enum Inner {
     Memory(memory::MemoryBus),
     Redis(redis::RedisBus),
+    Cluster(cluster::ClusterBus),
 }
 
 /// Settings of the Redis bus.
@@ -86,6 +93,19 @@ impl Bus {
         })
     }
 
+    /// The Redis Cluster bus: sharded pub/sub. Starts the task that keeps a subscriber
+    /// connection to every master; a cluster that is down at start is only "not ready".
+    pub fn cluster(
+        settings: ClusterSettings,
+        presence: Arc<Presence>,
+        sink: Arc<dyn Sink>,
+        tasks: &Tasks,
+    ) -> Result<Self, BusSetupError> {
+        Ok(Self {
+            inner: Inner::Cluster(cluster::ClusterBus::start(settings, presence, sink, tasks)?),
+        })
+    }
+
     /// Publishes to every replica holding sockets of `msg.org`. `Ok` means the bus has
     /// the message (Redis acknowledged the PUBLISH) while this replica's subscriptions were
     /// all in place, not that any socket was there for it.
@@ -96,6 +116,7 @@ impl Bus {
                 Ok(())
             }
             Inner::Redis(r) => r.publish(msg).await,
+            Inner::Cluster(c) => c.publish(msg).await,
         }
     }
 
@@ -109,6 +130,7 @@ impl Bus {
                 Ok(())
             }
             Inner::Redis(r) => r.publish_batch(batch).await,
+            Inner::Cluster(c) => c.publish_batch(batch).await,
         }
     }
 
@@ -116,31 +138,37 @@ impl Bus {
     /// receives `org`'s messages (at once with the memory bus, or when Redis is down, in
     /// which case the subscription is made on reconnect).
     pub async fn joined(&self, org: &OrgId) {
-        if let Inner::Redis(r) = &self.inner {
-            r.joined(org).await;
+        match &self.inner {
+            Inner::Memory(_) => {}
+            Inner::Redis(r) => r.joined(org).await,
+            Inner::Cluster(c) => c.joined(org).await,
         }
     }
 
     /// Called after the last socket of `org` left presence.
     pub fn left(&self, org: &OrgId) {
-        if let Inner::Redis(r) = &self.inner {
-            r.left(org);
+        match &self.inner {
+            Inner::Memory(_) => {}
+            Inner::Redis(r) => r.left(org),
+            Inner::Cluster(c) => c.left(org),
         }
     }
 
-    /// What `/readyz` calls it: `memory` or `redis`.
+    /// What `/readyz` calls it: `memory`, `redis` or `redis-cluster`.
     pub fn name(&self) -> &'static str {
         match &self.inner {
             Inner::Memory(_) => "memory",
             Inner::Redis(_) => "redis",
+            Inner::Cluster(_) => "redis-cluster",
         }
     }
 
-    /// False while the Redis subscriber is disconnected.
+    /// False while a Redis subscription is not in place.
     pub fn is_up(&self) -> bool {
         match &self.inner {
             Inner::Memory(_) => true,
             Inner::Redis(r) => r.is_up(),
+            Inner::Cluster(c) => c.is_up(),
         }
     }
 }

@@ -36,6 +36,7 @@ use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::inbound::Inbound;
 use super::{BusError, BusSetupError, RedisSettings, Sink};
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
@@ -80,6 +81,11 @@ fn channel(prefix: &str, org: &OrgId) -> String {
 /// Numbers of the liveness probes, unique in the process: a probe of an earlier
 /// connection, arriving late, is never taken for the current one.
 static NEXT_PROBE: AtomicU64 = AtomicU64::new(1);
+
+/// The number of the next liveness probe, in any bus mode.
+pub(super) fn next_probe() -> u64 {
+    NEXT_PROBE.fetch_add(1, Ordering::Relaxed)
+}
 
 /// The probe in flight: its number, when it was sent, and whether Redis took it.
 struct Probe {
@@ -315,10 +321,8 @@ impl Subscriber {
             let (probes_tx, probes) = mpsc::unbounded_channel();
             let reader = Reader(tokio::spawn(read_loop(
                 stream,
-                format!("{}org:", self.prefix),
+                Inbound::new(&self.prefix, self.max_payload, self.sink.clone()),
                 (self.probe_channel.clone(), probes_tx),
-                self.max_payload,
-                self.sink.clone(),
             )));
             let end = self
                 .session(&mut sink, requests, reader, probes, &mut retry)
@@ -435,7 +439,7 @@ impl Subscriber {
                         // In subscribe mode Redis answers PING with ["pong", ""].
                         Check::Ping(with_timeout(ping_sink.ping::<redis::Value>()).await.map(drop))
                     }));
-                    let n = NEXT_PROBE.fetch_add(1, Ordering::Relaxed);
+                    let n = next_probe();
                     probe = Some(Probe { n, sent: tokio::time::Instant::now(), published: false });
                     checks.push(send_probe(self.pool.clone(), self.probe_channel.clone(), n));
                 }
@@ -539,12 +543,9 @@ async fn with_timeout<T>(fut: impl Future<Output = redis::RedisResult<T>>) -> Re
 /// Delivers what arrives on the subscriptions. Runs until the connection closes.
 async fn read_loop(
     mut stream: PubSubStream,
-    org_prefix: String,
+    mut inbound: Inbound,
     (probe_channel, probes): (String, mpsc::UnboundedSender<u64>),
-    max_payload: usize,
-    sink: Arc<dyn Sink>,
 ) {
-    let mut warn = RateLimit::new(Duration::from_secs(10));
     while let Some(msg) = stream.next().await {
         let name = msg.get_channel_name();
         if name == probe_channel {
@@ -553,35 +554,6 @@ async fn read_loop(
             }
             continue;
         }
-        let Some(org) = name
-            .strip_prefix(org_prefix.as_str())
-            .and_then(|id| OrgId::parse(id).ok())
-        else {
-            ::metrics::counter!(metrics::MALFORMED, "reason" => "bad_channel").increment(1);
-            if let Some(suppressed) = warn.check() {
-                tracing::warn!(
-                    suppressed_since_last = suppressed,
-                    "message on unexpected channel {name:?} dropped"
-                );
-            }
-            continue;
-        };
-        match Message::from_envelope(org, msg.get_payload_bytes(), max_payload) {
-            Ok(message) => {
-                if !message.via_ingest {
-                    ::metrics::counter!(metrics::PUBLISHED, "source" => "redis").increment(1);
-                }
-                sink.clone().deliver(message).await;
-            }
-            Err(e) => {
-                ::metrics::counter!(metrics::MALFORMED, "reason" => e.reason()).increment(1);
-                if let Some(suppressed) = warn.check() {
-                    tracing::warn!(
-                        suppressed_since_last = suppressed,
-                        "malformed message on {name:?} dropped: {e}"
-                    );
-                }
-            }
-        }
+        inbound.receive(name, msg.get_payload_bytes()).await;
     }
 }

@@ -106,6 +106,12 @@ impl ReplicaBuilder {
         self.redis_url(&redis.url())
     }
 
+    /// Uses `cluster` as the bus (`REDIS_CLUSTER_URLS`: sharded pub/sub).
+    pub fn redis_cluster(self, cluster: &crate::RedisCluster) -> Self {
+        self.unset("FANOUT_BUS")
+            .env("REDIS_CLUSTER_URLS", cluster.seed_urls())
+    }
+
     /// Uses the Redis at `url` as the bus, instead of the in-process one.
     pub fn redis_url(self, url: &str) -> Self {
         self.unset("FANOUT_BUS").env("REDIS_URL", url)
