@@ -7,6 +7,8 @@
 //!   can silence pub/sub connections;
 //! - [`redis_cluster`]: a private Redis Cluster (masters, replicas), with slot migrations and
 //!   failovers on demand;
+//! - [`redis_sentinel`]: a private Redis Sentinel group (master, replica, three sentinels),
+//!   with failovers on demand;
 //! - [`postgres`]: a throwaway database on a shared PostgreSQL server, and [`pg_server`] a
 //!   private server, for tests that stop it;
 //! - [`replica`]: the `fanout` binary on its ports, with the HTTP calls a test makes to it;
@@ -37,6 +39,7 @@ pub mod postgres;
 pub mod process;
 pub mod proxy;
 pub mod redis_cluster;
+pub mod redis_sentinel;
 pub mod redis_server;
 pub mod replica;
 pub mod socketio;
@@ -53,6 +56,7 @@ pub use pg_server::PgServer;
 pub use postgres::TestDb;
 pub use proxy::Proxy;
 pub use redis_cluster::RedisCluster;
+pub use redis_sentinel::RedisSentinel;
 pub use redis_server::RedisServer;
 pub use replica::{Replica, ReplicaBuilder};
 pub use token::{now_secs, sign, token, token_with, valid_token};

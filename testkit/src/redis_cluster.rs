@@ -574,8 +574,8 @@ fn cli_program(server: &OsString) -> OsString {
 }
 
 /// `cmd` on a fresh connection to the node on `port`, with generous timeouts (a `MIGRATE`
-/// of many keys may take a while).
-async fn query<T: FromRedisValue>(port: u16, cmd: &redis::Cmd) -> anyhow::Result<T> {
+/// of many keys may take a while). Shared with [`crate::redis_sentinel`].
+pub(crate) async fn query<T: FromRedisValue>(port: u16, cmd: &redis::Cmd) -> anyhow::Result<T> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(Duration::from_secs(10)));
@@ -752,8 +752,9 @@ fn crc16_xmodem(bytes: &[u8]) -> u16 {
 }
 
 /// Polls `probe` until it succeeds, or panics after `timeout` naming `what` and the last
-/// reason it gave: [`crate::eventually`] with the reason kept for the message.
-async fn until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+/// reason it gave: [`crate::eventually`] with the reason kept for the message. Shared with
+/// [`crate::redis_sentinel`].
+pub(crate) async fn until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
