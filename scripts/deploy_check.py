@@ -372,10 +372,17 @@ def check_rules(name: str, docs: list[dict], required: set[str], failures: Failu
         w,
         "FANOUT_INGEST_KEYS must be a required secretKeyRef",
     )
+    buses = [key for key in ("REDIS_URL", "REDIS_SENTINEL_URLS", "REDIS_CLUSTER_URLS") if config.get(key)]
     failures.check(
-        bool(config.get("REDIS_URL")),
+        len(buses) == 1,
         w,
-        "REDIS_URL must be set in the ConfigMap: replicas without a shared Redis do not see each other's messages",
+        "exactly one of REDIS_URL, REDIS_SENTINEL_URLS, REDIS_CLUSTER_URLS must be set in the ConfigMap "
+        f"(set: {buses or 'none'}): replicas without a shared bus do not see each other's messages",
+    )
+    failures.check(
+        not config.get("REDIS_SENTINEL_URLS") or bool(config.get("REDIS_SENTINEL_MASTER")),
+        w,
+        "REDIS_SENTINEL_URLS needs REDIS_SENTINEL_MASTER",
     )
     failures.check(
         spec.get("enableServiceLinks") is False,
@@ -815,6 +822,24 @@ def main() -> int:
         {**base, "config": {"FANOUT_SHUTDOWN_TIMEOUT": "30s"}},
         "set shutdown.timeoutSeconds instead",
         "helm/fanout with config.FANOUT_SHUTDOWN_TIMEOUT",
+        failures,
+    )
+    render_must_fail(
+        {**base, "config": {"REDIS_CLUSTER_URLS": "redis://node-0:6379"}},
+        "config sets REDIS_URL and REDIS_CLUSTER_URLS: set only one bus",
+        "helm/fanout with two buses",
+        failures,
+    )
+    render_must_fail(
+        {**base, "config": {"REDIS_URL": None}},
+        "every replica must share one bus",
+        "helm/fanout with no bus",
+        failures,
+    )
+    render_must_fail(
+        {**base, "config": {"REDIS_URL": None, "REDIS_SENTINEL_URLS": "redis://s:26379"}},
+        "needs config.REDIS_SENTINEL_MASTER",
+        "helm/fanout with sentinels and no master name",
         failures,
     )
     longer = {

@@ -82,6 +82,13 @@ pub struct ServeArgs {
     /// `SSUBSCRIBE` at the master of each channel's slot, `SPUBLISH`.
     #[arg(long, env = "REDIS_CLUSTER_URLS")]
     pub redis_cluster_urls: Option<String>,
+    /// Redis Sentinels (comma-separated `redis://HOST:PORT`) that say where the master
+    /// named REDIS_SENTINEL_MASTER is; publishers and the subscriber follow its failovers.
+    #[arg(long, env = "REDIS_SENTINEL_URLS")]
+    pub redis_sentinel_urls: Option<String>,
+    /// The master's name in the sentinels' configuration (`sentinel monitor <name> ...`).
+    #[arg(long, env = "REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
     /// `memory`: the in-process bus, for a single replica (each replica on it delivers only
     /// its own messages). Needed outside dev mode when no Redis is set, so that a mistyped
     /// variable cannot split a fleet silently.
@@ -247,6 +254,11 @@ pub enum BusBackend {
     Redis { url: String },
     /// A Redis Cluster (`REDIS_CLUSTER_URLS`): its seed nodes.
     Cluster { seeds: Vec<String> },
+    /// The master the sentinels name (`REDIS_SENTINEL_URLS`, `REDIS_SENTINEL_MASTER`).
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
 }
 
 impl BusBackend {
@@ -256,6 +268,7 @@ impl BusBackend {
             Self::Memory => "memory",
             Self::Redis { .. } => "redis",
             Self::Cluster { .. } => "redis-cluster",
+            Self::Sentinel { .. } => "redis-sentinel",
         }
     }
 }
@@ -665,6 +678,12 @@ impl BusSettings {
         if let Some(seeds) = cluster {
             chosen.push(("REDIS_CLUSTER_URLS", BusBackend::Cluster { seeds }));
         }
+        if let Some((sentinels, master)) = sentinel(args)? {
+            chosen.push((
+                "REDIS_SENTINEL_URLS",
+                BusBackend::Sentinel { sentinels, master },
+            ));
+        }
         if memory {
             chosen.push(("FANOUT_BUS=memory", BusBackend::Memory));
         }
@@ -674,19 +693,19 @@ impl BusSettings {
             0 => {
                 return Err(invalid(
                     "REDIS_URL",
-                    "is not set, and neither is REDIS_CLUSTER_URLS or FANOUT_BUS=memory; set REDIS_URL (one Redis) or REDIS_CLUSTER_URLS (a Redis Cluster) so that the replicas share one bus, or FANOUT_BUS=memory to run a single replica on its in-process bus (replicas on it do not see each other's messages)",
+                    "is not set, and neither is REDIS_CLUSTER_URLS, REDIS_SENTINEL_URLS or FANOUT_BUS=memory; set REDIS_URL (one Redis), REDIS_SENTINEL_URLS with REDIS_SENTINEL_MASTER (Sentinel) or REDIS_CLUSTER_URLS (a Redis Cluster) so that the replicas share one bus, or FANOUT_BUS=memory to run a single replica on its in-process bus (replicas on it do not see each other's messages)",
                 ));
             }
             _ => {
                 let names: Vec<&str> = chosen.iter().map(|(name, _)| *name).collect();
                 return Err(invalid(
-                    if memory {
-                        "FANOUT_BUS"
-                    } else {
-                        "REDIS_CLUSTER_URLS"
-                    },
+                    chosen
+                        .last()
+                        .expect("several")
+                        .0
+                        .trim_end_matches("=memory"),
                     format!(
-                        "{} are all set; set only one bus: REDIS_URL (one Redis), REDIS_CLUSTER_URLS (a Redis Cluster) or FANOUT_BUS=memory (a single replica)",
+                        "{} are all set; set only one bus: REDIS_URL (one Redis), REDIS_SENTINEL_URLS (Sentinel), REDIS_CLUSTER_URLS (a Redis Cluster) or FANOUT_BUS=memory (a single replica)",
                         names.join(" and ")
                     ),
                 ));
@@ -702,36 +721,71 @@ impl BusSettings {
 
 /// Validates `REDIS_CLUSTER_URLS`: `None` when unset or empty.
 fn cluster_seeds(text: Option<&str>) -> Result<Option<Vec<String>>, ConfigError> {
-    let seeds: Vec<String> = text
+    redis_urls("REDIS_CLUSTER_URLS", "seed nodes", text)
+}
+
+/// Validates `REDIS_SENTINEL_URLS` and `REDIS_SENTINEL_MASTER`, set together or not at all.
+fn sentinel(args: &ServeArgs) -> Result<Option<(Vec<String>, String)>, ConfigError> {
+    let sentinels = redis_urls(
+        "REDIS_SENTINEL_URLS",
+        "sentinels",
+        args.redis_sentinel_urls.as_deref(),
+    )?;
+    let master = args
+        .redis_sentinel_master
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty());
+    match (sentinels, master) {
+        (None, None) => Ok(None),
+        (Some(sentinels), Some(master)) => Ok(Some((sentinels, master.to_string()))),
+        (Some(_), None) => Err(invalid(
+            "REDIS_SENTINEL_MASTER",
+            "is not set; with REDIS_SENTINEL_URLS, name the master the sentinels monitor (e.g. mymaster)",
+        )),
+        (None, Some(_)) => Err(invalid(
+            "REDIS_SENTINEL_URLS",
+            "is not set; with REDIS_SENTINEL_MASTER, list the sentinels (redis://HOST:26379,...)",
+        )),
+    }
+}
+
+/// Comma-separated `redis://` URLs of `what`: `None` when unset or empty.
+fn redis_urls(
+    setting: &'static str,
+    what: &str,
+    text: Option<&str>,
+) -> Result<Option<Vec<String>>, ConfigError> {
+    let urls: Vec<String> = text
         .unwrap_or("")
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(String::from)
         .collect();
-    if seeds.is_empty() {
+    if urls.is_empty() {
         return Ok(None);
     }
-    for seed in &seeds {
-        if seed.starts_with("rediss://") {
+    for url in &urls {
+        if url.starts_with("rediss://") {
             return Err(invalid(
-                "REDIS_CLUSTER_URLS",
+                setting,
                 format!(
-                    "{seed:?}: TLS (rediss://) is not supported for a cluster yet; use redis:// on a private network"
+                    "{url:?}: TLS (rediss://) is not supported here yet; use redis:// on a private network"
                 ),
             ));
         }
-        let info = redis::IntoConnectionInfo::into_connection_info(seed.as_str()).ok();
-        if !seed.starts_with("redis://") || info.is_none() {
+        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).ok();
+        if !url.starts_with("redis://") || info.is_none() {
             return Err(invalid(
-                "REDIS_CLUSTER_URLS",
+                setting,
                 format!(
-                    "{seed:?} is not a Redis URL; expected comma-separated redis://HOST:PORT seed nodes"
+                    "{url:?} is not a Redis URL; expected comma-separated redis://HOST:PORT {what}"
                 ),
             ));
         }
     }
-    Ok(Some(seeds))
+    Ok(Some(urls))
 }
 
 impl StoreSettings {
@@ -1018,6 +1072,22 @@ mod tests {
             (
                 &["--redis-cluster-urls", "rediss://a:1"],
                 "REDIS_CLUSTER_URLS",
+            ),
+            (
+                &["--redis-sentinel-urls", "redis://s:26379"],
+                "REDIS_SENTINEL_MASTER",
+            ),
+            (&["--redis-sentinel-master", "m"], "REDIS_SENTINEL_URLS"),
+            (
+                &[
+                    "--redis-sentinel-urls",
+                    "redis://s:26379",
+                    "--redis-sentinel-master",
+                    "m",
+                    "--redis-url",
+                    "redis://r",
+                ],
+                "REDIS_SENTINEL_URLS",
             ),
             (&["--redis-prefix", "a b"], "FANOUT_REDIS_PREFIX"),
             (

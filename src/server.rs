@@ -21,7 +21,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::admin::{self, AdminState};
 use crate::api::{self, ApiState};
 use crate::auth::{IngestKeys, Verifier};
-use crate::bus::{Bus, ClusterSettings, RedisSettings};
+use crate::bus::{Bus, ClusterSettings, RedisSettings, RedisTarget};
 use crate::config::{BusBackend, Config, CorsOrigins};
 use crate::delivery::Delivery;
 use crate::gateway::{self, Expiry, Gateway, Handshakes};
@@ -151,9 +151,16 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
     }
     let delivery = Arc::new(delivery);
     let bus = Arc::new(match &config.bus.backend {
-        BusBackend::Redis { url } => Bus::redis(
+        BusBackend::Redis { .. } | BusBackend::Sentinel { .. } => Bus::redis(
             RedisSettings {
-                url: url.clone(),
+                target: match &config.bus.backend {
+                    BusBackend::Sentinel { sentinels, master } => RedisTarget::Sentinel {
+                        sentinels: sentinels.clone(),
+                        master: master.clone(),
+                    },
+                    BusBackend::Redis { url } => RedisTarget::Url(url.clone()),
+                    _ => unreachable!("matched above"),
+                },
                 prefix: config.bus.redis_prefix.clone(),
                 max_payload_bytes: config.limits.max_payload_bytes,
                 probe_interval: config.bus.probe_interval,

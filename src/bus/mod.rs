@@ -12,6 +12,7 @@
 
 mod cluster;
 mod inbound;
+mod master;
 mod memory;
 mod redis;
 
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 
 pub use cluster::ClusterSettings;
+pub use master::RedisTarget;
 
 use crate::presence::Presence;
 use crate::protocol::{Message, OrgId};
@@ -65,7 +67,8 @@ enum Inner {
 
 /// Settings of the Redis bus.
 pub struct RedisSettings {
-    pub url: String,
+    /// One Redis, or the master the sentinels name.
+    pub target: RedisTarget,
     pub prefix: String,
     pub max_payload_bytes: usize,
     /// Interval of the liveness probe through the subscription connection.
@@ -154,11 +157,11 @@ impl Bus {
         }
     }
 
-    /// What `/readyz` calls it: `memory`, `redis` or `redis-cluster`.
+    /// What `/readyz` calls it: `memory`, `redis`, `redis-sentinel` or `redis-cluster`.
     pub fn name(&self) -> &'static str {
         match &self.inner {
             Inner::Memory(_) => "memory",
-            Inner::Redis(_) => "redis",
+            Inner::Redis(r) => r.name(),
             Inner::Cluster(_) => "redis-cluster",
         }
     }

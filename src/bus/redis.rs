@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use deadpool_redis::{PoolConfig, Runtime, Timeouts};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
@@ -37,6 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::inbound::Inbound;
+use super::master::Master;
 use super::{BusError, BusSetupError, RedisSettings, Sink};
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
@@ -59,7 +59,8 @@ const WARN_EVERY: Duration = Duration::from_secs(30);
 const CHUNK: usize = 1000;
 
 pub struct RedisBus {
-    pool: deadpool_redis::Pool,
+    master: Arc<Master>,
+    presence: Arc<Presence>,
     prefix: String,
     up: Arc<AtomicBool>,
     /// Subscriber sessions that came up so far: a change means the subscriptions were lost
@@ -110,21 +111,7 @@ impl RedisBus {
         sink: Arc<dyn Sink>,
         tasks: &Tasks,
     ) -> Result<Self, BusSetupError> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| BusSetupError::InvalidUrl(e.to_string()))?;
-        let mut cfg = deadpool_redis::Config::from_url(settings.url.clone());
-        cfg.pool = Some(PoolConfig {
-            max_size: 32,
-            timeouts: Timeouts {
-                wait: Some(COMMAND_TIMEOUT),
-                create: Some(CONNECT_TIMEOUT),
-                recycle: Some(COMMAND_TIMEOUT),
-            },
-            ..PoolConfig::default()
-        });
-        let pool = cfg
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| BusSetupError::InvalidUrl(e.to_string()))?;
+        let master = Arc::new(Master::new(settings.target)?);
         let up = Arc::new(AtomicBool::new(false));
         let sessions = Arc::new(AtomicU64::new(0));
         let (tx, rx) = mpsc::unbounded_channel();
@@ -137,11 +124,11 @@ impl RedisBus {
         let (max_payload, up_flag, session_count) =
             (settings.max_payload_bytes, up.clone(), sessions.clone());
         let probe_channel = format!("{}probe:{:016x}", settings.prefix, rand::random::<u64>());
-        let (probe_pool, probe_interval) = (pool.clone(), settings.probe_interval);
+        let (shared_master, shared_presence, probe_interval) =
+            (master.clone(), presence.clone(), settings.probe_interval);
         tasks.spawn("redis-subscriber", Policy::Restart, move |shutdown| {
             let subscriber = Subscriber {
-                client: client.clone(),
-                pool: probe_pool.clone(),
+                master: shared_master.clone(),
                 prefix: prefix.clone(),
                 probe_channel: probe_channel.clone(),
                 probe_interval,
@@ -157,7 +144,8 @@ impl RedisBus {
             async move { subscriber.run(&mut *requests.lock().await).await }
         });
         Ok(Self {
-            pool,
+            master,
+            presence: shared_presence,
             prefix: settings.prefix,
             up,
             sessions,
@@ -169,31 +157,39 @@ impl RedisBus {
     /// place: after a Redis restart, Redis takes a PUBLISH again before the subscriber has
     /// re-subscribed, and a message published then reaches no one (its publisher must be
     /// told to retry). Nor is it accepted when the subscriptions were lost while it was
-    /// being published.
+    /// being published, or when Redis says it reached no subscriber while this replica
+    /// holds sockets of the organization (the pool is on another node than the subscriber,
+    /// as after a failover).
     pub async fn publish(&self, msg: Message) -> Result<(), BusError> {
         let session = self.sessions.load(Ordering::Acquire);
         if !self.is_up() {
             return Err(BusError::Resubscribing);
         }
-        self.publish_now(msg).await?;
+        let org = msg.org.clone();
+        let receivers = self.publish_now(msg).await?;
+        if receivers == 0 && self.presence.org_sockets(&org) > 0 {
+            return Err(BusError::Resubscribing);
+        }
         if !self.is_up() || self.sessions.load(Ordering::Acquire) != session {
             return Err(BusError::Resubscribing);
         }
         Ok(())
     }
 
-    async fn publish_now(&self, msg: Message) -> Result<(), BusError> {
+    /// PUBLISHes `msg`; answers how many subscribers Redis says received it.
+    async fn publish_now(&self, msg: Message) -> Result<i64, BusError> {
         let channel = channel(&self.prefix, &msg.org);
         let payload = msg.to_envelope();
         let mut conn = self
-            .pool
+            .master
+            .pool()?
             .get()
             .await
             .map_err(|e| BusError::Unavailable(e.to_string()))?;
         match tokio::time::timeout(COMMAND_TIMEOUT, conn.publish::<_, _, i64>(channel, payload))
             .await
         {
-            Ok(Ok(_receivers)) => Ok(()),
+            Ok(Ok(receivers)) => Ok(receivers),
             Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
             Err(_) => Err(BusError::Unavailable(format!(
                 "PUBLISH took longer than {COMMAND_TIMEOUT:?}"
@@ -209,7 +205,8 @@ impl RedisBus {
                 .ignore();
         }
         let mut conn = self
-            .pool
+            .master
+            .pool()?
             .get()
             .await
             .map_err(|e| BusError::Unavailable(e.to_string()))?;
@@ -252,12 +249,16 @@ impl RedisBus {
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }
+
+    /// `redis` or `redis-sentinel`.
+    pub fn name(&self) -> &'static str {
+        self.master.name()
+    }
 }
 
 struct Subscriber {
-    client: redis::Client,
-    /// The publishers' pool, which sends the probes.
-    pool: deadpool_redis::Pool,
+    /// Where the master is; its pool sends the probes.
+    master: Arc<Master>,
     prefix: String,
     /// This replica's own channel, where its probes come back.
     probe_channel: String,
@@ -299,14 +300,21 @@ impl Subscriber {
         );
         let shutdown = self.shutdown.clone();
         loop {
-            let connect = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub());
-            let failure = tokio::select! {
-                _ = shutdown.wait() => return,
-                res = connect => match res {
-                    Ok(Ok(pubsub)) => Ok(pubsub),
+            let connect = async {
+                let url = self.master.resolve().await?;
+                let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+                match tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await {
+                    Ok(Ok(pubsub)) => Ok((url, pubsub)),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!("no connection within {CONNECT_TIMEOUT:?}")),
-                },
+                }
+            };
+            let failure = tokio::select! {
+                _ = shutdown.wait() => return,
+                res = connect => res.and_then(|(url, pubsub)| {
+                    // Publishers follow the subscriber to the master it found.
+                    self.master.use_url(&url).map(|()| pubsub)
+                }),
             };
             let pubsub = match failure {
                 Ok(pubsub) => pubsub,
@@ -441,7 +449,7 @@ impl Subscriber {
                     }));
                     let n = next_probe();
                     probe = Some(Probe { n, sent: tokio::time::Instant::now(), published: false });
-                    checks.push(send_probe(self.pool.clone(), self.probe_channel.clone(), n));
+                    checks.push(send_probe(self.master.clone(), self.probe_channel.clone(), n));
                 }
                 Some(check) = checks.next(), if !checks.is_empty() => {
                     let (n, result) = match check {
@@ -522,11 +530,14 @@ fn probe_failed(reason: &'static str) {
 }
 
 /// PUBLISHes probe `n`; answers how many subscribers Redis says received it.
-fn send_probe(pool: deadpool_redis::Pool, channel: String, n: u64) -> BoxFuture<'static, Check> {
+fn send_probe(master: Arc<Master>, channel: String, n: u64) -> BoxFuture<'static, Check> {
     Box::pin(async move {
-        let result = match pool.get().await {
-            Ok(mut conn) => with_timeout(conn.publish::<_, _, i64>(channel, n)).await,
+        let result = match master.pool() {
             Err(e) => Err(e.to_string()),
+            Ok(pool) => match pool.get().await {
+                Ok(mut conn) => with_timeout(conn.publish::<_, _, i64>(channel, n)).await,
+                Err(e) => Err(e.to_string()),
+            },
         };
         Check::Sent(n, result)
     })

@@ -112,6 +112,13 @@ impl ReplicaBuilder {
             .env("REDIS_CLUSTER_URLS", cluster.seed_urls())
     }
 
+    /// Uses the master `sentinel` names as the bus (`REDIS_SENTINEL_URLS`).
+    pub fn redis_sentinel(self, sentinel: &crate::RedisSentinel) -> Self {
+        self.unset("FANOUT_BUS")
+            .env("REDIS_SENTINEL_URLS", sentinel.sentinel_urls())
+            .env("REDIS_SENTINEL_MASTER", sentinel.master_name())
+    }
+
     /// Uses the Redis at `url` as the bus, instead of the in-process one.
     pub fn redis_url(self, url: &str) -> Self {
         self.unset("FANOUT_BUS").env("REDIS_URL", url)
