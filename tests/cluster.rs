@@ -255,3 +255,99 @@ async fn the_last_member_leaving_unsubscribes_the_shard_channel() {
     a.wait_metric("fanout_redis_subscriptions", &[], |v| v == 0.0)
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_history_every_accepted_event_arrives_once_in_order_across_a_failover() {
+    let db = TestDb::create().await;
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let durable = |name: &str| {
+        Replica::builder()
+            .name(name)
+            .redis_cluster(&cluster)
+            .database(&db)
+            .env("FANOUT_BUS_PROBE_INTERVAL", "500ms")
+            .start_with_store()
+    };
+    let a = durable("a").await;
+    let b = durable("b").await;
+    let mut alice = a.login("acme", "alice").await;
+    let mut bob = b.login("acme", "bob").await;
+    let master = cluster.owner(RedisCluster::slot(&channel("acme"))).await;
+
+    // Publishes through a, and the master of acme's slot killed after the fifth: every one
+    // answered 200 has its sequence number, and reaches both members (live, or read back
+    // from the history once the bus is back).
+    let mut accepted: Vec<u64> = Vec::new();
+    let mut killed = None;
+    let started = Instant::now();
+    while accepted.len() < 30 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "only {} events accepted in 30 s",
+            accepted.len()
+        );
+        if accepted.len() == 5 && killed.is_none() {
+            cluster.kill_master(master).await;
+            killed = Some(Instant::now());
+        }
+        let body = json!({"organizationId": "acme", "event": "tick", "data": accepted.len()});
+        let reply = a.post("/v1/publish", &body).await;
+        match reply.status {
+            200 => accepted.push(
+                reply.json["seq"]
+                    .as_u64()
+                    .expect("durable answers have seq"),
+            ),
+            503 => {}
+            other => panic!("publish answered {other}: {reply:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(accepted, (1..=30).collect::<Vec<u64>>());
+    for (name, client) in [("alice", &mut alice), ("bob", &mut bob)] {
+        let mut seqs = Vec::new();
+        while seqs.len() < accepted.len() {
+            let (event, _, seq) = client.next_durable(SOON).await;
+            assert_eq!(event, "tick", "{name}");
+            seqs.push(seq.expect("durable events carry their seq"));
+        }
+        assert_eq!(seqs, accepted, "{name}: every event once, in order");
+    }
+    eprintln!(
+        "30 durable events, the master killed after the fifth: all delivered to both members \
+         {:?} after the kill",
+        killed.unwrap().elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_connections_killed_by_the_masters_are_made_again() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let mut a = on(&cluster, "a").await;
+    let orgs = orgs_on_every_master(&cluster, 1).await;
+    let mut members = Vec::new();
+    for (org, _) in &orgs {
+        members.push((org.clone(), a.login(org, "u").await));
+    }
+    let mut killed = 0;
+    for port in cluster.masters().await {
+        let mut conn = cluster.node_conn(port).await;
+        let n: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        killed += n;
+    }
+    assert_eq!(killed, 3, "one subscriber connection per master");
+    a.wait_metric("fanout_redis_reconnects_total", &[], |v| v >= 1.0)
+        .await;
+    a.wait_ready().await;
+    for (org, client) in &mut members {
+        assert_eq!(cluster.shard_numsub(&channel(org)).await, 1, "{org}");
+        a.publish(org, "after", json!(org)).await;
+        assert_eq!(client.expect("after", QUICK).await, json!(org));
+    }
+}
