@@ -2,16 +2,18 @@
 // stock socket.io-client, so that every test reads as the scenario it checks.
 //
 // A test wraps its body in `scenario(async (bed) => ...)`. The bed starts what the test asks
-// for (`bed.redis()`, `bed.database()`, `bed.replica()`, `bed.fleet(n)`, `bed.connect()`,
-// `bed.haproxy()`, `bed.serve()`), prints the logs of its processes if the test fails, and
-// stops everything (and drops its databases) when the test ends, pass or fail.
+// for (`bed.redis()`, `bed.redisCluster()`, `bed.redisSentinel()`, `bed.database()`,
+// `bed.replica()`, `bed.fleet(n)`, `bed.connect()`, `bed.haproxy()`, `bed.serve()`), prints
+// the logs of its processes if the test fails, and stops everything (and removes its
+// directories, drops its databases) when the test ends, pass or fail.
 // Waiting is on a condition with a deadline (an event, a status), not on a sleep; proving
 // that something did not arrive uses `marker()`. The few timed waits left are part of their
 // scenario (token expiry) or documented where no marker can exist.
 
 import { spawn } from "node:child_process";
 import { randomBytes, randomUUID } from "node:crypto";
-import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { existsSync } from "node:fs";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import http from "node:http";
 import net from "node:net";
 import os from "node:os";
@@ -27,6 +29,15 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 export const FANOUT_BIN = process.env.FANOUT_BIN ?? path.resolve(here, "../../target/debug/fanout");
 /** `redis-server` from PATH, unless `REDIS_SERVER` names another. */
 export const REDIS_SERVER = process.env.REDIS_SERVER ?? "redis-server";
+/**
+ * `redis-cli` (to create a Redis Cluster): `REDIS_CLI`, else the one next to `REDIS_SERVER`
+ * when that names a file, else from PATH.
+ */
+export const REDIS_CLI =
+  process.env.REDIS_CLI ??
+  (REDIS_SERVER.includes(path.sep) && existsSync(path.join(path.dirname(REDIS_SERVER), "redis-cli"))
+    ? path.join(path.dirname(REDIS_SERVER), "redis-cli")
+    : "redis-cli");
 /** `haproxy` from PATH, unless `HAPROXY` names another. */
 export const HAPROXY = process.env.HAPROXY ?? "haproxy";
 /** The load balancer configuration of the compose demo, which `bed.haproxy()` runs. */
@@ -220,12 +231,19 @@ function parseReply(buf, at = 0) {
   }
 }
 
-/** Sends one command over a fresh connection and resolves to its reply. */
+/**
+ * Sends one command over a fresh connection and resolves to its reply; rejects if the
+ * connection fails, closes before the reply or stays silent for 3 s (a server killed or
+ * frozen mid-command must not hang the test until the scenario's deadline).
+ */
 export function redisCommand(port, ...args) {
   return new Promise((resolve, reject) => {
     const sock = net.connect(port, "127.0.0.1");
     let buf = Buffer.alloc(0);
+    sock.setTimeout(3000, () => sock.destroy(new Error(`redis ${port}: no reply to ${args[0]} within 3 s`)));
     sock.on("error", reject);
+    // After a reply this is a no-op: a settled promise stays settled.
+    sock.on("close", () => reject(new Error(`redis ${port}: connection closed before the reply to ${args[0]}`)));
     sock.on("connect", () => {
       const parts = [Buffer.from(`*${args.length}\r\n`)];
       for (const a of args) {
@@ -266,6 +284,331 @@ export class Redis {
   async subscribers(channel) {
     const [, count] = await redisCommand(this.port, "PUBSUB", "NUMSUB", channel);
     return count;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis Cluster and Redis Sentinel
+
+/** The `field:value` lines of an answer such as INFO's, as an object. */
+function fieldsOf(text) {
+  const fields = {};
+  for (const line of text.split("\r\n")) {
+    const colon = line.indexOf(":");
+    if (colon > 0 && !line.startsWith("#")) fields[line.slice(0, colon)] = line.slice(colon + 1);
+  }
+  return fields;
+}
+
+/** `INFO section` of the server on `port`, as an object of its fields. */
+export async function redisInfo(port, section) {
+  return fieldsOf(await redisCommand(port, "INFO", section));
+}
+
+/** A payload as Redis takes it: strings as they are, anything else as JSON. */
+const wire = (payload) => (typeof payload === "string" ? payload : JSON.stringify(payload));
+
+/**
+ * Polls `check` like `until`, for a multi-step condition: `check` returns `{ value }` when it
+ * holds, or a sentence saying what is missing, which the timeout's error quotes (a failing
+ * settle then says what never settled). A rejection counts as "missing", with its message.
+ */
+async function settle(check, { timeout = WAIT_MS, what }) {
+  let missing = "nothing checked yet";
+  try {
+    const { value } = await until(
+      async () => {
+        const got = await check().catch((err) => err.message);
+        if (typeof got !== "string") return got;
+        missing = got;
+        return null;
+      },
+      { timeout, every: 50, what },
+    );
+    return value;
+  } catch (err) {
+    throw new Error(`${err.message}; last seen: ${missing}`);
+  }
+}
+
+/** The one value `of(view)` that every view gives, or a sentence saying who disagrees. */
+function agreed(views, of, what) {
+  const values = views.map((v) => [v.port, of(v)]);
+  const first = JSON.stringify(values[0]?.[1]);
+  const other = values.find(([, v]) => JSON.stringify(v) !== first);
+  if (other) return `nodes ${values[0][0]} and ${other[0]} disagree on ${what}: ${first} / ${JSON.stringify(other[1])}`;
+  return { value: values[0]?.[1] };
+}
+
+/** The number of hash slots of a Redis Cluster. */
+export const CLUSTER_SLOTS = 16384;
+
+/**
+ * A private Redis Cluster of one scenario (`Testbed.redisCluster`): `masters` masters with
+ * `replicas` replicas each, on free loopback ports, without persistence. `seedUrls` is a
+ * `REDIS_CLUSTER_URLS` (every node); `bed.replica({ cluster })` sets it.
+ */
+export class RedisCluster {
+  constructor(nodes, { masters, replicas }) {
+    /** `{ port, busPort, proc }` of every node, in the order they were started. */
+    this.nodes = nodes;
+    this.shape = { masters, replicas };
+    this.ports = nodes.map((n) => n.port);
+    this.urls = this.ports.map((p) => `redis://127.0.0.1:${p}`);
+    this.seedUrls = this.urls.join(",");
+  }
+
+  /** The client ports of the nodes still running. */
+  running() {
+    return this.nodes.filter((n) => n.proc.running).map((n) => n.port);
+  }
+
+  /**
+   * What each running node says: `cluster_state`, its role and replication link, the nodes
+   * it suspects, and its slot map as `{ from, to, master, replicas }` (ports). The map comes
+   * from `CLUSTER NODES`, not `CLUSTER SLOTS`: Redis 7.0 leaves out of the latter a replica
+   * whose replication offset is still 0, which lasts until the master's first replication
+   * PING, 10 s after it starts.
+   */
+  async #views() {
+    return Promise.all(
+      this.running().map(async (port) => {
+        const [cluster, replication, table] = await Promise.all([
+          redisCommand(port, "CLUSTER", "INFO").then(fieldsOf),
+          redisInfo(port, "replication"),
+          redisCommand(port, "CLUSTER", "NODES"),
+        ]);
+        // <id> <ip:port@bus> <flags> <master id|-> <ping> <pong> <epoch> <link> <slot>...
+        const nodes = table.trim().split("\n").map((line) => {
+          const [id, address, flags, master, , , , , ...slots] = line.trim().split(" ");
+          return { id, port: Number(address.split("@")[0].split(":").pop()), flags: flags.split(","), master, slots };
+        });
+        const up = (n) => !n.flags.includes("fail") && !n.flags.includes("fail?");
+        const ranges = [];
+        for (const m of nodes.filter((n) => n.flags.includes("master"))) {
+          const replicas = nodes.filter((n) => n.master === m.id && up(n)).map((n) => n.port).sort((x, y) => x - y);
+          // Slots being imported or migrated show as `[slot->-id]`: not owned yet or still owned.
+          for (const range of m.slots.filter((r) => !r.startsWith("["))) {
+            const [from, to = from] = range.split("-").map(Number);
+            ranges.push({ from, to, master: m.port, replicas });
+          }
+        }
+        return {
+          port,
+          ok: cluster.cluster_state === "ok",
+          replica: replication.role === "slave",
+          linkUp: replication.master_link_status === "up",
+          suspects: nodes.filter((n) => !up(n) || n.flags.includes("handshake")).map((n) => n.port),
+          ranges: ranges.sort((x, y) => x.from - y.from),
+        };
+      }),
+    );
+  }
+
+  /**
+   * `{ value: the slot map }` once the cluster has settled: every running node says
+   * `cluster_state:ok`, sees all 16384 slots on `masters` masters with `replicas` replicas
+   * each, agrees with the others on that map, suspects no running node, and every replica's
+   * link is up. Else what is missing.
+   */
+  async settled() {
+    const views = await this.#views();
+    for (const v of views) {
+      if (!v.ok) return `node ${v.port}: cluster_state is not ok`;
+      const covered = v.ranges.reduce((n, r) => n + r.to - r.from + 1, 0);
+      if (covered !== CLUSTER_SLOTS) return `node ${v.port} sees ${covered} slots covered`;
+      if (v.replica && !v.linkUp) return `replica ${v.port}: its master link is down`;
+      const suspected = v.suspects.filter((p) => this.running().includes(p));
+      if (suspected.length) return `node ${v.port} suspects (or is still meeting) ${JSON.stringify(suspected)}`;
+    }
+    const map = agreed(views, (v) => v.ranges, "the slot map");
+    if (typeof map === "string") return map;
+    const masters = new Set(map.value.map((r) => r.master));
+    if (masters.size !== this.shape.masters) return `the slots are on ${masters.size} masters, not ${this.shape.masters}`;
+    const short = map.value.find((r) => r.replicas.length !== this.shape.replicas);
+    if (short) return `slots ${short.from}-${short.to} on ${short.master} have replicas ${JSON.stringify(short.replicas)}`;
+    return map;
+  }
+
+  /** The ports of the masters, sorted, as the running nodes agree. */
+  async masters() {
+    const ranges = await settle(
+      async () => agreed(await this.#views(), (v) => v.ranges, "the slot map"),
+      { what: "the Redis Cluster nodes to agree on the slot map" },
+    );
+    return [...new Set(ranges.map((r) => r.master))].sort((x, y) => x - y);
+  }
+
+  /** The hash slot of `key` (a channel's slot is computed the same way): `CLUSTER KEYSLOT`. */
+  keyslot(key) {
+    return redisCommand(this.running()[0], "CLUSTER", "KEYSLOT", key);
+  }
+
+  /** The port of the master that owns `channel`'s slot, as the running nodes agree. */
+  async slotOwnerPort(channel) {
+    const slot = await this.keyslot(channel);
+    return settle(
+      async () =>
+        agreed(
+          await this.#views(),
+          (v) => v.ranges.find((r) => r.from <= slot && slot <= r.to)?.master ?? null,
+          `the owner of slot ${slot}`,
+        ),
+      { what: `the Redis Cluster nodes to agree on the owner of ${channel} (slot ${slot})` },
+    );
+  }
+
+  /**
+   * `SPUBLISH channel payload` at the master owning `channel` (a worker's direct publish);
+   * resolves to the number of that master's subscribers that got it. `payload`: a string,
+   * or anything else as JSON.
+   */
+  async spublish(channel, payload) {
+    return settle(
+      async () => {
+        const port = await this.slotOwnerPort(channel);
+        // MOVED (the slot changed hands meanwhile) is answered as an error: ask again.
+        return { value: await redisCommand(port, "SPUBLISH", channel, wire(payload)) };
+      },
+      { what: `SPUBLISH ${channel} at its owner` },
+    );
+  }
+
+  /** How many connections of the owning master subscribe to `channel` (`PUBSUB SHARDNUMSUB`). */
+  async shardSubscribers(channel) {
+    const [, count] = await redisCommand(await this.slotOwnerPort(channel), "PUBSUB", "SHARDNUMSUB", channel);
+    return count;
+  }
+}
+
+/** The entries of `SENTINEL REPLICAS|SENTINELS <name>`, each as an object of its fields. */
+async function sentinelTable(port, what, name) {
+  const rows = await redisCommand(port, "SENTINEL", what, name);
+  return rows.map((flat) => {
+    const entry = {};
+    for (let i = 0; i + 1 < flat.length; i += 2) entry[flat[i]] = flat[i + 1];
+    return entry;
+  });
+}
+
+/** Neither down (subjectively or objectively) nor disconnected, as a sentinel sees it. */
+const healthy = (entry) => !/(^|,)(s_down|o_down|disconnected)(,|$)/.test(entry.flags ?? "");
+
+/**
+ * A private Redis Sentinel group of one scenario (`Testbed.redisSentinel`): a master, its
+ * replica and three sentinels monitoring it as `masterName` (quorum 2). `sentinelUrls` is a
+ * `REDIS_SENTINEL_URLS`; `bed.replica({ sentinel })` sets it and `REDIS_SENTINEL_MASTER`.
+ */
+export class RedisSentinel {
+  constructor(masterName, nodes, sentinels) {
+    this.masterName = masterName;
+    /** `{ port, proc }` of the data nodes (the first master, then its replica). */
+    this.nodes = nodes;
+    /** `{ port, proc }` of the sentinels. */
+    this.sentinels = sentinels;
+    this.sentinelPorts = sentinels.map((s) => s.port);
+    this.sentinelUrls = this.sentinelPorts.map((p) => `redis://127.0.0.1:${p}`).join(",");
+  }
+
+  #running(list) {
+    return list.filter((n) => n.proc.running).map((n) => n.port);
+  }
+
+  /** `{ value: port }` of the master if every running sentinel names the same one, else why not. */
+  async #namedMaster() {
+    const named = await Promise.all(
+      this.#running(this.sentinels).map(async (s) => [
+        s,
+        await redisCommand(s, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", this.masterName),
+      ]),
+    );
+    if (named.length === 0) return "no sentinel runs";
+    const missing = named.find(([, addr]) => !addr);
+    if (missing) return `sentinel ${missing[0]} does not know ${this.masterName}`;
+    const differs = named.find(([, addr]) => addr[1] !== named[0][1][1]);
+    if (differs) return `sentinels ${named[0][0]} and ${differs[0]} name ${named[0][1][1]} and ${differs[1][1]}`;
+    return { value: Number(named[0][1][1]) };
+  }
+
+  /**
+   * `{ value: master port }` once the group has settled, else what is missing: the
+   * sentinels agree on a running master that says `role:master`; every other running data
+   * node is its replica with the link up; every sentinel knows those replicas and the other
+   * sentinels, none down or disconnected. Short of that, a failover could not be authorised
+   * (quorum, leader election) or would have no replica to promote.
+   */
+  async settled() {
+    const named = await this.#namedMaster();
+    if (typeof named === "string") return named;
+    const master = named.value;
+    const running = this.#running(this.nodes);
+    if (!running.includes(master)) return `the sentinels name ${master}, which is not running`;
+    const role = (await redisInfo(master, "replication")).role;
+    if (role !== "master") return `${master}, named by the sentinels, says role:${role}`;
+    const replicas = running.filter((p) => p !== master);
+    for (const port of replicas) {
+      const r = await redisInfo(port, "replication");
+      if (r.role !== "slave" || Number(r.master_port) !== master || r.master_link_status !== "up") {
+        return `${port} is not an up-to-date replica of ${master}: role:${r.role} master_port:${r.master_port} link:${r.master_link_status}`;
+      }
+    }
+    const sentinels = this.#running(this.sentinels);
+    for (const s of sentinels) {
+      const known = await sentinelTable(s, "REPLICAS", this.masterName);
+      for (const port of replicas) {
+        const entry = known.find((e) => Number(e.port) === port);
+        if (!entry || !healthy(entry)) return `sentinel ${s} sees replica ${port} as ${entry?.flags ?? "unknown"}`;
+      }
+      const peers = (await sentinelTable(s, "SENTINELS", this.masterName)).filter(healthy).map((e) => Number(e.port));
+      const others = sentinels.filter((p) => p !== s);
+      if (others.some((p) => !peers.includes(p))) return `sentinel ${s} sees sentinels ${JSON.stringify(peers)} up, not ${JSON.stringify(others)}`;
+    }
+    return { value: master };
+  }
+
+  /** The port of the master, as the sentinels agree (right after a kill: the dead one, until the failover). */
+  masterPort() {
+    return settle(() => this.#namedMaster(), { what: `the sentinels to agree on ${this.masterName}` });
+  }
+
+  /** Kills the current master with SIGKILL (a crash) and resolves to its port once it is gone. */
+  async killMaster() {
+    const port = await this.masterPort();
+    const node = this.nodes.find((n) => n.port === port);
+    if (!node?.proc.running) throw new Error(`killMaster: the master the sentinels name, ${port}, is not running`);
+    await node.proc.stop();
+    return port;
+  }
+
+  /**
+   * Waits until the sentinels agree on a master other than `oldPort` and the group has
+   * settled around it (2 to 3 s after a kill); resolves to its port.
+   */
+  waitFailover(oldPort, timeout = 20_000) {
+    return settle(
+      async () => {
+        const settled = await this.settled();
+        if (typeof settled === "string") return settled;
+        return settled.value === oldPort ? `the sentinels still name ${oldPort}` : settled;
+      },
+      { timeout, what: `a Sentinel failover away from ${oldPort}` },
+    );
+  }
+
+  /**
+   * `PUBLISH channel payload` at the master the sentinels name (a worker's direct publish);
+   * resolves to the number of the master's subscribers that got it (a replica's own
+   * subscribers get it too, uncounted). `payload`: a string, or anything else as JSON.
+   */
+  async publish(channel, payload) {
+    return settle(
+      async () => {
+        const named = await this.#namedMaster();
+        if (typeof named === "string") return named;
+        return { value: await redisCommand(named.value, "PUBLISH", channel, wire(payload)) };
+      },
+      { what: `PUBLISH ${channel} at the master` },
+    );
   }
 }
 
@@ -684,8 +1027,16 @@ export class Haproxy {
 // ---------------------------------------------------------------------------------------
 // The test bed
 
-/** Base environment of a replica: nothing inherited but PATH, so ambient settings don't leak in. */
-function replicaEnv({ publicPort, internalPort, redis, database, env }) {
+/**
+ * Base environment of a replica: nothing inherited but PATH, so ambient settings don't leak
+ * in. Its bus: `redis` (REDIS_URL), `cluster` (REDIS_CLUSTER_URLS), `sentinel`
+ * (REDIS_SENTINEL_URLS and REDIS_SENTINEL_MASTER), else the in-process one. FANOUT_BUS is set
+ * only for the last: fanout refuses two buses at once.
+ */
+function replicaEnv({ publicPort, internalPort, redis, cluster, sentinel, database, env }) {
+  if ([redis, cluster, sentinel].filter(Boolean).length > 1) {
+    throw new Error("a replica has one bus: give at most one of redis, cluster and sentinel");
+  }
   const base = {
     PATH: process.env.PATH,
     NO_COLOR: "1",
@@ -697,7 +1048,11 @@ function replicaEnv({ publicPort, internalPort, redis, database, env }) {
     FANOUT_SHUTDOWN_TIMEOUT: "5s",
   };
   if (redis) base.REDIS_URL = redis.url;
-  else base.FANOUT_BUS = "memory";
+  else if (cluster) base.REDIS_CLUSTER_URLS = cluster.seedUrls;
+  else if (sentinel) {
+    base.REDIS_SENTINEL_URLS = sentinel.sentinelUrls;
+    base.REDIS_SENTINEL_MASTER = sentinel.masterName;
+  } else base.FANOUT_BUS = "memory";
   if (database) base.DATABASE_URL = database.url;
   return { ...base, ...env };
 }
@@ -750,17 +1105,165 @@ export class Testbed {
   }
 
   /**
-   * Starts a replica. `redis`: a `Redis` (or any `{ url }`) for fleet mode, else the
-   * in-process bus; `database`: a `Database` (or any `{ url }`) for the durable history;
+   * Starts a Redis Cluster of this test: `masters` masters (at least 3) with `replicas`
+   * replicas each, every node on two free ports (clients; the cluster bus, given with
+   * `--cluster-port`, since client port + 10000 could be anybody's), in a directory of its
+   * own, joined with `redis-cli --cluster create`. Resolves to a `RedisCluster` once it has
+   * settled (every node `cluster_state:ok`, all agreeing on the slot map): about 2 s.
+   */
+  async redisCluster({ masters = 3, replicas = 0 } = {}) {
+    if (masters < 3) throw new Error("redisCluster: redis-cli --cluster create needs at least 3 masters");
+    const dir = await this.#tempDir("fanout-redis-cluster-");
+    const nodes = await Promise.all(
+      Array.from({ length: masters * (1 + replicas) }, () =>
+        this.#onFreePorts(2, async ([port, busPort]) => {
+          const own = path.join(dir, `node-${port}`);
+          await mkdir(own);
+          const proc = await this.#redisProcess(`redis-cluster:${port}`, port, [
+            "--port", String(port), "--bind", "127.0.0.1", "--protected-mode", "no",
+            "--save", "", "--appendonly", "no", "--dir", own,
+            "--cluster-enabled", "yes", "--cluster-config-file", path.join(own, "nodes.conf"),
+            "--cluster-port", String(busPort), "--cluster-node-timeout", "1000",
+            // A replica's first sync starts at once, not after the default 5 s.
+            "--repl-diskless-sync-delay", "0",
+          ]);
+          return { port, busPort, proc };
+        }),
+      ),
+    );
+    const create = this.#spawn("redis-cli --cluster create", REDIS_CLI, [
+      "--cluster", "create", ...nodes.map((n) => `127.0.0.1:${n.port}`),
+      "--cluster-replicas", String(replicas), "--cluster-yes",
+    ], { PATH: process.env.PATH });
+    const exit = await deadline(create.exited, 30_000, "redis-cli --cluster create");
+    if (exit.error) throw new Error(`cannot run ${REDIS_CLI} (${exit.error.code}): install redis-tools or set REDIS_CLI`);
+    if (exit.code !== 0) throw new Error(`redis-cli --cluster create failed (${JSON.stringify(exit)}):\n${create.log()}`);
+    const cluster = new RedisCluster(nodes, { masters, replicas });
+    // The tool returns once the nodes agree on the configuration; gossip still has to reach
+    // cluster_state:ok everywhere (and replicas to sync) before a client can rely on it.
+    await settle(() => cluster.settled(), { timeout: 20_000, what: "the new Redis Cluster to settle" });
+    return cluster;
+  }
+
+  /**
+   * Starts a Redis Sentinel group of this test on free ports: a master, its replica, and
+   * three sentinels monitoring it as `masterName` with quorum 2, `down-after-milliseconds
+   * 1000` and `failover-timeout 3000`, announcing 127.0.0.1 and resolving no host names (what
+   * they name is an address a test can connect to); each sentinel has its own writable
+   * sentinel.conf (Sentinel rewrites it, and will not start without one). Resolves to a
+   * `RedisSentinel` once the group has settled, which takes about 2 s (the sentinels find
+   * each other by hello messages, sent every 2 s).
+   */
+  async redisSentinel({ masterName = "fanout-master" } = {}) {
+    const dir = await this.#tempDir("fanout-redis-sentinel-");
+    const dataNode = (replicaOf) =>
+      this.#onFreePorts(1, async ([port]) => {
+        const own = path.join(dir, `node-${port}`);
+        await mkdir(own);
+        const args = [
+          "--port", String(port), "--bind", "127.0.0.1", "--protected-mode", "no",
+          "--save", "", "--appendonly", "no", "--dir", own, "--repl-diskless-sync-delay", "0",
+        ];
+        if (replicaOf) args.push("--replicaof", "127.0.0.1", String(replicaOf));
+        return { port, proc: await this.#redisProcess(`sentinel-node:${port}`, port, args) };
+      });
+    const master = await dataNode();
+    const replica = await dataNode(master.port);
+    // A sentinel learns the replicas from the master's INFO, asked at once and then every
+    // 10 s: the replica must be attached before the sentinels start, or it is found late.
+    await until(
+      async () => (await redisInfo(replica.port, "replication").catch(() => ({}))).master_link_status === "up",
+      { what: `replica ${replica.port} to sync with master ${master.port}` },
+    );
+    const sentinels = await Promise.all(
+      [1, 2, 3].map(() =>
+        this.#onFreePorts(1, async ([port]) => {
+          const own = path.join(dir, `sentinel-${port}`);
+          await mkdir(own);
+          const conf = path.join(own, "sentinel.conf");
+          await writeFile(conf, [
+            `port ${port}`,
+            "bind 127.0.0.1",
+            "protected-mode no",
+            `dir "${own}"`,
+            "sentinel resolve-hostnames no",
+            "sentinel announce-ip 127.0.0.1",
+            `sentinel monitor ${masterName} 127.0.0.1 ${master.port} 2`,
+            `sentinel down-after-milliseconds ${masterName} 1000`,
+            `sentinel failover-timeout ${masterName} 3000`,
+            `sentinel parallel-syncs ${masterName} 1`,
+            "",
+          ].join("\n"));
+          return { port, proc: await this.#redisProcess(`sentinel:${port}`, port, [conf, "--sentinel"]) };
+        }),
+      ),
+    );
+    const group = new RedisSentinel(masterName, [master, replica], sentinels);
+    const settled = await settle(() => group.settled(), { timeout: 20_000, what: "the new Redis Sentinel group to settle" });
+    if (settled !== master.port) throw new Error(`the new Sentinel group names ${settled} as the master, not ${master.port}`);
+    return group;
+  }
+
+  /** A temporary directory of this bed, removed when it closes. */
+  async #tempDir(prefix) {
+    const dir = await mkdtemp(path.join(os.tmpdir(), prefix));
+    this.dirs.push(dir);
+    return dir;
+  }
+
+  /**
+   * `start(ports)` with `count` free ports; again with other ports (three attempts in all)
+   * if it fails, as when another process took one between freePort() and bind.
+   */
+  async #onFreePorts(count, start) {
+    for (let attempt = 1; ; attempt++) {
+      const ports = [];
+      for (let i = 0; i < count; i++) ports.push(await freePort());
+      try {
+        return await start(ports);
+      } catch (err) {
+        if (attempt >= 3) throw err;
+      }
+    }
+  }
+
+  /**
+   * Runs `redis-server args` as `name` and resolves to its `Proc` once the server on `port`
+   * answers as that very process (`INFO server` process_id): not a stranger that holds the
+   * port. Stops it and rejects if it exits first or never answers.
+   */
+  async #redisProcess(name, port, args) {
+    const proc = this.#spawn(name, REDIS_SERVER, args, { PATH: process.env.PATH });
+    try {
+      await until(
+        async () => {
+          if (proc.exit?.error) throw new Error(`cannot run ${REDIS_SERVER} (${proc.exit.error.code}): install redis-server or set REDIS_SERVER`);
+          if (!proc.running) throw new Error(`${name} exited: ${JSON.stringify(proc.exit)}\n${proc.log()}`);
+          const info = await redisInfo(port, "server").catch(() => null);
+          return Number(info?.process_id) === proc.child.pid;
+        },
+        { what: `${name} to answer on ${port}` },
+      );
+      return proc;
+    } catch (err) {
+      await proc.stop();
+      throw err;
+    }
+  }
+
+  /**
+   * Starts a replica. `redis`: a `Redis` (or any `{ url }`) for fleet mode; `cluster`: a
+   * `RedisCluster` (or any `{ seedUrls }`); `sentinel`: a `RedisSentinel` (or any
+   * `{ sentinelUrls, masterName }`); none of them: the in-process bus. `database`: a `Database` (or any `{ url }`) for the durable history;
    * `env`: extra or overriding settings. Waits until `/readyz` answers 200 (and, with a
    * database, says `"store": "up"`: migrated and reachable), or with `ready: false` only
    * until it answers at all.
    */
-  async replica({ redis, database, env = {}, ready = true } = {}) {
+  async replica({ redis, cluster, sentinel, database, env = {}, ready = true } = {}) {
     const name = `fanout-${++this.count.replica}`;
     for (let attempt = 1; ; attempt++) {
       const [publicPort, internalPort] = [await freePort(), await freePort()];
-      const proc = this.#spawn(name, FANOUT_BIN, [], replicaEnv({ publicPort, internalPort, redis, database, env }));
+      const proc = this.#spawn(name, FANOUT_BIN, [], replicaEnv({ publicPort, internalPort, redis, cluster, sentinel, database, env }));
       const replica = new Replica(name, proc, publicPort, internalPort);
       try {
         await until(
