@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fanout_testkit::process::{Logs, Proc};
-use fanout_testkit::{RedisServer, Replica};
+use fanout_testkit::{RedisCluster, RedisServer, Replica};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -33,6 +33,10 @@ use crate::scenario::{Servers, connect, fanout};
 pub enum SystemKind {
     /// fanout replicas with Redis (published through Redis and through HTTP).
     Fanout,
+    /// fanout replicas on a 3-master Redis Cluster, sharded pub/sub (published with
+    /// SPUBLISH at each channel's master, and through HTTP).
+    #[serde(rename = "fanout-cluster")]
+    FanoutCluster,
     /// Replicas of the Node socket.io peer with its Redis adapter (HTTP publishing).
     Node,
     /// The raw WebSocket baseline, one process (HTTP publishing).
@@ -43,6 +47,7 @@ impl SystemKind {
     fn name(self) -> &'static str {
         match self {
             Self::Fanout => "fanout",
+            Self::FanoutCluster => "fanout-cluster",
             Self::Node => "node",
             Self::Baseline => "baseline",
         }
@@ -189,10 +194,21 @@ pub async fn run(mut opts: Options) -> anyhow::Result<CompareReport> {
         }
     }
 
+    let mut cluster = None;
+    if systems.contains(&SystemKind::FanoutCluster) {
+        match start_cluster().await {
+            Ok(c) => cluster = Some(c),
+            Err(e) => failures.push(format!("redis cluster: {e:#}")),
+        }
+    }
+
     let mut results = Vec::new();
     for &kind in &systems {
         if needs_redis && redis.is_none() {
             break;
+        }
+        if kind == SystemKind::FanoutCluster && cluster.is_none() {
+            continue;
         }
         eprintln!("\n== {} ==", kind.name());
         let ctx = Ctx {
@@ -200,7 +216,16 @@ pub async fn run(mut opts: Options) -> anyhow::Result<CompareReport> {
             ports: &ports,
             secret: &secret,
             ingest_key: &ingest_key,
-            redis_pid: redis.as_ref().and_then(RedisServer::pid),
+            redis_pids: match (kind, &cluster) {
+                (SystemKind::Baseline, _) => Vec::new(),
+                (SystemKind::FanoutCluster, Some(c)) => c.pids.clone(),
+                _ => redis
+                    .as_ref()
+                    .and_then(RedisServer::pid)
+                    .into_iter()
+                    .collect(),
+            },
+            cluster: cluster.as_ref(),
         };
         let result = run_system(kind, &ctx).await;
         for e in &result.errors {
@@ -219,6 +244,7 @@ pub async fn run(mut opts: Options) -> anyhow::Result<CompareReport> {
         results.push(result);
     }
     drop(redis);
+    drop(cluster);
 
     if failures.is_empty() {
         // The children's logs are only worth keeping when something went wrong.
@@ -279,7 +305,76 @@ struct Ctx<'a> {
     ports: &'a Ports,
     secret: &'a str,
     ingest_key: &'a str,
-    redis_pid: Option<u32>,
+    /// The Redis processes of this system (one, or the cluster's masters).
+    redis_pids: Vec<u32>,
+    cluster: Option<&'a Cluster>,
+}
+
+/// A 3-master Redis Cluster, with what the scenarios need of it.
+struct Cluster {
+    cluster: RedisCluster,
+    /// The masters' processes, in the order of `ranges`'s masters.
+    pids: Vec<u32>,
+    /// Slot ranges and their masters.
+    ranges: Vec<(u16, u16, SocketAddr)>,
+}
+
+/// Starts a private 3-master Redis Cluster (no replicas) on free ports.
+async fn start_cluster() -> anyhow::Result<Cluster> {
+    // The harness panics on failure, as the tests want; here that is an error to report.
+    let cluster = tokio::spawn(RedisCluster::start(3, 0))
+        .await
+        .map_err(|e| anyhow::anyhow!("could not start: {e}"))?;
+    let masters = cluster.masters().await;
+    let mut conn = cluster.node_conn(masters[0]).await;
+    let slots: Vec<(u16, u16, Vec<redis::Value>)> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async::<Vec<Vec<redis::Value>>>(&mut conn)
+        .await?
+        .into_iter()
+        .map(|mut range| {
+            let master = match range.get(2) {
+                Some(redis::Value::Array(m)) => m.clone(),
+                _ => Vec::new(),
+            };
+            let int = |v: &redis::Value| match v {
+                redis::Value::Int(i) => *i as u16,
+                _ => 0,
+            };
+            let (first, last) = (int(&range[0]), int(&range[1]));
+            range.clear();
+            (first, last, master)
+        })
+        .collect();
+    let mut ranges = Vec::new();
+    let mut pids = Vec::new();
+    let mut seen = Vec::new();
+    for (first, last, master) in slots {
+        let Some(redis::Value::Int(port)) = master.get(1) else {
+            anyhow::bail!("CLUSTER SLOTS: a master without a port: {master:?}");
+        };
+        let port = *port as u16;
+        ranges.push((first, last, loopback(port)));
+        if !seen.contains(&port) {
+            seen.push(port);
+            let info: String = redis::cmd("INFO")
+                .arg("server")
+                .query_async(&mut cluster.node_conn(port).await)
+                .await?;
+            let pid = info
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("process_id:"))
+                .and_then(|p| p.parse().ok())
+                .context("INFO server has no process_id")?;
+            pids.push(pid);
+        }
+    }
+    eprintln!("redis cluster: masters {seen:?}, processes {pids:?}");
+    Ok(Cluster {
+        cluster,
+        pids,
+        ranges,
+    })
 }
 
 /// Starts a private redis-server on `addr` (loopback, no persistence) and waits until it
@@ -349,25 +444,27 @@ async fn start_system(
     for i in 0..replicas {
         let (public, internal) = (ports.public(i), ports.internal(i));
         let (name, command) = match kind {
-            SystemKind::Fanout => {
+            SystemKind::Fanout | SystemKind::FanoutCluster => {
                 if !opts.fanout_bin.is_file() {
                     anyhow::bail!(
                         "no fanout binary at {}; build it with `cargo build --release -p fanout` or pass --fanout-bin",
                         opts.fanout_bin.display()
                     );
                 }
-                let replica = Replica::builder()
-                    .name(&format!("fanout-{}", i + 1))
+                let builder = Replica::builder()
+                    .name(&format!("{}-{}", kind.name(), i + 1))
                     .bin(&opts.fanout_bin)
                     .listen(public, internal)
                     .logs(logs.clone())
                     .env("JWT_SECRET", ctx.secret)
                     .env("FANOUT_INGEST_KEYS", ctx.ingest_key)
-                    .redis_url(&redis_url)
                     .env("FANOUT_SHUTDOWN_TIMEOUT", "5s")
-                    .env("RUST_LOG", "warn")
-                    .try_start()
-                    .await?;
+                    .env("RUST_LOG", "warn");
+                let builder = match ctx.cluster.filter(|_| kind == SystemKind::FanoutCluster) {
+                    Some(c) => builder.redis_cluster(&c.cluster),
+                    None => builder.redis_url(&redis_url),
+                };
+                let replica = builder.try_start().await?;
                 procs.push(replica.into_proc());
                 continue;
             }
@@ -462,6 +559,10 @@ async fn run_scenarios(
     };
     let targets = match kind {
         SystemKind::Fanout => vec![Target::Redis(ctx.ports.redis()), http],
+        SystemKind::FanoutCluster => vec![
+            Target::Cluster(ctx.cluster.map(|c| c.ranges.clone()).unwrap_or_default()),
+            http,
+        ],
         _ => vec![http],
     };
     for target in targets {
@@ -474,7 +575,7 @@ async fn run_scenarios(
         let f = fanout::run(fanout::Params {
             servers: servers.clone(),
             publish: target,
-            redis_pid: ctx.redis_pid.filter(|_| kind != SystemKind::Baseline),
+            redis_pids: ctx.redis_pids.clone(),
             connections: opts.fanout_connections,
             orgs: opts.orgs,
             steps: opts.steps.clone(),
@@ -494,6 +595,9 @@ async fn run_scenarios(
             f.payload_bytes,
             fanout::table(&f).render()
         );
+        if let Some(spread) = fanout::spread_table(&f) {
+            println!("\nRedis CPU by master:\n\n{}", spread.render());
+        }
         result.fanout.push(f);
         alive(procs)?;
         procs::wait_idle(&servers.pids, Duration::from_secs(15)).await;

@@ -210,7 +210,7 @@ struct CompareArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "fanout,node,baseline"
+        default_value = "fanout,fanout-cluster,node,baseline"
     )]
     systems: Vec<SystemKind>,
     /// Connections of the connect scenario [default: 20000; smoke: 300].
@@ -374,7 +374,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
             let r = fanout::run(fanout::Params {
                 servers: a.servers.servers()?,
                 publish: target,
-                redis_pid: a.redis_pid,
+                redis_pids: a.redis_pid.into_iter().collect(),
                 connections: w.connections,
                 orgs: a.servers.orgs,
                 steps: w.steps,

@@ -55,6 +55,9 @@ const CHANNEL_PREFIX: &str = "fanout:org:";
 pub enum Target {
     /// `PUBLISH fanout:org:<org> <envelope>` to this Redis.
     Redis(SocketAddr),
+    /// `SPUBLISH fanout:org:<org> <envelope>` to the master owning the channel's slot: the
+    /// slot ranges `(first, last, master)` of a Redis Cluster.
+    Cluster(Vec<(u16, u16, SocketAddr)>),
     /// `POST /executions/update` to these internal listeners (publisher `p` uses `urls[p % n]`).
     Http { urls: Vec<SocketAddr>, key: String },
 }
@@ -77,6 +80,7 @@ impl Target {
     pub fn describe(&self) -> &'static str {
         match self {
             Self::Redis(_) => "Redis",
+            Self::Cluster(_) => "Redis Cluster",
             Self::Http { .. } => "HTTP",
         }
     }
@@ -104,6 +108,8 @@ struct Owned {
 
 enum Sink {
     Redis(RedisConn),
+    /// One connection per master, and for each owned organization the index of its master.
+    Cluster(Vec<RedisConn>, Vec<usize>),
     Http(HttpClient, String),
 }
 
@@ -125,9 +131,29 @@ impl Publisher {
     ) -> anyhow::Result<Self> {
         let sink = match target {
             Target::Redis(addr) => {
-                let mut conn = RedisConn::new(*addr);
+                let mut conn = RedisConn::new(*addr, "PUBLISH");
                 conn.connect().await?;
                 Sink::Redis(conn)
+            }
+            Target::Cluster(ranges) => {
+                let mut conns = Vec::new();
+                for (_, _, addr) in ranges {
+                    let mut conn = RedisConn::new(*addr, "SPUBLISH");
+                    conn.connect().await?;
+                    conns.push(conn);
+                }
+                let owner = |index: &usize| {
+                    let slot = fanout_testkit::RedisCluster::slot(&format!(
+                        "{CHANNEL_PREFIX}{}",
+                        org_name(*index)
+                    ));
+                    ranges
+                        .iter()
+                        .position(|(first, last, _)| (*first..=*last).contains(&slot))
+                        .context("a slot no master owns")
+                };
+                let owners = orgs.iter().map(owner).collect::<anyhow::Result<Vec<_>>>()?;
+                Sink::Cluster(conns, owners)
             }
             Target::Http { urls, key } => {
                 Sink::Http(HttpClient::new(urls[id % urls.len()]), key.clone())
@@ -204,8 +230,15 @@ impl Publisher {
         } else {
             tokio::time::sleep_until(end).await;
         }
-        if let Sink::Redis(r) = &mut self.sink {
-            out.no_receivers = std::mem::take(&mut r.no_receivers);
+        match &mut self.sink {
+            Sink::Redis(r) => out.no_receivers = std::mem::take(&mut r.no_receivers),
+            Sink::Cluster(conns, _) => {
+                out.no_receivers = conns
+                    .iter_mut()
+                    .map(|r| std::mem::take(&mut r.no_receivers))
+                    .sum();
+            }
+            Sink::Http(..) => {}
         }
         out.per_org = self
             .orgs
@@ -227,6 +260,10 @@ impl Publisher {
                 redis_envelope(&mut self.scratch, body, sent_us / 1000);
                 conn.publish(&org.name, &self.scratch).await
             }
+            Sink::Cluster(conns, owners) => {
+                redis_envelope(&mut self.scratch, body, sent_us / 1000);
+                conns[owners[slot]].publish(&org.name, &self.scratch).await
+            }
             Sink::Http(client, key) => {
                 let body = Bytes::copy_from_slice(body.as_bytes());
                 let (status, answer) = client
@@ -244,9 +281,11 @@ impl Publisher {
     }
 }
 
-/// Just enough RESP to PUBLISH and read the integer answer.
+/// Just enough RESP to PUBLISH (or SPUBLISH) and read the integer answer.
 struct RedisConn {
     addr: SocketAddr,
+    /// `PUBLISH`, or `SPUBLISH` for a cluster's master.
+    command: &'static str,
     io: Option<(BufReader<OwnedReadHalf>, OwnedWriteHalf)>,
     cmd: Vec<u8>,
     line: Vec<u8>,
@@ -254,9 +293,10 @@ struct RedisConn {
 }
 
 impl RedisConn {
-    fn new(addr: SocketAddr) -> Self {
+    fn new(addr: SocketAddr, command: &'static str) -> Self {
         Self {
             addr,
+            command,
             io: None,
             cmd: Vec::new(),
             line: Vec::new(),
@@ -280,7 +320,9 @@ impl RedisConn {
         }
         self.cmd.clear();
         let channel_len = CHANNEL_PREFIX.len() + org.len();
-        self.cmd.extend_from_slice(b"*3\r\n$7\r\nPUBLISH\r\n");
+        self.cmd.extend_from_slice(
+            format!("*3\r\n${}\r\n{}\r\n", self.command.len(), self.command).as_bytes(),
+        );
         self.cmd
             .extend_from_slice(format!("${channel_len}\r\n{CHANNEL_PREFIX}{org}\r\n").as_bytes());
         self.cmd
@@ -305,7 +347,7 @@ impl RedisConn {
             Ok(_) => Ok(()),
             Err(e) => {
                 self.io = None;
-                Err(e.context(format!("PUBLISH to redis://{}", self.addr)))
+                Err(e.context(format!("{} to redis://{}", self.command, self.addr)))
             }
         }
     }

@@ -40,7 +40,8 @@ const DRAIN_IDLE: Duration = Duration::from_secs(2);
 pub struct Params {
     pub servers: Servers,
     pub publish: Target,
-    pub redis_pid: Option<u32>,
+    /// The Redis processes (one, or a cluster's masters), for their CPU.
+    pub redis_pids: Vec<u32>,
     pub connections: usize,
     pub orgs: usize,
     /// Target deliveries per second, one per step, increasing.
@@ -79,6 +80,9 @@ pub struct StepReport {
     pub server_cpu_cores: f64,
     pub server_cpu_us_per_delivery: Option<f64>,
     pub redis_cpu_us_per_delivery: Option<f64>,
+    /// Cores used by each Redis process (a cluster's masters, in order): how the load
+    /// spreads over them.
+    pub redis_cpu_cores_each: Vec<f64>,
     pub generator_cpu_cores: f64,
     pub generator_cpu_us_per_delivery: Option<f64>,
     pub drain_s: f64,
@@ -326,17 +330,22 @@ struct CpuSample {
     at: Instant,
     servers: f64,
     redis: f64,
+    /// Each Redis process's CPU seconds (a cluster's masters, in order).
+    redis_each: Vec<f64>,
     generator: f64,
 }
 
 impl CpuSample {
-    fn take(pids: &[u32], redis: Option<u32>) -> Self {
+    fn take(pids: &[u32], redis: &[u32]) -> Self {
+        let redis_each: Vec<f64> = redis
+            .iter()
+            .map(|p| procs::cpu_seconds(Some(*p)).unwrap_or(0.0))
+            .collect();
         Self {
             at: Instant::now(),
             servers: procs::cpu_seconds_sum(pids),
-            redis: redis
-                .and_then(|p| procs::cpu_seconds(Some(p)))
-                .unwrap_or(0.0),
+            redis: redis_each.iter().sum(),
+            redis_each,
             generator: procs::cpu_seconds(None).unwrap_or(0.0),
         }
     }
@@ -444,9 +453,9 @@ pub async fn run(p: Params) -> anyhow::Result<Report> {
             })
             .collect();
         tokio::time::sleep_until(start + warm_up).await;
-        let cpu_from = CpuSample::take(&pids, p.redis_pid);
+        let cpu_from = CpuSample::take(&pids, &p.redis_pids);
         tokio::time::sleep_until(end).await;
-        let cpu_until = CpuSample::take(&pids, p.redis_pid);
+        let cpu_until = CpuSample::take(&pids, &p.redis_pids);
         let mut sent = StepSent::default();
         let mut sent_per_org = vec![0u64; orgs];
         for t in tasks {
@@ -505,7 +514,15 @@ pub async fn run(p: Params) -> anyhow::Result<Report> {
             latency_ms_max: (!hist.is_empty()).then(|| hist.max() as f64 / 1000.0),
             server_cpu_cores: server_cores,
             server_cpu_us_per_delivery: per_delivery(server_cores),
-            redis_cpu_us_per_delivery: p.redis_pid.and(per_delivery(redis_cores)),
+            redis_cpu_us_per_delivery: (!p.redis_pids.is_empty())
+                .then_some(per_delivery(redis_cores))
+                .flatten(),
+            redis_cpu_cores_each: cpu_until
+                .redis_each
+                .iter()
+                .zip(&cpu_from.redis_each)
+                .map(|(until, from)| rate(until - from))
+                .collect(),
             generator_cpu_cores: generator_cores,
             generator_cpu_us_per_delivery: per_delivery(generator_cores),
             drain_s,
@@ -611,6 +628,30 @@ pub fn table(r: &Report) -> Table {
         ]);
     }
     t
+}
+
+/// How the Redis load spread over several Redis processes (a cluster's masters) at each
+/// step: the cores each used, and its share. `None` with a single Redis.
+pub fn spread_table(r: &Report) -> Option<Table> {
+    let nodes = r.steps.first()?.redis_cpu_cores_each.len();
+    if nodes < 2 {
+        return None;
+    }
+    let mut headers = vec!["target deliv/s".to_string()];
+    headers.extend((1..=nodes).map(|i| format!("master {i} cores (share)")));
+    let mut t = Table::new(headers);
+    for s in &r.steps {
+        let total: f64 = s.redis_cpu_cores_each.iter().sum();
+        let mut row = vec![int(s.target_deliveries_per_s)];
+        row.extend(s.redis_cpu_cores_each.iter().map(|c| {
+            format!(
+                "{c:.3} ({:.0}%)",
+                if total > 0.0 { c / total * 100.0 } else { 0.0 }
+            )
+        }));
+        t.row(row);
+    }
+    Some(t)
 }
 
 #[cfg(test)]
