@@ -178,7 +178,7 @@ async fn a_slot_migrated_under_connected_members_keeps_delivering() {
 async fn a_killed_master_is_followed_to_its_replica() {
     let mut cluster = RedisCluster::start(3, 1).await;
     let mut a = on(&cluster, "a").await;
-    let b = on(&cluster, "b").await;
+    let mut b = on(&cluster, "b").await;
     let mut alice = a.login("acme", "alice").await;
     let mut bob = b.login("acme", "bob").await;
     let slot = RedisCluster::slot(&channel("acme"));
@@ -207,7 +207,10 @@ async fn a_killed_master_is_followed_to_its_replica() {
     let resumed = killed.elapsed();
     let new_owner = cluster.owner(slot).await;
     assert_ne!(new_owner, master);
+    // Both subscribed at the new master (b reconnects on its own), so that the marker
+    // reaches both members.
     a.wait_ready().await;
+    b.wait_ready().await;
     a.publish("acme", "marker", Value::Null).await;
     let got: Vec<Value> = before_marker(&mut alice)
         .await

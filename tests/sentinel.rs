@@ -58,7 +58,7 @@ async fn replicas_share_the_master_the_sentinels_name() {
 async fn a_killed_master_is_followed_to_the_promoted_replica() {
     let mut sentinel = RedisSentinel::start("fanout-master").await;
     let mut a = on(&sentinel, "a").await;
-    let b = on(&sentinel, "b").await;
+    let mut b = on(&sentinel, "b").await;
     let mut alice = a.login("acme", "alice").await;
     let mut bob = b.login("acme", "bob").await;
 
@@ -85,7 +85,10 @@ async fn a_killed_master_is_followed_to_the_promoted_replica() {
     let resumed = killed.elapsed();
     assert_ne!(sentinel.master_port().await, old);
     assert!(refused > 0, "the failover took no time at all?");
+    // Both subscribed at the new master (b reconnects on its own backoff), so that the
+    // marker reaches both members.
     a.wait_ready().await;
+    b.wait_ready().await;
     a.publish("acme", "marker", Value::Null).await;
 
     // a never answered 200 while its own subscription was down: its member got all of
