@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use fanout_testkit::*;
 use serde_json::{Value, json};
 
+mod failover;
+
 /// A replica on `cluster`, probing each master connection twice a second.
 async fn on(cluster: &RedisCluster, name: &str) -> Replica {
     Replica::builder()
@@ -37,20 +39,6 @@ async fn orgs_on_every_master(cluster: &RedisCluster, per_master: usize) -> Vec<
         }
     }
     unreachable!()
-}
-
-/// Checks that `got` holds every one of `accepted`, and nothing twice. (A publish answered
-/// 503 may have arrived too: one that raced a lost subscription is refused even when it
-/// made it, and its publisher retries.)
-fn all_once(got: &[Value], accepted: &[Value], who: &str) {
-    let missing: Vec<&Value> = accepted.iter().filter(|n| !got.contains(n)).collect();
-    assert!(
-        missing.is_empty(),
-        "{who}: accepted but lost: {missing:?} (got {got:?})"
-    );
-    let mut deduped = got.to_vec();
-    deduped.dedup();
-    assert_eq!(deduped, got, "{who}: no duplicates");
 }
 
 /// What `client` received before `marker`, as (event, data).
@@ -162,7 +150,7 @@ async fn a_slot_migrated_under_connected_members_keeps_delivering() {
             .collect();
         if name == "alice" {
             // a's own member: nothing a answered 200 for is missing or doubled.
-            all_once(&got, &accepted, name);
+            failover::all_once(&got, &accepted, name);
         } else {
             let mut sorted = got.clone();
             sorted.dedup();
@@ -179,65 +167,10 @@ async fn a_killed_master_is_followed_to_its_replica() {
     let mut cluster = RedisCluster::start(3, 1).await;
     let mut a = on(&cluster, "a").await;
     let mut b = on(&cluster, "b").await;
-    let mut alice = a.login("acme", "alice").await;
-    let mut bob = b.login("acme", "bob").await;
     let slot = RedisCluster::slot(&channel("acme"));
     let master = cluster.owner(slot).await;
-
-    cluster.kill_master(master).await;
-    let killed = Instant::now();
-    // Never 200 while a's own subscription is down; 503 meanwhile.
-    let mut accepted = Vec::new();
-    let mut refused = 0;
-    let mut n = 0u64;
-    while accepted.len() < 5 {
-        assert!(
-            killed.elapsed() < Duration::from_secs(20),
-            "publishes still refused 20 s after the master died"
-        );
-        let body = json!({"organizationId": "acme", "event": "tick", "data": n});
-        match a.post("/v1/publish", &body).await.status {
-            200 => accepted.push(json!(n)),
-            503 => refused += 1,
-            other => panic!("publish answered {other}"),
-        }
-        n += 1;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let resumed = killed.elapsed();
-    let new_owner = cluster.owner(slot).await;
-    assert_ne!(new_owner, master);
-    // Both subscribed at the new master (b reconnects on its own), so that the marker
-    // reaches both members.
-    a.wait_ready().await;
-    b.wait_ready().await;
-    a.publish("acme", "marker", Value::Null).await;
-    let got: Vec<Value> = before_marker(&mut alice)
-        .await
-        .into_iter()
-        .map(|(_, n)| n)
-        .collect();
-    all_once(&got, &accepted, "a's member");
-    assert!(refused > 0, "the failover took no time at all?");
-    // b cannot know what a published while b's own subscription was being made again:
-    // what it missed is counted here (and by Redis' numbers, not by fanout).
-    let on_b: Vec<Value> = before_marker(&mut bob)
-        .await
-        .into_iter()
-        .map(|(_, n)| n)
-        .collect();
-    let mut deduped = on_b.clone();
-    deduped.dedup();
-    assert_eq!(deduped, on_b, "no duplicates on b");
-    let missed_by_b = accepted.iter().filter(|n| !on_b.contains(n)).count();
-    eprintln!(
-        "deliveries resumed {resumed:?} after the kill; {refused} publishes refused meanwhile; \
-         of {} accepted, a's member got all, b's missed {missed_by_b}",
-        accepted.len()
-    );
-    b.publish("acme", "after", json!(1)).await;
-    assert_eq!(bob.expect("after", QUICK).await, json!(1));
-    assert!(a.metric("fanout_redis_reconnects_total", &[]).await >= 1.0);
+    failover::ephemeral_across_failover(&mut a, &mut b, || cluster.kill_master(master)).await;
+    assert_ne!(cluster.owner(slot).await, master);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,54 +206,8 @@ async fn with_a_history_every_accepted_event_arrives_once_in_order_across_a_fail
     };
     let a = durable("a").await;
     let b = durable("b").await;
-    let mut alice = a.login("acme", "alice").await;
-    let mut bob = b.login("acme", "bob").await;
     let master = cluster.owner(RedisCluster::slot(&channel("acme"))).await;
-
-    // Publishes through a, and the master of acme's slot killed after the fifth: every one
-    // answered 200 has its sequence number, and reaches both members (live, or read back
-    // from the history once the bus is back).
-    let mut accepted: Vec<u64> = Vec::new();
-    let mut killed = None;
-    let started = Instant::now();
-    while accepted.len() < 30 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "only {} events accepted in 30 s",
-            accepted.len()
-        );
-        if accepted.len() == 5 && killed.is_none() {
-            cluster.kill_master(master).await;
-            killed = Some(Instant::now());
-        }
-        let body = json!({"organizationId": "acme", "event": "tick", "data": accepted.len()});
-        let reply = a.post("/v1/publish", &body).await;
-        match reply.status {
-            200 => accepted.push(
-                reply.json["seq"]
-                    .as_u64()
-                    .expect("durable answers have seq"),
-            ),
-            503 => {}
-            other => panic!("publish answered {other}: {reply:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(accepted, (1..=30).collect::<Vec<u64>>());
-    for (name, client) in [("alice", &mut alice), ("bob", &mut bob)] {
-        let mut seqs = Vec::new();
-        while seqs.len() < accepted.len() {
-            let (event, _, seq) = client.next_durable(SOON).await;
-            assert_eq!(event, "tick", "{name}");
-            seqs.push(seq.expect("durable events carry their seq"));
-        }
-        assert_eq!(seqs, accepted, "{name}: every event once, in order");
-    }
-    eprintln!(
-        "30 durable events, the master killed after the fifth: all delivered to both members \
-         {:?} after the kill",
-        killed.unwrap().elapsed()
-    );
+    failover::durable_across_failover(&a, &b, || cluster.kill_master(master)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

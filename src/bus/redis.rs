@@ -52,7 +52,9 @@ const JOIN_WAIT: Duration = Duration::from_secs(5);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Short: while one replica waits out its backoff after a failover, the others already
+/// deliver again, and its members miss what they get. Jitter spreads the reconnections.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// At most one warning per this interval while the subscriber cannot connect.
 const WARN_EVERY: Duration = Duration::from_secs(30);
 /// Channels per SUBSCRIBE command when re-subscribing or applying a batch.

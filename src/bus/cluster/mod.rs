@@ -53,7 +53,9 @@ const JOIN_WAIT: Duration = Duration::from_secs(5);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Short: while one replica waits out its backoff after a failover, the others already
+/// deliver again, and its members miss what they get. Jitter spreads the reconnections.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const WARN_EVERY: Duration = Duration::from_secs(30);
 /// The slot map is read again at least this often, so that masters added to the cluster
 /// get their connection (and their probe) even when nothing moved.
