@@ -11,6 +11,7 @@
 //! while it holds a socket of that organization (see `redis.rs` for how races are closed).
 
 mod cluster;
+mod gate;
 mod inbound;
 mod master;
 mod memory;
@@ -141,19 +142,15 @@ impl Bus {
     /// receives `org`'s messages (at once with the memory bus, or when Redis is down, in
     /// which case the subscription is made on reconnect).
     pub async fn joined(&self, org: &OrgId) {
-        match &self.inner {
-            Inner::Memory(_) => {}
-            Inner::Redis(r) => r.joined(org).await,
-            Inner::Cluster(c) => c.joined(org).await,
+        if let Some(gate) = self.gate() {
+            gate.joined(org).await;
         }
     }
 
     /// Called after the last socket of `org` left presence.
     pub fn left(&self, org: &OrgId) {
-        match &self.inner {
-            Inner::Memory(_) => {}
-            Inner::Redis(r) => r.left(org),
-            Inner::Cluster(c) => c.left(org),
+        if let Some(gate) = self.gate() {
+            gate.left(org);
         }
     }
 
@@ -168,10 +165,15 @@ impl Bus {
 
     /// False while a Redis subscription is not in place.
     pub fn is_up(&self) -> bool {
+        self.gate().is_none_or(gate::Gate::is_up)
+    }
+
+    /// The subscriptions of a Redis bus; none for the in-process one.
+    fn gate(&self) -> Option<&gate::Gate> {
         match &self.inner {
-            Inner::Memory(_) => true,
-            Inner::Redis(r) => r.is_up(),
-            Inner::Cluster(c) => c.is_up(),
+            Inner::Memory(_) => None,
+            Inner::Redis(r) => Some(r.gate()),
+            Inner::Cluster(c) => Some(c.gate()),
         }
     }
 }

@@ -32,9 +32,10 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use redis::AsyncCommands;
 use redis::aio::{PubSubSink, PubSubStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::gate::{Gate, Request};
 use super::inbound::Inbound;
 use super::master::Master;
 use super::{BusError, BusSetupError, RedisSettings, Sink};
@@ -45,9 +46,6 @@ use crate::protocol::{Message, OrgId};
 use crate::retry::{RateLimit, Retry};
 use crate::tasks::{Policy, Tasks};
 
-/// How long a joining socket waits for its organization's subscription before it is told
-/// `auth-success` anyway (Redis slow but up; the subscription still happens).
-const JOIN_WAIT: Duration = Duration::from_secs(5);
 /// Bound on any single Redis command, so a half-open connection is noticed.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -62,19 +60,10 @@ const CHUNK: usize = 1000;
 
 pub struct RedisBus {
     master: Arc<Master>,
-    presence: Arc<Presence>,
     prefix: String,
-    up: Arc<AtomicBool>,
-    /// Subscriber sessions that came up so far: a change means the subscriptions were lost
-    /// and made again meanwhile.
-    sessions: Arc<AtomicU64>,
-    requests: mpsc::UnboundedSender<Request>,
-}
-
-/// "Look at this org again", optionally with a reply once the answer is applied.
-struct Request {
-    org: OrgId,
-    applied: Option<oneshot::Sender<()>>,
+    /// Its generation counts the subscriber sessions that came up so far: a change means
+    /// the subscriptions were lost and made again meanwhile.
+    gate: Gate,
 }
 
 fn channel(prefix: &str, org: &OrgId) -> String {
@@ -114,20 +103,20 @@ impl RedisBus {
         tasks: &Tasks,
     ) -> Result<Self, BusSetupError> {
         let master = Arc::new(Master::new(settings.target)?);
-        let up = Arc::new(AtomicBool::new(false));
-        let sessions = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (gate, rx) = Gate::new(presence.clone());
         ::metrics::gauge!(metrics::REDIS_UP).set(0.0);
         ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(0.0);
         // Restarted when it fails: presence says what to subscribe to, and requests wait
         // in their channel for the next incarnation.
         let requests = Arc::new(tokio::sync::Mutex::new(rx));
         let prefix = settings.prefix.clone();
-        let (max_payload, up_flag, session_count) =
-            (settings.max_payload_bytes, up.clone(), sessions.clone());
+        let (max_payload, up_flag, session_count) = (
+            settings.max_payload_bytes,
+            gate.up.clone(),
+            gate.generation.clone(),
+        );
         let probe_channel = format!("{}probe:{:016x}", settings.prefix, rand::random::<u64>());
-        let (shared_master, shared_presence, probe_interval) =
-            (master.clone(), presence.clone(), settings.probe_interval);
+        let (shared_master, probe_interval) = (master.clone(), settings.probe_interval);
         tasks.spawn("redis-subscriber", Policy::Restart, move |shutdown| {
             let subscriber = Subscriber {
                 master: shared_master.clone(),
@@ -147,11 +136,8 @@ impl RedisBus {
         });
         Ok(Self {
             master,
-            presence: shared_presence,
             prefix: settings.prefix,
-            up,
-            sessions,
-            requests: tx,
+            gate,
         })
     }
 
@@ -163,19 +149,8 @@ impl RedisBus {
     /// holds sockets of the organization (the pool is on another node than the subscriber,
     /// as after a failover).
     pub async fn publish(&self, msg: Message) -> Result<(), BusError> {
-        let session = self.sessions.load(Ordering::Acquire);
-        if !self.is_up() {
-            return Err(BusError::Resubscribing);
-        }
         let org = msg.org.clone();
-        let receivers = self.publish_now(msg).await?;
-        if receivers == 0 && self.presence.org_sockets(&org) > 0 {
-            return Err(BusError::Resubscribing);
-        }
-        if !self.is_up() || self.sessions.load(Ordering::Acquire) != session {
-            return Err(BusError::Resubscribing);
-        }
-        Ok(())
+        self.gate.publish(&org, self.publish_now(msg)).await
     }
 
     /// PUBLISHes `msg`; answers how many subscribers Redis says received it.
@@ -222,34 +197,8 @@ impl RedisBus {
         }
     }
 
-    pub async fn joined(&self, org: &OrgId) {
-        if !self.is_up() {
-            // Subscribed by the full resync on reconnect; nothing to wait for now.
-            let _ = self.requests.send(Request {
-                org: org.clone(),
-                applied: None,
-            });
-            return;
-        }
-        let (tx, rx) = oneshot::channel();
-        let _ = self.requests.send(Request {
-            org: org.clone(),
-            applied: Some(tx),
-        });
-        if tokio::time::timeout(JOIN_WAIT, rx).await.is_err() {
-            tracing::warn!(%org, "subscription not confirmed within {JOIN_WAIT:?}; continuing");
-        }
-    }
-
-    pub fn left(&self, org: &OrgId) {
-        let _ = self.requests.send(Request {
-            org: org.clone(),
-            applied: None,
-        });
-    }
-
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+    pub fn gate(&self) -> &Gate {
+        &self.gate
     }
 
     /// `redis` or `redis-sentinel`.

@@ -38,6 +38,7 @@ use tokio::time::Instant;
 
 use self::node::{Auth, Event, NodeConn, Wiring};
 use self::slots::{Node, SlotMap, slot};
+use super::gate::{Gate, Request};
 use super::inbound::Inbound;
 use super::{BusError, BusSetupError, Sink};
 use crate::ops::metrics;
@@ -47,8 +48,6 @@ use crate::protocol::{Message, OrgId};
 use crate::retry::{RateLimit, Retry};
 use crate::tasks::{Policy, Tasks};
 
-/// How long a joining socket waits for its organization's subscription (as with one Redis).
-const JOIN_WAIT: Duration = Duration::from_secs(5);
 /// Bound on any single Redis command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -104,19 +103,10 @@ impl Publisher {
 
 pub struct ClusterBus {
     publisher: Arc<Publisher>,
-    presence: Arc<Presence>,
     prefix: String,
-    up: Arc<AtomicBool>,
-    /// Bumped whenever a subscription was lost: a publish that saw it change was not
-    /// delivered everywhere here.
-    losses: Arc<AtomicU64>,
-    requests: mpsc::UnboundedSender<Request>,
-}
-
-/// "Look at this org again", optionally with a reply once it is subscribed (or need not be).
-struct Request {
-    org: OrgId,
-    applied: Option<oneshot::Sender<()>>,
+    /// Its generation is bumped whenever a subscription was lost: a publish that saw it
+    /// change was not delivered everywhere here.
+    gate: Gate,
 }
 
 impl ClusterBus {
@@ -148,19 +138,13 @@ impl ClusterBus {
             client,
             conn: OnceCell::new(),
         });
-        let up = Arc::new(AtomicBool::new(false));
-        let losses = Arc::new(AtomicU64::new(0));
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (gate, rx) = Gate::new(presence.clone());
         ::metrics::gauge!(metrics::REDIS_UP).set(0.0);
         ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(0.0);
         let requests = Arc::new(tokio::sync::Mutex::new(rx));
         let replica = format!("{:016x}", rand::random::<u64>());
-        let (shared_up, shared_losses, shared_publisher, shared_presence) = (
-            up.clone(),
-            losses.clone(),
-            publisher.clone(),
-            presence.clone(),
-        );
+        let (shared_up, shared_losses, shared_publisher) =
+            (gate.up.clone(), gate.generation.clone(), publisher.clone());
         let prefix = settings.prefix.clone();
         let (max_payload, probe_interval) = (settings.max_payload_bytes, settings.probe_interval);
         // Restarted when it fails: presence says what to subscribe to.
@@ -200,40 +184,27 @@ impl ClusterBus {
         );
         Ok(Self {
             publisher,
-            presence: shared_presence,
             prefix: settings.prefix,
-            up,
-            losses,
-            requests: tx,
+            gate,
         })
     }
 
     /// Publishes one ephemeral message with `SPUBLISH`, only while this replica's
-    /// subscriptions are all in place (see `RedisBus::publish`). Redis answers how many
+    /// subscriptions are all in place ([`Gate::publish`]). Redis answers how many
     /// subscribers the master had for it: none while this replica holds sockets of the
     /// organization means that its own subscription missed it (a slot being migrated, whose
-    /// publishes the new owner takes before the subscriptions move), and its publisher is
-    /// told to retry.
+    /// publishes the new owner takes before the subscriptions move).
     pub async fn publish(&self, msg: Message) -> Result<(), BusError> {
-        let losses = self.losses.load(Ordering::Acquire);
-        if !self.is_up() {
-            return Err(BusError::Resubscribing);
-        }
         let mut cmd = redis::cmd("SPUBLISH");
         cmd.arg(channel(&self.prefix, &msg.org))
             .arg(msg.to_envelope());
-        let receivers = self
-            .publisher
-            .query::<i64>(&cmd)
-            .await
-            .map_err(BusError::Unavailable)?;
-        if receivers == 0 && self.presence.org_sockets(&msg.org) > 0 {
-            return Err(BusError::Resubscribing);
-        }
-        if !self.is_up() || self.losses.load(Ordering::Acquire) != losses {
-            return Err(BusError::Resubscribing);
-        }
-        Ok(())
+        let send = async {
+            self.publisher
+                .query::<i64>(&cmd)
+                .await
+                .map_err(BusError::Unavailable)
+        };
+        self.gate.publish(&msg.org, send).await
     }
 
     /// Publishes `batch` in order per organization: one pipeline per slot (a pipeline
@@ -267,27 +238,8 @@ impl ClusterBus {
         futures_util::future::try_join_all(sends).await.map(drop)
     }
 
-    pub async fn joined(&self, org: &OrgId) {
-        let (tx, rx) = oneshot::channel();
-        let waiting = self.is_up();
-        let _ = self.requests.send(Request {
-            org: org.clone(),
-            applied: waiting.then_some(tx),
-        });
-        if waiting && tokio::time::timeout(JOIN_WAIT, rx).await.is_err() {
-            tracing::warn!(%org, "subscription not confirmed within {JOIN_WAIT:?}; continuing");
-        }
-    }
-
-    pub fn left(&self, org: &OrgId) {
-        let _ = self.requests.send(Request {
-            org: org.clone(),
-            applied: None,
-        });
-    }
-
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+    pub fn gate(&self) -> &Gate {
+        &self.gate
     }
 }
 

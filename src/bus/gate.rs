@@ -1,0 +1,100 @@
+//! What the two Redis buses share between their publishers and the one task that owns
+//! their subscriptions: whether every subscription is in place, a generation bumped each
+//! time some were lost (or made again), and the requests that tell the task to look at an
+//! organization again.
+//!
+//! An ephemeral message is taken only if it went out while the subscriptions were all in
+//! place and stayed so, and if Redis says it reached a subscriber whenever this replica
+//! holds sockets of the organization: otherwise its publisher is told to retry, since this
+//! replica's own members may have missed it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::BusError;
+use crate::presence::Presence;
+use crate::protocol::OrgId;
+
+/// How long a joining socket waits for its organization's subscription before it is told
+/// `auth-success` anyway (Redis slow but up; the subscription still happens).
+const JOIN_WAIT: Duration = Duration::from_secs(5);
+
+/// "Look at this org again", optionally with a reply once it is subscribed (or need not be).
+pub struct Request {
+    pub org: OrgId,
+    pub applied: Option<oneshot::Sender<()>>,
+}
+
+pub struct Gate {
+    /// Set by the subscription task.
+    pub up: Arc<AtomicBool>,
+    /// Bumped by the subscription task when subscriptions were lost or made again.
+    pub generation: Arc<AtomicU64>,
+    presence: Arc<Presence>,
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+impl Gate {
+    /// The gate, and the requests for the subscription task.
+    pub fn new(presence: Arc<Presence>) -> (Self, mpsc::UnboundedReceiver<Request>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let gate = Self {
+            up: Arc::new(AtomicBool::new(false)),
+            generation: Arc::new(AtomicU64::new(0)),
+            presence,
+            requests: tx,
+        };
+        (gate, rx)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Runs `send` (a publish answering how many subscribers Redis says received it) for a
+    /// message of `org`, and says whether the message is taken.
+    pub async fn publish(
+        &self,
+        org: &OrgId,
+        send: impl Future<Output = Result<i64, BusError>>,
+    ) -> Result<(), BusError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if !self.is_up() {
+            return Err(BusError::Resubscribing);
+        }
+        let receivers = send.await?;
+        if receivers == 0 && self.presence.org_sockets(org) > 0 {
+            return Err(BusError::Resubscribing);
+        }
+        if !self.is_up() || self.generation.load(Ordering::Acquire) != generation {
+            return Err(BusError::Resubscribing);
+        }
+        Ok(())
+    }
+
+    /// Called after a socket of `org` was counted in presence: resolves once this replica
+    /// receives `org`'s messages, or at once while the subscriptions are down (they are all
+    /// made again when it is back).
+    pub async fn joined(&self, org: &OrgId) {
+        let (tx, rx) = oneshot::channel();
+        let waiting = self.is_up();
+        let _ = self.requests.send(Request {
+            org: org.clone(),
+            applied: waiting.then_some(tx),
+        });
+        if waiting && tokio::time::timeout(JOIN_WAIT, rx).await.is_err() {
+            tracing::warn!(%org, "subscription not confirmed within {JOIN_WAIT:?}; continuing");
+        }
+    }
+
+    /// Called after the last socket of `org` left presence.
+    pub fn left(&self, org: &OrgId) {
+        let _ = self.requests.send(Request {
+            org: org.clone(),
+            applied: None,
+        });
+    }
+}
