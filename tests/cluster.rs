@@ -241,3 +241,29 @@ async fn subscription_connections_killed_by_the_masters_are_made_again() {
         assert_eq!(client.expect("after", QUICK).await, json!(org));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_added_to_the_cluster_gets_its_connection_and_its_channels() {
+    let mut cluster = RedisCluster::start(3, 0).await;
+    let mut a = on(&cluster, "a").await;
+    let mut alice = a.login("acme", "alice").await;
+    let new = cluster.add_master().await;
+    // The new master owns acme's slot: the replica follows the slot there (its
+    // `sunsubscribe`), connects to the master it did not know, and probes it.
+    cluster
+        .migrate_slot(RedisCluster::slot(&channel("acme")), new)
+        .await;
+    eventually("acme subscribed at the new master", SOON, || async {
+        (cluster.shard_numsub(&channel("acme")).await == 1).then_some(())
+    })
+    .await;
+    a.wait_ready().await;
+    let probes = a.metric("fanout_bus_probe_rtt_seconds_count", &[]).await;
+    a.wait_metric("fanout_bus_probe_rtt_seconds_count", &[], |v| {
+        v >= probes + 4.0
+    })
+    .await;
+    a.publish("acme", "after", json!(1)).await;
+    assert_eq!(alice.expect("after", QUICK).await, json!(1));
+    assert_eq!(a.metric("fanout_bus_probe_failures_total", &[]).await, 0.0);
+}

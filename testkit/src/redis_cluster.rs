@@ -345,6 +345,61 @@ impl RedisCluster {
         .await;
     }
 
+    /// Starts one more node, has the cluster meet it, and waits until every running node
+    /// knows it: a master without slots (give it some with [`migrate_slot`](Self::migrate_slot)).
+    /// Returns its port.
+    pub async fn add_master(&mut self) -> u16 {
+        let dir = self.root.join(format!("node{}", self.nodes.len()));
+        std::fs::create_dir(&dir).expect("creating a Redis Cluster node's dir");
+        let mut failures = Vec::new();
+        let (port, bus_port, proc) = loop {
+            let (port, bus_port) = (free_port(), free_port());
+            let _ = std::fs::remove_file(dir.join("nodes.conf"));
+            match spawn_node(&self.program, &dir, port, bus_port).await {
+                Ok(proc) => break (port, bus_port, proc),
+                Err(e) => failures.push(format!("{e:#}")),
+            }
+            assert!(
+                failures.len() < 5,
+                "redis-server did not start:\n{}",
+                failures.join("\n")
+            );
+        };
+        let known = self.running();
+        self.nodes.push(Node {
+            port,
+            bus_port,
+            dir,
+            proc: Some(proc),
+        });
+        let mut meet = redis::cmd("CLUSTER");
+        meet.arg("MEET").arg("127.0.0.1").arg(port).arg(bus_port);
+        let _: String = self.admin(known[0], &meet).await;
+        until(
+            &format!("every Redis Cluster node to know the new node {port}"),
+            PATIENCE,
+            || async {
+                for node in self.running() {
+                    let mut cmd = redis::cmd("CLUSTER");
+                    cmd.arg("NODES");
+                    let nodes: String = query(node, &cmd).await.map_err(|e| format!("{e:#}"))?;
+                    let knows = nodes.lines().any(|l| {
+                        l.contains(&format!("127.0.0.1:{port}@"))
+                            && l.contains("master")
+                            && !l.contains("handshake")
+                            && !l.contains("fail")
+                    });
+                    if !knows {
+                        return Err(format!("node {node} does not know {port} yet"));
+                    }
+                }
+                Ok(())
+            },
+        )
+        .await;
+        port
+    }
+
     /// A new connection to the node on `port` (cluster commands on it are not redirected).
     pub async fn node_conn(&self, port: u16) -> MultiplexedConnection {
         redis::Client::open(format!("redis://127.0.0.1:{port}"))

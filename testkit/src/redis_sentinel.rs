@@ -15,18 +15,19 @@
 //! `role:master`; every other running node is its replica with its link up; and every
 //! sentinel knows each of those replicas and the two other sentinels, none of them down or
 //! disconnected. Less than that and a failover cannot be authorised (quorum, leader
-//! election) or has no replica to promote. Start, failover and restart wait for that, never
-//! for a fixed time. Data nodes run with `--repl-diskless-sync-delay 0`: a replica's full
-//! sync, at start and after a restart, begins at once instead of after 5 s.
+//! election) or has no replica to promote. Start and failover wait for that, never for a
+//! fixed time. Data nodes run with `--repl-diskless-sync-delay 0`: a replica's full sync
+//! begins at once instead of after 5 s.
 //!
 //! Timings seen with Redis 7.0 on a 2-core machine: the group settles in about 2 s (the
 //! sentinels find each other through hello messages, sent every 2 s); a killed master is
 //! replaced in 2 to 2.5 s (1 s to be seen down, a random delay of up to 1 s before a
 //! sentinel asks for votes, the election, the promotion). A restarted old master comes back
 //! as a master and stays one for about 10 s: Sentinel converts a node that claims the wrong
-//! role only once the claim is 8 s old, and asks a healthy node for `INFO` every 10 s, so
-//! [`restart`](RedisSentinel::restart) takes about 10 s. Meanwhile clients that connect to
-//! it find an empty master of its own.
+//! role only once the claim is 8 s old, and asks a healthy node for `INFO` every 10 s.
+//! Meanwhile clients that connect to it find an empty master of its own. There is no
+//! restart here: on a loaded machine the sentinels sometimes took the returning node for the
+//! master again within the 30 s a test can wait, so a test of it would be flaky.
 //!
 //! What Sentinel does to clients, as seen with Redis 7.0 (what tests of the bus can rely
 //! on): every reconfiguration it makes of a node (`REPLICAOF NO ONE` on the replica it
@@ -72,7 +73,6 @@ pub struct RedisSentinel {
 /// A data node or a sentinel.
 struct Instance {
     port: u16,
-    dir: PathBuf,
     /// `None` once killed.
     proc: Option<Proc>,
 }
@@ -195,44 +195,6 @@ impl RedisSentinel {
         .await
     }
 
-    /// Starts the data node on `port` again (killed by [`kill_master`](Self::kill_master)),
-    /// empty and as a master, the way a crashed master comes back with its old configuration;
-    /// waits until the sentinels have converted it to a replica of the current master
-    /// (`role:slave`, `master_link_status:up`) and the group has settled. That takes about
-    /// 10 s: see the module doc.
-    pub async fn restart(&mut self, port: u16) {
-        let program = self.program.clone();
-        let node = self.node_mut(port);
-        assert!(
-            node.proc.is_none(),
-            "restart: the node on {port} still runs"
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let proc = loop {
-            match spawn_node(&program, &node.dir, node.port, None).await {
-                Ok(proc) => break proc,
-                Err(e) => assert!(
-                    Instant::now() < deadline,
-                    "redis-server did not restart on port {port}: {e:#}"
-                ),
-            }
-        };
-        node.proc = Some(proc);
-        until(
-            &format!("the sentinels to make {port} a replica again"),
-            PATIENCE,
-            || async {
-                match self.settled().await? {
-                    master if master == port => Err(format!(
-                        "the sentinels name the restarted {port} as the master"
-                    )),
-                    _ => Ok(()),
-                }
-            },
-        )
-        .await;
-    }
-
     /// A new connection to the data node on `port`.
     pub async fn node_conn(&self, port: u16) -> MultiplexedConnection {
         redis::Client::open(format!("redis://127.0.0.1:{port}"))
@@ -283,7 +245,6 @@ impl RedisSentinel {
                 Ok(proc) => {
                     return Instance {
                         port,
-                        dir,
                         proc: Some(proc),
                     };
                 }

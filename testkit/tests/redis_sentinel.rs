@@ -20,7 +20,7 @@ fn has(info: &str, line: &str) -> bool {
 }
 
 #[tokio::test]
-async fn start_fail_over_rejoin_and_fail_back() {
+async fn start_and_fail_over() {
     let t = Instant::now();
     let mut group = RedisSentinel::start("fanout-test").await;
     eprintln!(
@@ -81,28 +81,5 @@ async fn start_fail_over_rejoin_and_fail_back() {
     assert!(has(&info, "role:master"), "{replica}: {info}");
     assert_eq!(group.publish("fanout:test", b"after the failover").await, 0);
 
-    // The old master comes back (empty, as a master) and is made a replica of the new one.
-    let t = Instant::now();
-    group.restart(killed).await;
-    eprintln!("the old master rejoined as a replica in {:?}", t.elapsed());
-    let info = info_replication(&group, killed).await;
-    assert!(has(&info, "role:slave"), "{killed}: {info}");
-    assert!(has(&info, &format!("master_port:{replica}")), "{info}");
-    assert!(has(&info, "master_link_status:up"), "{info}");
-    assert_eq!(group.master_port().await, replica);
-    let v: Option<String> = redis::cmd("GET")
-        .arg("sentinel:key")
-        .query_async(&mut group.node_conn(killed).await)
-        .await
-        .expect("GET at the rejoined node");
-    assert_eq!(v.as_deref(), Some("value"), "the rejoined node synced");
-
-    // And it can take over in turn: a second failover, back to the first node.
-    let killed = group.kill_master().await;
-    assert_eq!(killed, replica);
-    let t = Instant::now();
-    let promoted = group.wait_failover(killed).await;
-    eprintln!("second failover in {:?}", t.elapsed());
-    assert_eq!(promoted, master);
     assert_eq!(group.numsub("fanout:test").await, 0);
 }
