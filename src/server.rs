@@ -150,25 +150,21 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
         delivery = delivery.with_history(store.clone(), config.store.replay_max, tasks);
     }
     let delivery = Arc::new(delivery);
+    let redis = |target| {
+        let settings = RedisSettings {
+            target,
+            prefix: config.bus.redis_prefix.clone(),
+            max_payload_bytes: config.limits.max_payload_bytes,
+            probe_interval: config.bus.probe_interval,
+        };
+        Bus::redis(settings, presence.clone(), delivery.clone(), tasks)
+    };
     let bus = Arc::new(match &config.bus.backend {
-        BusBackend::Redis { .. } | BusBackend::Sentinel { .. } => Bus::redis(
-            RedisSettings {
-                target: match &config.bus.backend {
-                    BusBackend::Sentinel { sentinels, master } => RedisTarget::Sentinel {
-                        sentinels: sentinels.clone(),
-                        master: master.clone(),
-                    },
-                    BusBackend::Redis { url } => RedisTarget::Url(url.clone()),
-                    _ => unreachable!("matched above"),
-                },
-                prefix: config.bus.redis_prefix.clone(),
-                max_payload_bytes: config.limits.max_payload_bytes,
-                probe_interval: config.bus.probe_interval,
-            },
-            presence.clone(),
-            delivery.clone(),
-            tasks,
-        )?,
+        BusBackend::Redis { url } => redis(RedisTarget::Url(url.clone()))?,
+        BusBackend::Sentinel { sentinels, master } => redis(RedisTarget::Sentinel {
+            sentinels: sentinels.clone(),
+            master: master.clone(),
+        })?,
         BusBackend::Cluster { seeds } => Bus::cluster(
             ClusterSettings {
                 seeds: seeds.clone(),

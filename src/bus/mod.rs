@@ -15,6 +15,7 @@ mod gate;
 mod inbound;
 mod master;
 mod memory;
+mod probe;
 mod redis;
 
 use std::sync::Arc;

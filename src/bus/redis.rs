@@ -38,6 +38,7 @@ use tokio::task::JoinHandle;
 use super::gate::{Gate, Request};
 use super::inbound::Inbound;
 use super::master::Master;
+use super::probe::{self, Probe};
 use super::{BusError, BusSetupError, RedisSettings, Sink};
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
@@ -68,22 +69,6 @@ pub struct RedisBus {
 
 fn channel(prefix: &str, org: &OrgId) -> String {
     format!("{prefix}org:{org}")
-}
-
-/// Numbers of the liveness probes, unique in the process: a probe of an earlier
-/// connection, arriving late, is never taken for the current one.
-static NEXT_PROBE: AtomicU64 = AtomicU64::new(1);
-
-/// The number of the next liveness probe, in any bus mode.
-pub(super) fn next_probe() -> u64 {
-    NEXT_PROBE.fetch_add(1, Ordering::Relaxed)
-}
-
-/// The probe in flight: its number, when it was sent, and whether Redis took it.
-struct Probe {
-    n: u64,
-    sent: tokio::time::Instant,
-    published: bool,
 }
 
 /// The answer to a check a tick started. Checks run beside the session's loop, so a slow
@@ -377,7 +362,7 @@ impl Subscriber {
                 _ = tick.tick() => {
                     match probe.take() {
                         Some(p) if p.published => {
-                            probe_failed("lost");
+                            probe::failed("lost");
                             break SessionEnd::Lost(format!(
                                 "probe {} did not come back within {:?}; the subscription is dead even if its connection looks open",
                                 p.n, self.probe_interval
@@ -386,7 +371,7 @@ impl Subscriber {
                         Some(p) => {
                             // Redis has not taken it yet: that says nothing of the
                             // subscription (the PING below does).
-                            probe_failed("publish");
+                            probe::failed("publish");
                             if let Some(suppressed) = warn.check() {
                                 tracing::warn!(suppressed_since_last = suppressed, "bus probe {} not taken by Redis within {:?}", p.n, self.probe_interval);
                             }
@@ -398,8 +383,9 @@ impl Subscriber {
                         // In subscribe mode Redis answers PING with ["pong", ""].
                         Check::Ping(with_timeout(ping_sink.ping::<redis::Value>()).await.map(drop))
                     }));
-                    let n = next_probe();
-                    probe = Some(Probe { n, sent: tokio::time::Instant::now(), published: false });
+                    let next = Probe::next();
+                    let n = next.n;
+                    probe = Some(next);
                     checks.push(send_probe(self.master.clone(), self.probe_channel.clone(), n));
                 }
                 Some(check) = checks.next(), if !checks.is_empty() => {
@@ -411,14 +397,14 @@ impl Subscriber {
                     let Some(p) = probe.as_mut().filter(|p| p.n == n) else { continue };
                     match result {
                         Ok(0) => {
-                            probe_failed("not_subscribed");
+                            probe::failed("not_subscribed");
                             break SessionEnd::Lost(format!(
                                 "Redis says probe {n} reached no subscriber; the subscription is gone"
                             ));
                         }
                         Ok(_) => p.published = true,
                         Err(why) => {
-                            probe_failed("publish");
+                            probe::failed("publish");
                             probe = None;
                             if let Some(suppressed) = warn.check() {
                                 tracing::warn!(suppressed_since_last = suppressed, "bus probe {n} could not be sent: {why}");
@@ -428,8 +414,7 @@ impl Subscriber {
                 }
                 Some(n) = probes.recv() => {
                     if let Some(p) = probe.take_if(|p| p.n == n) {
-                        ::metrics::histogram!(metrics::BUS_PROBE_RTT)
-                            .record(p.sent.elapsed().as_secs_f64());
+                        p.back();
                     }
                 }
             }
@@ -474,10 +459,6 @@ impl Subscriber {
         }
         Ok(())
     }
-}
-
-fn probe_failed(reason: &'static str) {
-    ::metrics::counter!(metrics::BUS_PROBE_FAILURES, "reason" => reason).increment(1);
 }
 
 /// PUBLISHes probe `n`; answers how many subscribers Redis says received it.

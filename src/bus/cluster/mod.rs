@@ -40,6 +40,7 @@ use self::node::{Auth, Event, NodeConn, Wiring};
 use self::slots::{Node, SlotMap, slot};
 use super::gate::{Gate, Request};
 use super::inbound::Inbound;
+use super::probe::{self, Probe};
 use super::{BusError, BusSetupError, Sink};
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
@@ -250,13 +251,6 @@ enum Sent {
     Subscribe(String),
     Unsubscribe(String),
     Ping,
-}
-
-/// The probe in flight on a master connection.
-struct Probe {
-    n: u64,
-    sent: Instant,
-    published: bool,
 }
 
 struct NodeState {
@@ -670,8 +664,7 @@ impl Manager {
             }
             Event::Probe(n) => {
                 if let Some(p) = state.probe.take_if(|p| p.n == n) {
-                    ::metrics::histogram!(metrics::BUS_PROBE_RTT)
-                        .record(p.sent.elapsed().as_secs_f64());
+                    p.back();
                 }
                 false
             }
@@ -697,7 +690,7 @@ impl Manager {
             }
             match state.probe.take() {
                 Some(p) if p.published => {
-                    probe_failed("lost");
+                    probe::failed("lost");
                     self.drop_node(
                         &node,
                         &format!(
@@ -708,7 +701,7 @@ impl Manager {
                     refresh = true;
                     continue;
                 }
-                Some(_) => probe_failed("publish"),
+                Some(_) => probe::failed("publish"),
                 None => {}
             }
             if state.ping.is_some_and(|t| t.elapsed() > COMMAND_TIMEOUT) {
@@ -721,13 +714,10 @@ impl Manager {
                 state.ping = Some(Instant::now());
                 self.send(&node, Sent::Ping).await;
             }
-            let n = super::redis::next_probe();
+            let probe = Probe::next();
+            let n = probe.n;
             if let Some(state) = self.nodes.get_mut(&node) {
-                state.probe = Some(Probe {
-                    n,
-                    sent: Instant::now(),
-                    published: false,
-                });
+                state.probe = Some(probe);
             }
             let publisher = self.publisher.clone();
             probes.push(Box::pin(async move {
@@ -750,7 +740,7 @@ impl Manager {
         };
         match result {
             Ok(0) => {
-                probe_failed("not_subscribed");
+                probe::failed("not_subscribed");
                 self.drop_node(node, &format!("Redis says probe {n} reached no subscriber"));
                 true
             }
@@ -759,15 +749,11 @@ impl Manager {
                 false
             }
             Err(why) => {
-                probe_failed("publish");
+                probe::failed("publish");
                 state.probe = None;
                 tracing::debug!(%node, "bus probe {n} could not be sent: {why}");
                 false
             }
         }
     }
-}
-
-fn probe_failed(reason: &'static str) {
-    ::metrics::counter!(metrics::BUS_PROBE_FAILURES, "reason" => reason).increment(1);
 }
