@@ -213,6 +213,45 @@ pub struct Message {
     pub seq: Option<u64>,
     /// A durable event's signature by the replica that committed it (see [`BusKey`]).
     pub sig: Option<Signature>,
+    /// Which replica published an ephemeral message, and its place in that replica's
+    /// numbering for the organization: how a subscriber counts what it missed.
+    pub stamp: Option<Stamp>,
+}
+
+/// A replica's number on an ephemeral message it published: `origin` is the replica (drawn
+/// at random when it starts), `epoch` starts again at each publish it failed, and `n` counts
+/// the organization's messages from 1 within an epoch. A subscriber that sees `n` skip has
+/// missed what lies between; after a failed publish, numbers in flight are ambiguous, so
+/// a new epoch starts and nothing is counted across it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub origin: u64,
+    pub epoch: u32,
+    pub n: u64,
+}
+
+impl Stamp {
+    /// `"{origin:016x}:{epoch}:{n}"`, as in the envelope's `"stamp"`.
+    fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(':');
+        let (origin, epoch, n) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || origin.len() != 16 {
+            return None;
+        }
+        let stamp = Self {
+            origin: u64::from_str_radix(origin, 16).ok()?,
+            epoch: epoch.parse().ok()?,
+            n: n.parse().ok().filter(|n| *n > 0)?,
+        };
+        // One spelling per stamp: no sign, no leading zeros.
+        (stamp.to_string() == text).then_some(stamp)
+    }
+}
+
+impl fmt::Display for Stamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}:{}:{}", self.origin, self.epoch, self.n)
+    }
 }
 
 /// Deepest nesting of arrays and objects accepted in a message, its body or envelope object
@@ -351,6 +390,8 @@ pub enum EnvelopeError {
     Seq,
     #[error("bad \"sig\": must be 64 hex digits")]
     Sig,
+    #[error("bad \"stamp\": must be \"{{16 hex digits}}:{{epoch}}:{{n > 0}}\"")]
+    Stamp,
     #[error("envelope nests deeper than {MAX_JSON_DEPTH} levels")]
     TooDeep,
 }
@@ -365,6 +406,7 @@ impl EnvelopeError {
             Self::User(_) => "bad_user_id",
             Self::Seq => "bad_seq",
             Self::Sig => "bad_sig",
+            Self::Stamp => "bad_stamp",
             Self::TooDeep => "too_deep",
         }
     }
@@ -385,6 +427,8 @@ struct EnvelopeIn<'a> {
     seq: Option<serde_json::Value>,
     #[serde(default)]
     sig: Option<&'a str>,
+    #[serde(default)]
+    stamp: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -401,6 +445,8 @@ struct EnvelopeOut<'a> {
     seq: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     sig: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stamp: Option<String>,
 }
 
 /// Marks envelopes written by fanout's own ingest, so that metrics can tell them from
@@ -408,7 +454,8 @@ struct EnvelopeOut<'a> {
 const SRC_INGEST: &str = "http";
 
 impl Message {
-    /// Decodes a bus envelope (`{"event", "data", "ts"?, "userId"?, "seq"?, "sig"?}`)
+    /// Decodes a bus envelope (`{"event", "data", "ts"?, "userId"?, "seq"?, "sig"?,
+    /// "stamp"?}`)
     /// received on `org`'s channel. The organization comes from the channel, never from the
     /// payload. A `seq` is decoded but not trusted here: see [`BusKey`].
     pub fn from_envelope(org: OrgId, payload: &[u8], limit: usize) -> Result<Self, EnvelopeError> {
@@ -439,6 +486,10 @@ impl Message {
             .sig
             .map(|text| Signature::from_hex(text).ok_or(EnvelopeError::Sig))
             .transpose()?;
+        let stamp = env
+            .stamp
+            .map(|text| Stamp::parse(text).ok_or(EnvelopeError::Stamp))
+            .transpose()?;
         // The envelope object is a level, as the body object is for HTTP ingest.
         if json_depth(env.data.get()) + 1 > MAX_JSON_DEPTH {
             return Err(EnvelopeError::TooDeep);
@@ -457,6 +508,7 @@ impl Message {
             via_ingest: env.src == Some(SRC_INGEST),
             seq,
             sig,
+            stamp,
         })
     }
 
@@ -470,6 +522,7 @@ impl Message {
             src: self.via_ingest.then_some(SRC_INGEST),
             seq: self.seq,
             sig: self.sig.map(Signature::to_hex),
+            stamp: self.stamp.map(|s| s.to_string()),
         };
         serde_json::to_vec(&out).expect("serialising an envelope of valid parts cannot fail")
     }
@@ -688,6 +741,17 @@ mod tests {
         durable.seq = Some(42);
         let again = Message::from_envelope(org(), &durable.to_envelope(), 65536).unwrap();
         assert_eq!(again.seq, Some(42));
+
+        let mut stamped = msg.clone();
+        stamped.stamp = Some(Stamp {
+            origin: 0x00ab_cdef_0123_4567,
+            epoch: 3,
+            n: 17,
+        });
+        let raw = stamped.to_envelope();
+        assert!(String::from_utf8_lossy(&raw).contains(r#""stamp":"00abcdef01234567:3:17""#));
+        let again = Message::from_envelope(org(), &raw, 65536).unwrap();
+        assert_eq!(again.stamp, stamped.stamp);
     }
 
     #[test]
@@ -720,6 +784,31 @@ mod tests {
             (br#"{"event":"bad name","data":1}"#, "bad_event"),
             (br#"{"event":"e","data":1,"userId":""}"#, "bad_user_id"),
             (br#"{"event":"e","data":1,"userId":{}}"#, "bad_user_id"),
+            (
+                br#"{"event":"e","data":1,"stamp":"00abcdef01234567:0:0"}"#,
+                "bad_stamp",
+            ),
+            (
+                br#"{"event":"e","data":1,"stamp":"abcdef01234567:0:1"}"#,
+                "bad_stamp",
+            ),
+            (
+                br#"{"event":"e","data":1,"stamp":"00abcdef01234567:01:1"}"#,
+                "bad_stamp",
+            ),
+            (
+                br#"{"event":"e","data":1,"stamp":"00abcdef01234567:0:+1"}"#,
+                "bad_stamp",
+            ),
+            (
+                br#"{"event":"e","data":1,"stamp":"00ABCDEF01234567:0:1"}"#,
+                "bad_stamp",
+            ),
+            (
+                br#"{"event":"e","data":1,"stamp":"00abcdef01234567:0:1:2"}"#,
+                "bad_stamp",
+            ),
+            (br#"{"event":"e","data":1,"stamp":5}"#, "invalid_json"),
         ];
         for (raw, reason) in cases {
             let err = Message::from_envelope(org(), raw, 1000).unwrap_err();

@@ -3,6 +3,9 @@
 //! time some were lost (or made again), and the requests that tell the task to look at an
 //! organization again.
 //!
+//! Publishers number their ephemeral messages here, and subscribers count the numbers
+//! that never arrived here too (`gaps.rs`).
+//!
 //! An ephemeral message is taken only if it went out while the subscriptions were all in
 //! place and stayed so, and if Redis says it reached a subscriber whenever this replica
 //! holds sockets of the organization: otherwise its publisher is told to retry, since this
@@ -15,8 +18,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::BusError;
+use super::gaps::{Gaps, Stamps};
+use crate::ops::metrics;
 use crate::presence::Presence;
-use crate::protocol::OrgId;
+use crate::protocol::{Message, OrgId};
 
 /// How long a joining socket waits for its organization's subscription before it is told
 /// `auth-success` anyway (Redis slow but up; the subscription still happens).
@@ -33,6 +38,9 @@ pub struct Gate {
     pub up: Arc<AtomicBool>,
     /// Bumped by the subscription task when subscriptions were lost or made again.
     pub generation: Arc<AtomicU64>,
+    /// What this replica's subscriptions missed of what was published.
+    pub gaps: Arc<Gaps>,
+    stamps: Stamps,
     presence: Arc<Presence>,
     requests: mpsc::UnboundedSender<Request>,
 }
@@ -41,9 +49,14 @@ impl Gate {
     /// The gate, and the requests for the subscription task.
     pub fn new(presence: Arc<Presence>) -> (Self, mpsc::UnboundedReceiver<Request>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        // Present from the start, so that the first misses show as an increase.
+        ::metrics::counter!(metrics::BUS_MISSED).increment(0);
+        ::metrics::counter!(metrics::BUS_DUPLICATES).increment(0);
         let gate = Self {
             up: Arc::new(AtomicBool::new(false)),
             generation: Arc::new(AtomicU64::new(0)),
+            gaps: Arc::default(),
+            stamps: Stamps::new(),
             presence,
             requests: tx,
         };
@@ -54,25 +67,35 @@ impl Gate {
         self.up.load(Ordering::Acquire)
     }
 
-    /// Runs `send` (a publish answering how many subscribers Redis says received it) for a
-    /// message of `org`, and says whether the message is taken.
-    pub async fn publish(
+    /// Stamps the ephemeral `msg`, runs `send` (a publish answering how many subscribers
+    /// Redis says received it) with it, and says whether the message is taken.
+    pub async fn publish<F: Future<Output = Result<i64, BusError>>>(
         &self,
-        org: &OrgId,
-        send: impl Future<Output = Result<i64, BusError>>,
+        mut msg: Message,
+        send: impl FnOnce(Message) -> F,
     ) -> Result<(), BusError> {
         let generation = self.generation.load(Ordering::Acquire);
         if !self.is_up() {
             return Err(BusError::Resubscribing);
         }
-        let receivers = send.await?;
-        if receivers == 0 && self.presence.org_sockets(org) > 0 {
-            return Err(BusError::Resubscribing);
+        let org = msg.org.clone();
+        let stamp = self.stamps.next(&org);
+        msg.stamp = Some(stamp);
+        let taken = async {
+            let receivers = send(msg).await?;
+            if receivers == 0 && self.presence.org_sockets(&org) > 0 {
+                return Err(BusError::Resubscribing);
+            }
+            if !self.is_up() || self.generation.load(Ordering::Acquire) != generation {
+                return Err(BusError::Resubscribing);
+            }
+            Ok(())
         }
-        if !self.is_up() || self.generation.load(Ordering::Acquire) != generation {
-            return Err(BusError::Resubscribing);
+        .await;
+        if taken.is_err() {
+            self.stamps.failed(&org, stamp);
         }
-        Ok(())
+        taken
     }
 
     /// Called after a socket of `org` was counted in presence: resolves once this replica
@@ -92,6 +115,7 @@ impl Gate {
 
     /// Called after the last socket of `org` left presence.
     pub fn left(&self, org: &OrgId) {
+        self.gaps.forget(org);
         let _ = self.requests.send(Request {
             org: org.clone(),
             applied: None,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Sink;
+use super::gaps::Gaps;
 use crate::ops::metrics;
 use crate::protocol::{Message, OrgId};
 use crate::retry::RateLimit;
@@ -15,15 +16,17 @@ pub struct Inbound {
     org_prefix: String,
     max_payload: usize,
     sink: Arc<dyn Sink>,
+    gaps: Arc<Gaps>,
     warn: RateLimit,
 }
 
 impl Inbound {
-    pub fn new(prefix: &str, max_payload: usize, sink: Arc<dyn Sink>) -> Self {
+    pub fn new(prefix: &str, max_payload: usize, sink: Arc<dyn Sink>, gaps: Arc<Gaps>) -> Self {
         Self {
             org_prefix: format!("{prefix}org:"),
             max_payload,
             sink,
+            gaps,
             warn: RateLimit::new(Duration::from_secs(10)),
         }
     }
@@ -45,6 +48,9 @@ impl Inbound {
         };
         match Message::from_envelope(org, payload, self.max_payload) {
             Ok(message) => {
+                if let Some(stamp) = message.stamp {
+                    self.gaps.receive(&message.org, stamp);
+                }
                 if !message.via_ingest {
                     ::metrics::counter!(metrics::PUBLISHED, "source" => "redis").increment(1);
                 }

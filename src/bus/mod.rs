@@ -11,6 +11,7 @@
 //! while it holds a socket of that organization (see `redis.rs` for how races are closed).
 
 mod cluster;
+mod gaps;
 mod gate;
 mod inbound;
 mod master;

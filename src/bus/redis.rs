@@ -35,6 +35,7 @@ use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::gaps::Gaps;
 use super::gate::{Gate, Request};
 use super::inbound::Inbound;
 use super::master::Master;
@@ -100,6 +101,7 @@ impl RedisBus {
             gate.up.clone(),
             gate.generation.clone(),
         );
+        let gaps = gate.gaps.clone();
         let probe_channel = format!("{}probe:{:016x}", settings.prefix, rand::random::<u64>());
         let (shared_master, probe_interval) = (master.clone(), settings.probe_interval);
         tasks.spawn("redis-subscriber", Policy::Restart, move |shutdown| {
@@ -111,6 +113,7 @@ impl RedisBus {
                 max_payload,
                 presence: presence.clone(),
                 sink: sink.clone(),
+                gaps: gaps.clone(),
                 up: up_flag.clone(),
                 sessions: session_count.clone(),
                 shutdown,
@@ -134,8 +137,7 @@ impl RedisBus {
     /// holds sockets of the organization (the pool is on another node than the subscriber,
     /// as after a failover).
     pub async fn publish(&self, msg: Message) -> Result<(), BusError> {
-        let org = msg.org.clone();
-        self.gate.publish(&org, self.publish_now(msg)).await
+        self.gate.publish(msg, |msg| self.publish_now(msg)).await
     }
 
     /// PUBLISHes `msg`; answers how many subscribers Redis says received it.
@@ -202,6 +204,8 @@ struct Subscriber {
     max_payload: usize,
     presence: Arc<Presence>,
     sink: Arc<dyn Sink>,
+    /// What the subscriptions missed of what was published (shared with the gate).
+    gaps: Arc<Gaps>,
     up: Arc<AtomicBool>,
     sessions: Arc<AtomicU64>,
     shutdown: Shutdown,
@@ -265,7 +269,12 @@ impl Subscriber {
             let (probes_tx, probes) = mpsc::unbounded_channel();
             let reader = Reader(tokio::spawn(read_loop(
                 stream,
-                Inbound::new(&self.prefix, self.max_payload, self.sink.clone()),
+                Inbound::new(
+                    &self.prefix,
+                    self.max_payload,
+                    self.sink.clone(),
+                    self.gaps.clone(),
+                ),
                 (self.probe_channel.clone(), probes_tx),
             )));
             let end = self
@@ -360,6 +369,7 @@ impl Subscriber {
                     }
                 }
                 _ = tick.tick() => {
+                    self.gaps.settle();
                     match probe.take() {
                         Some(p) if p.published => {
                             probe::failed("lost");

@@ -279,6 +279,7 @@ async fn broadcast_body(
         via_ingest: true,
         seq: None,
         sig: None,
+        stamp: None,
     };
     send(state, msg, "broadcasted").await
 }
@@ -345,6 +346,7 @@ async fn publish(
         via_ingest: true,
         seq: None,
         sig: None,
+        stamp: None,
     };
     send(&s, msg, "published").await
 }

@@ -19,6 +19,8 @@ pub const REDIS_UP: &str = "fanout_redis_up";
 pub const REDIS_RECONNECTS: &str = "fanout_redis_reconnects_total";
 pub const BUS_PROBE_FAILURES: &str = "fanout_bus_probe_failures_total";
 pub const BUS_PROBE_RTT: &str = "fanout_bus_probe_rtt_seconds";
+pub const BUS_MISSED: &str = "fanout_bus_missed_total";
+pub const BUS_DUPLICATES: &str = "fanout_bus_duplicates_total";
 pub const MALFORMED: &str = "fanout_malformed_messages_total";
 pub const SLOW_CONSUMERS: &str = "fanout_slow_consumer_disconnects_total";
 pub const HTTP_REQUESTS: &str = "fanout_http_requests_total";
@@ -128,6 +130,14 @@ fn describe() {
         BUS_PROBE_RTT,
         metrics::Unit::Seconds,
         "Round trip of a liveness probe: PUBLISH by this replica to its arrival on its own subscription connection."
+    );
+    describe_counter!(
+        BUS_MISSED,
+        "Ephemeral messages published by a replica (this one or another) for an organization this replica held throughout, that never arrived on its subscription: a gap in the publisher's numbering."
+    );
+    describe_counter!(
+        BUS_DUPLICATES,
+        "Ephemeral messages that arrived on this replica's subscriptions twice (should stay 0)."
     );
     describe_counter!(MALFORMED, "Bus messages dropped as malformed, by reason.");
     describe_counter!(

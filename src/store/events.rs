@@ -88,6 +88,7 @@ impl Store {
                 via_ingest: true,
                 seq: Some(seq as u64),
                 sig: None,
+                stamp: None,
             });
         }
         Ok(Range {

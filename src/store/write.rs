@@ -233,6 +233,7 @@ mod tests {
                 via_ingest: true,
                 seq: None,
                 sig: None,
+                stamp: None,
             },
             projection,
         }

@@ -38,6 +38,7 @@ use tokio::time::Instant;
 
 use self::node::{Auth, Event, NodeConn, Wiring};
 use self::slots::{Node, SlotMap, slot};
+use super::gaps::Gaps;
 use super::gate::{Gate, Request};
 use super::inbound::Inbound;
 use super::probe::{self, Probe};
@@ -147,6 +148,7 @@ impl ClusterBus {
         let (shared_up, shared_losses, shared_publisher) =
             (gate.up.clone(), gate.generation.clone(), publisher.clone());
         let prefix = settings.prefix.clone();
+        let gaps = gate.gaps.clone();
         let (max_payload, probe_interval) = (settings.max_payload_bytes, settings.probe_interval);
         // Restarted when it fails: presence says what to subscribe to.
         tasks.spawn(
@@ -163,6 +165,7 @@ impl ClusterBus {
                     probe_interval,
                     presence: presence.clone(),
                     sink: sink.clone(),
+                    gaps: gaps.clone(),
                     up: shared_up.clone(),
                     losses: shared_losses.clone(),
                     shutdown,
@@ -196,16 +199,16 @@ impl ClusterBus {
     /// organization means that its own subscription missed it (a slot being migrated, whose
     /// publishes the new owner takes before the subscriptions move).
     pub async fn publish(&self, msg: Message) -> Result<(), BusError> {
-        let mut cmd = redis::cmd("SPUBLISH");
-        cmd.arg(channel(&self.prefix, &msg.org))
-            .arg(msg.to_envelope());
-        let send = async {
+        let send = |msg: Message| async move {
+            let mut cmd = redis::cmd("SPUBLISH");
+            cmd.arg(channel(&self.prefix, &msg.org))
+                .arg(msg.to_envelope());
             self.publisher
                 .query::<i64>(&cmd)
                 .await
                 .map_err(BusError::Unavailable)
         };
-        self.gate.publish(&msg.org, send).await
+        self.gate.publish(msg, send).await
     }
 
     /// Publishes `batch` in order per organization: one pipeline per slot (a pipeline
@@ -284,6 +287,8 @@ struct Manager {
     probe_interval: Duration,
     presence: Arc<Presence>,
     sink: Arc<dyn Sink>,
+    /// What the subscriptions missed of what was published (shared with the gate).
+    gaps: Arc<Gaps>,
     up: Arc<AtomicBool>,
     losses: Arc<AtomicU64>,
     shutdown: Shutdown,
@@ -356,6 +361,7 @@ impl Manager {
                     refresh_due |= self.on_probe_sent(&node, id, n, result);
                 }
                 _ = tick.tick() => {
+                    self.gaps.settle();
                     refresh_due |= self.on_tick(&mut probes).await;
                     refresh_due |= refreshed.elapsed() >= REFRESH_EVERY;
                 }
@@ -455,7 +461,12 @@ impl Manager {
         let wiring = Wiring {
             id,
             events: self.events_tx.clone(),
-            inbound: Inbound::new(&self.prefix, self.max_payload, self.sink.clone()),
+            inbound: Inbound::new(
+                &self.prefix,
+                self.max_payload,
+                self.sink.clone(),
+                self.gaps.clone(),
+            ),
             probe_channel: probe_channel.clone(),
             max_bulk: self.max_payload * 2 + 64 * 1024,
         };

@@ -264,6 +264,7 @@ mod tests {
             via_ingest: true,
             seq: Some(seq),
             sig: None,
+            stamp: None,
         }
     }
 
