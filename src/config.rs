@@ -633,7 +633,7 @@ impl BusSettings {
                     invalid(
                         "REDIS_URL",
                         format!(
-                            "{url:?} is not a Redis URL ({e}); expected redis://HOST:PORT[/DB]"
+                            "{url:?} is not a Redis URL ({e}); expected redis://HOST:PORT[/DB] (rediss:// for TLS)"
                         ),
                     )
                 })?;
@@ -767,23 +767,23 @@ fn redis_urls(
         return Ok(None);
     }
     for url in &urls {
-        if url.starts_with("rediss://") {
+        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str());
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) || info.is_err() {
+            let why = info.err().map(|e| format!(" ({e})")).unwrap_or_default();
             return Err(invalid(
                 setting,
                 format!(
-                    "{url:?}: TLS (rediss://) is not supported here yet; use redis:// on a private network"
+                    "{url:?} is not a Redis URL{why}; expected comma-separated redis://HOST:PORT (or rediss:// for TLS) {what}"
                 ),
             ));
         }
-        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).ok();
-        if !url.starts_with("redis://") || info.is_none() {
-            return Err(invalid(
-                setting,
-                format!(
-                    "{url:?} is not a Redis URL; expected comma-separated redis://HOST:PORT {what}"
-                ),
-            ));
-        }
+    }
+    let tls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
+    if tls != 0 && tls != urls.len() {
+        return Err(invalid(
+            setting,
+            "mixes redis:// and rediss://; use rediss:// for all of them (TLS) or for none",
+        ));
     }
     Ok(Some(urls))
 }
@@ -1070,7 +1070,7 @@ mod tests {
                 "REDIS_CLUSTER_URLS",
             ),
             (
-                &["--redis-cluster-urls", "rediss://a:1"],
+                &["--redis-cluster-urls", "rediss://a:1,redis://b:2"],
                 "REDIS_CLUSTER_URLS",
             ),
             (

@@ -8,6 +8,10 @@
 //! pool is rebuilt to follow it: both always use the master the subscriber last connected
 //! to. A probe that reaches no subscriber, or a publish that reaches none while this replica
 //! holds sockets of the organization, sends the subscriber back to the sentinels.
+//!
+//! The master is reached as the sentinel that named it was: over TLS for a `rediss://`
+//! sentinel, with the sentinel URL's username and password (Helm charts for Sentinel give
+//! both one password).
 
 use std::sync::RwLock;
 use std::time::Duration;
@@ -115,7 +119,7 @@ async fn timed<T>(
 ) -> Result<T, String> {
     match tokio::time::timeout(limit, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Ok(Err(e)) => Err(explain(format!("{what}: {e}"))),
         Err(_) => Err(format!("{what}: no answer within {limit:?}")),
     }
 }
@@ -144,7 +148,7 @@ async fn ask_sentinels(sentinels: &[String], name: &str) -> Result<String, Strin
         };
         match answer.await {
             Ok(Some((host, port))) => {
-                let url = format!("redis://{host}:{port}");
+                let url = master_url(sentinel, &host, port);
                 match role(&url).await {
                     Ok(role) if role == "master" => return Ok(url),
                     Ok(role) => {
@@ -161,6 +165,56 @@ async fn ask_sentinels(sentinels: &[String], name: &str) -> Result<String, Strin
         "no sentinel gave a reachable master: {}",
         errors.join("; ")
     ))
+}
+
+/// The URL of the master at `host:port`, reached as `sentinel` is: the same scheme and
+/// credentials.
+fn master_url(sentinel: &str, host: &str, port: u16) -> String {
+    let scheme = if sentinel.starts_with("rediss://") {
+        "rediss"
+    } else {
+        "redis"
+    };
+    let info = redis::IntoConnectionInfo::into_connection_info(sentinel).ok();
+    let settings = info.as_ref().map(redis::ConnectionInfo::redis_settings);
+    let user = settings.and_then(|s| s.username()).map(encode);
+    let password = settings.and_then(|s| s.password()).map(encode);
+    let credentials = match (user, password) {
+        (Some(user), Some(password)) => format!("{user}:{password}@"),
+        (None, Some(password)) => format!(":{password}@"),
+        (Some(user), None) => format!("{user}@"),
+        (None, None) => String::new(),
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    format!("{scheme}://{credentials}{host}:{port}")
+}
+
+/// A connection error, with what to do about it when it is a certificate the replica does
+/// not trust.
+pub fn explain(error: String) -> String {
+    if error.contains("certificate") {
+        format!(
+            "{error} (with rediss://, Redis' certificate must chain to a CA in SSL_CERT_FILE, or in the system's store, and name the host connected to)"
+        )
+    } else {
+        error
+    }
+}
+
+/// Percent-encodes `text` for a URL's user information.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// The first element of `ROLE`: `master`, `slave` or `sentinel`.
@@ -185,5 +239,26 @@ async fn role(url: &str) -> Result<String, String> {
             other => Err(format!("ROLE answered {other:?}")),
         },
         other => Err(format!("ROLE answered {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_master_is_reached_as_its_sentinel_is() {
+        assert_eq!(
+            master_url("redis://10.0.0.1:26379", "10.0.0.2", 6379),
+            "redis://10.0.0.2:6379"
+        );
+        let url = master_url("rediss://:p%40ss%3Aw@s1:26379", "10.0.0.2", 6380);
+        assert_eq!(url, "rediss://:p%40ss%3Aw@10.0.0.2:6380");
+        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap();
+        assert_eq!(info.redis_settings().password(), Some("p@ss:w"));
+        assert_eq!(
+            master_url("redis://app:secret@s1:26379", "fd00::2", 6379),
+            "redis://app:secret@[fd00::2]:6379"
+        );
     }
 }

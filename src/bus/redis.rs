@@ -245,7 +245,7 @@ impl Subscriber {
                 let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
                 match tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await {
                     Ok(Ok(pubsub)) => Ok((url, pubsub)),
-                    Ok(Err(e)) => Err(e.to_string()),
+                    Ok(Err(e)) => Err(super::master::explain(e.to_string())),
                     Err(_) => Err(format!("no connection within {CONNECT_TIMEOUT:?}")),
                 }
             };

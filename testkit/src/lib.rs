@@ -9,6 +9,7 @@
 //!   failovers on demand;
 //! - [`redis_sentinel`]: a private Redis Sentinel group (master, replica, three sentinels),
 //!   with failovers on demand;
+//! - [`tls`]: the test CA of the TLS variants of those three (`rediss://`);
 //! - [`postgres`]: a throwaway database on a shared PostgreSQL server, and [`pg_server`] a
 //!   private server, for tests that stop it;
 //! - [`replica`]: the `fanout` binary on its ports, with the HTTP calls a test makes to it;
@@ -43,6 +44,7 @@ pub mod redis_sentinel;
 pub mod redis_server;
 pub mod replica;
 pub mod socketio;
+pub mod tls;
 pub mod token;
 
 use std::future::Future;
@@ -59,6 +61,7 @@ pub use redis_cluster::RedisCluster;
 pub use redis_sentinel::RedisSentinel;
 pub use redis_server::RedisServer;
 pub use replica::{Replica, ReplicaBuilder};
+pub use tls::{TestCa, test_ca};
 pub use token::{now_secs, sign, token, token_with, valid_token};
 
 /// The `JWT_SECRET` replicas are started with, unless the caller says otherwise.

@@ -36,6 +36,18 @@
 //!   deliver it to theirs too;
 //! - plain `SUBSCRIBE` channels are not affected by any of this.
 //!
+//! [`RedisCluster::start_tls`] makes a cluster whose nodes serve TLS too, each on a third
+//! port, with the certificate of the [test CA](crate::tls), and talk to each other over TLS
+//! (`--tls-cluster yes`, `--tls-replication yes`): replicas get
+//! [`RedisCluster::tls_seed_urls`]. With both ports open, Redis 7.0 answers each client with
+//! the ports of its kind: `CLUSTER SLOTS`, `CLUSTER NODES` and `MOVED` name the TLS ports to a
+//! TLS client and the plain ports to a plain one. So the admin methods here, which connect to
+//! the plain ports, keep taking and returning plain ports, and mean the same as without TLS.
+//! `redis-cli --cluster create` joins the nodes over TLS, at their TLS ports; a node added
+//! later is met at its plain port, which gossip soon pairs with its TLS one. A replica finds
+//! its master at the master's TLS port, hence `--tls-replication yes` (its
+//! `INFO replication` names that port).
+//!
 //! Dropping the value kills every node (SIGKILL) and deletes the directory.
 
 use std::ffi::OsString;
@@ -59,12 +71,16 @@ pub struct RedisCluster {
     /// The temporary directory, with one directory per node (its `nodes.conf`).
     root: PathBuf,
     program: OsString,
+    /// Whether the nodes serve TLS too ([`RedisCluster::start_tls`]).
+    tls: bool,
     nodes: Vec<Node>,
 }
 
 struct Node {
     port: u16,
     bus_port: u16,
+    /// The TLS client port, in a cluster with TLS.
+    tls_port: Option<u16>,
     dir: PathBuf,
     /// `None` once killed.
     proc: Option<Proc>,
@@ -75,6 +91,16 @@ impl RedisCluster {
     /// cluster has settled; panics if it cannot. `redis-cli --cluster create` needs at least
     /// three masters.
     pub async fn start(masters: usize, replicas_per_master: usize) -> Self {
+        Self::start_with(masters, replicas_per_master, false).await
+    }
+
+    /// [`start`](Self::start), with nodes that serve TLS too and talk to each other over TLS
+    /// (see the module doc): replicas get [`tls_seed_urls`](Self::tls_seed_urls).
+    pub async fn start_tls(masters: usize, replicas_per_master: usize) -> Self {
+        Self::start_with(masters, replicas_per_master, true).await
+    }
+
+    async fn start_with(masters: usize, replicas_per_master: usize, tls: bool) -> Self {
         assert!(
             masters >= 3,
             "a Redis Cluster needs at least 3 masters (redis-cli --cluster create refuses fewer)"
@@ -88,6 +114,7 @@ impl RedisCluster {
         let mut cluster = Self {
             root,
             program: std::env::var_os("REDIS_SERVER").unwrap_or_else(|| "redis-server".into()),
+            tls,
             nodes: Vec::new(),
         };
         for i in 0..masters * (1 + replicas_per_master) {
@@ -95,14 +122,15 @@ impl RedisCluster {
             std::fs::create_dir(&dir).expect("creating a Redis Cluster node's dir");
             let mut failures = Vec::new();
             for _ in 0..5 {
-                let (port, bus_port) = (free_port(), free_port());
+                let (port, bus_port, tls_port) = (free_port(), free_port(), tls.then(free_port));
                 // A node that failed to bind may have written its nodes.conf: start afresh.
                 let _ = std::fs::remove_file(dir.join("nodes.conf"));
-                match spawn_node(&cluster.program, &dir, port, bus_port).await {
+                match spawn_node(&cluster.program, &dir, port, bus_port, tls_port).await {
                     Ok(proc) => {
                         cluster.nodes.push(Node {
                             port,
                             bus_port,
+                            tls_port,
                             dir,
                             proc: Some(proc),
                         });
@@ -147,6 +175,21 @@ impl RedisCluster {
     /// The [`urls`](Self::urls) separated by commas: a `REDIS_CLUSTER_URLS`.
     pub fn seed_urls(&self) -> String {
         self.urls().join(",")
+    }
+
+    /// `rediss://127.0.0.1:<TLS port>` of every node (killed ones included), in the order of
+    /// [`ports`](Self::ports), separated by commas: the `REDIS_CLUSTER_URLS` of replicas on
+    /// TLS. Panics unless the cluster was started with [`start_tls`](Self::start_tls).
+    pub fn tls_seed_urls(&self) -> String {
+        assert!(
+            self.tls,
+            "tls_seed_urls: the cluster was not started with RedisCluster::start_tls"
+        );
+        self.nodes
+            .iter()
+            .filter_map(|n| n.tls_port.map(crate::tls::url))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The client port of every node, killed ones included.
@@ -328,7 +371,7 @@ impl RedisCluster {
         );
         let deadline = Instant::now() + Duration::from_secs(10);
         let proc = loop {
-            match spawn_node(&program, &node.dir, node.port, node.bus_port).await {
+            match spawn_node(&program, &node.dir, node.port, node.bus_port, node.tls_port).await {
                 Ok(proc) => break proc,
                 Err(e) => assert!(
                     Instant::now() < deadline,
@@ -352,11 +395,11 @@ impl RedisCluster {
         let dir = self.root.join(format!("node{}", self.nodes.len()));
         std::fs::create_dir(&dir).expect("creating a Redis Cluster node's dir");
         let mut failures = Vec::new();
-        let (port, bus_port, proc) = loop {
-            let (port, bus_port) = (free_port(), free_port());
+        let (port, bus_port, tls_port, proc) = loop {
+            let (port, bus_port, tls_port) = (free_port(), free_port(), self.tls.then(free_port));
             let _ = std::fs::remove_file(dir.join("nodes.conf"));
-            match spawn_node(&self.program, &dir, port, bus_port).await {
-                Ok(proc) => break (port, bus_port, proc),
+            match spawn_node(&self.program, &dir, port, bus_port, tls_port).await {
+                Ok(proc) => break (port, bus_port, tls_port, proc),
                 Err(e) => failures.push(format!("{e:#}")),
             }
             assert!(
@@ -369,6 +412,7 @@ impl RedisCluster {
         self.nodes.push(Node {
             port,
             bus_port,
+            tls_port,
             dir,
             proc: Some(proc),
         });
@@ -435,15 +479,27 @@ impl RedisCluster {
         pairs.first().map_or(0, |(_, n)| *n)
     }
 
-    /// Joins the started nodes with `redis-cli --cluster create`. It blocks the thread for
-    /// the second or so the tool takes, like `initdb` in [`crate::pg_server`]: the nodes are
-    /// processes of their own and need nothing from this runtime meanwhile.
+    /// Joins the started nodes with `redis-cli --cluster create` (over TLS, at the TLS ports,
+    /// in a cluster with TLS). It blocks the thread for the second or so the tool takes, like
+    /// `initdb` in [`crate::pg_server`]: the nodes are processes of their own and need nothing
+    /// from this runtime meanwhile.
     fn create(&self, replicas_per_master: usize) {
         let cli = cli_program(&self.program);
-        let out = Command::new(&cli)
+        let mut command = Command::new(&cli);
+        if self.tls {
+            command
+                .arg("--tls")
+                .arg("--cacert")
+                .arg(&crate::tls::test_ca().ca_file);
+        }
+        let out = command
             .arg("--cluster")
             .arg("create")
-            .args(self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(
+                self.nodes
+                    .iter()
+                    .map(|n| format!("127.0.0.1:{}", n.tls_port.unwrap_or(n.port))),
+            )
             .args(["--cluster-replicas", &replicas_per_master.to_string()])
             .arg("--cluster-yes")
             .output()
@@ -566,13 +622,15 @@ impl Drop for RedisCluster {
     }
 }
 
-/// Spawns a cluster-enabled server in `dir` and waits until it answers as itself; fails if
-/// it exited first (a port was taken), never answered, or cannot be run at all.
+/// Spawns a cluster-enabled server in `dir` (serving TLS on `tls_port` too, if given) and
+/// waits until it answers as itself; fails if it exited first (a port was taken), never
+/// answered, or cannot be run at all.
 async fn spawn_node(
     program: &OsString,
     dir: &Path,
     port: u16,
     bus_port: u16,
+    tls_port: Option<u16>,
 ) -> anyhow::Result<Proc> {
     let mut command = Command::new(program);
     command
@@ -592,6 +650,11 @@ async fn spawn_node(
         .arg("--dir")
         .arg(dir)
         .args(["--loglevel", "notice"]);
+    if let Some(tls_port) = tls_port {
+        command
+            .args(["--tls-cluster", "yes"])
+            .args(crate::tls::server_args(tls_port));
+    }
     let mut proc = Proc::spawn(&format!("redis-{port}"), command, Logs::Memory).map_err(|e| {
         e.context("install redis-server (apt-get install redis-server), or name it")
     })?;
@@ -616,7 +679,8 @@ async fn spawn_node(
 }
 
 /// `REDIS_CLI`, else the `redis-cli` next to the server program, else `redis-cli` from PATH.
-fn cli_program(server: &OsString) -> OsString {
+/// Shared with [`crate::tls`]'s tests.
+pub(crate) fn cli_program(server: &OsString) -> OsString {
     if let Some(cli) = std::env::var_os("REDIS_CLI") {
         return cli;
     }

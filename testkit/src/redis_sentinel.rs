@@ -39,6 +39,17 @@
 //! reaches its subscribers and, through replication, those of its replicas (its answer
 //! counts its own subscribers only).
 //!
+//! [`RedisSentinel::start_tls`] makes a group whose five processes serve TLS too, each on a
+//! second port, with the certificate of the [test CA](crate::tls): replicas get
+//! [`RedisSentinel::tls_sentinel_urls`]. Unlike a cluster node, a sentinel knows one address
+//! per node, the same for every client: with `tls-replication yes` the replica follows its
+//! master at the master's TLS port and announces its own TLS port, the sentinels monitor the
+//! master at its TLS port, reach the nodes over TLS and announce their own TLS ports to each
+//! other. So `SENTINEL get-master-addr-by-name` answers a TLS port, to plain clients too, as
+//! do `SENTINEL replicas`, `SENTINEL sentinels` and the replica's `INFO replication`. The
+//! methods here still connect to the plain ports and take and return plain ports, the TLS
+//! ports Redis answers mapped back to them, so they mean the same as without TLS.
+//!
 //! Dropping the value kills every process (SIGKILL) and deletes the directory.
 
 use std::ffi::OsString;
@@ -64,6 +75,8 @@ pub struct RedisSentinel {
     /// The temporary directory, with one directory per process.
     root: PathBuf,
     program: OsString,
+    /// Whether the processes serve TLS too ([`RedisSentinel::start_tls`]).
+    tls: bool,
     master_name: String,
     /// The master and the replica, in the order they were started.
     nodes: Vec<Instance>,
@@ -73,6 +86,8 @@ pub struct RedisSentinel {
 /// A data node or a sentinel.
 struct Instance {
     port: u16,
+    /// The TLS port, in a group with TLS.
+    tls_port: Option<u16>,
     /// `None` once killed.
     proc: Option<Proc>,
 }
@@ -81,6 +96,17 @@ impl RedisSentinel {
     /// Starts a master, its replica and three sentinels monitoring it as `master_name`, and
     /// waits until the group has settled; panics if it cannot.
     pub async fn start(master_name: &str) -> Self {
+        Self::start_with(master_name, false).await
+    }
+
+    /// [`start`](Self::start), with every process serving TLS too and the nodes and
+    /// sentinels talking to each other over TLS (see the module doc): replicas get
+    /// [`tls_sentinel_urls`](Self::tls_sentinel_urls).
+    pub async fn start_tls(master_name: &str) -> Self {
+        Self::start_with(master_name, true).await
+    }
+
+    async fn start_with(master_name: &str, tls: bool) -> Self {
         assert!(
             !master_name.is_empty()
                 && master_name
@@ -97,17 +123,20 @@ impl RedisSentinel {
         let mut group = Self {
             root,
             program: std::env::var_os("REDIS_SERVER").unwrap_or_else(|| "redis-server".into()),
+            tls,
             master_name: master_name.to_string(),
             nodes: Vec::new(),
             sentinels: Vec::new(),
         };
         group.nodes.push(group.add("node0", Member::Master).await);
         let master_port = group.nodes[0].port;
-        let replica = group.add("node1", Member::ReplicaOf(master_port)).await;
+        // Where the others find the master: its TLS port, in a group with TLS.
+        let master_addr = group.nodes[0].tls_port.unwrap_or(master_port);
+        let replica = group.add("node1", Member::ReplicaOf(master_addr)).await;
         group.nodes.push(replica);
         for i in 0..SENTINELS {
             let sentinel = group
-                .add(&format!("sentinel{i}"), Member::Sentinel(master_port))
+                .add(&format!("sentinel{i}"), Member::Sentinel(master_addr))
                 .await;
             group.sentinels.push(sentinel);
         }
@@ -133,6 +162,21 @@ impl RedisSentinel {
         self.sentinels
             .iter()
             .map(|s| format!("redis://127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `rediss://127.0.0.1:<TLS port>` of every sentinel, separated by commas: the
+    /// `REDIS_SENTINEL_URLS` of replicas on TLS. Panics unless the group was started with
+    /// [`start_tls`](Self::start_tls).
+    pub fn tls_sentinel_urls(&self) -> String {
+        assert!(
+            self.tls,
+            "tls_sentinel_urls: the group was not started with RedisSentinel::start_tls"
+        );
+        self.sentinels
+            .iter()
+            .filter_map(|s| s.tls_port.map(crate::tls::url))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -231,20 +275,22 @@ impl RedisSentinel {
         std::fs::create_dir(&dir).expect("creating a Redis Sentinel group member's dir");
         let mut failures = Vec::new();
         for _ in 0..5 {
-            let port = free_port();
+            let (port, tls_port) = (free_port(), self.tls.then(free_port));
             let spawned = match member {
-                Member::Master => spawn_node(&self.program, &dir, port, None).await,
+                Member::Master => spawn_node(&self.program, &dir, port, tls_port, None).await,
                 Member::ReplicaOf(master) => {
-                    spawn_node(&self.program, &dir, port, Some(master)).await
+                    spawn_node(&self.program, &dir, port, tls_port, Some(master)).await
                 }
                 Member::Sentinel(master) => {
-                    spawn_sentinel(&self.program, &dir, port, &self.master_name, master).await
+                    let name = &self.master_name;
+                    spawn_sentinel(&self.program, &dir, port, tls_port, name, master).await
                 }
             };
             match spawned {
                 Ok(proc) => {
                     return Instance {
                         port,
+                        tls_port,
                         proc: Some(proc),
                     };
                 }
@@ -276,11 +322,12 @@ impl RedisSentinel {
         let replicas: Vec<u16> = running.into_iter().filter(|&p| p != master).collect();
         for &port in &replicas {
             let r = replication(port).await?;
-            if r.role != "slave" || r.master_port != Some(master) || !r.link_up {
+            let master_port = r.master_port.map(|p| self.plain(p));
+            if r.role != "slave" || master_port != Some(master) || !r.link_up {
                 return Err(format!(
                     "{port} is not an up-to-date replica of {master}: role:{}, master_port \
                      {:?}, link up: {}",
-                    r.role, r.master_port, r.link_up
+                    r.role, master_port, r.link_up
                 ));
             }
         }
@@ -333,6 +380,7 @@ impl RedisSentinel {
                 .ok_or_else(|| format!("sentinel {s} does not know master {}", self.master_name))?;
             let port: u16 = port
                 .parse()
+                .map(|p| self.plain(p))
                 .map_err(|_| format!("sentinel {s} names the master {host}:{port}"))?;
             match answer {
                 Some((first, p)) if p != port => {
@@ -356,7 +404,24 @@ impl RedisSentinel {
         let rows: Vec<Vec<String>> = query(port, &cmd)
             .await
             .map_err(|e| format!("sentinel {port}: SENTINEL {what}: {e:#}"))?;
-        Ok(rows.into_iter().map(TableEntry::new).collect())
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let mut entry = TableEntry::new(row);
+                entry.port = entry.port.map(|p| self.plain(p));
+                entry
+            })
+            .collect())
+    }
+
+    /// The plain port of the process whose TLS port is `port`; `port` itself if it is none's
+    /// (a plain port already). Sentinels and replicas answer TLS ports in a group with TLS.
+    fn plain(&self, port: u16) -> u16 {
+        self.nodes
+            .iter()
+            .chain(&self.sentinels)
+            .find(|i| i.tls_port == Some(port))
+            .map_or(port, |i| i.port)
     }
 
     /// The answer to `cmd` at the master the sentinels name, retried for up to [`SOON`].
@@ -407,18 +472,19 @@ impl Drop for RedisSentinel {
 #[derive(Clone, Copy)]
 enum Member {
     Master,
-    /// A replica of the master on that port.
+    /// A replica of the master on that port (its TLS port, in a group with TLS).
     ReplicaOf(u16),
-    /// A sentinel monitoring the master on that port.
+    /// A sentinel monitoring the master on that port (its TLS port, in a group with TLS).
     Sentinel(u16),
 }
 
-/// Spawns a data node in `dir` (a replica of `replica_of`, if given) and waits until it
-/// answers as itself.
+/// Spawns a data node in `dir` (serving TLS on `tls_port` too, if given; a replica of
+/// `replica_of`, if given) and waits until it answers as itself.
 async fn spawn_node(
     program: &OsString,
     dir: &Path,
     port: u16,
+    tls_port: Option<u16>,
     replica_of: Option<u16>,
 ) -> anyhow::Result<Proc> {
     let mut command = Command::new(program);
@@ -429,6 +495,9 @@ async fn spawn_node(
         .arg("--dir")
         .arg(dir)
         .args(["--loglevel", "notice"]);
+    if let Some(tls_port) = tls_port {
+        command.args(crate::tls::server_args(tls_port));
+    }
     if let Some(master) = replica_of {
         command.args(["--replicaof", "127.0.0.1", &master.to_string()]);
     }
@@ -439,11 +508,13 @@ async fn spawn_node(
 }
 
 /// Writes a fresh `sentinel.conf` in `dir` (Sentinel rewrites it as it learns), spawns a
-/// sentinel on it and waits until it answers as itself.
+/// sentinel on it (serving TLS on `tls_port` too, if given) monitoring `master_name` on
+/// 127.0.0.1 at `master_port`, and waits until it answers as itself.
 async fn spawn_sentinel(
     program: &OsString,
     dir: &Path,
     port: u16,
+    tls_port: Option<u16>,
     master_name: &str,
     master_port: u16,
 ) -> anyhow::Result<Proc> {
@@ -452,6 +523,7 @@ async fn spawn_sentinel(
         &conf,
         format!(
             "port {port}\n\
+             {tls}\
              bind 127.0.0.1\n\
              protected-mode no\n\
              dir \"{dir}\"\n\
@@ -462,7 +534,8 @@ async fn spawn_sentinel(
              sentinel down-after-milliseconds {master_name} 1000\n\
              sentinel failover-timeout {master_name} 3000\n\
              sentinel parallel-syncs {master_name} 1\n",
-            dir = dir.display()
+            dir = dir.display(),
+            tls = tls_port.map(crate::tls::config_lines).unwrap_or_default(),
         ),
     )?;
     let mut command = Command::new(program);

@@ -9,6 +9,11 @@
 //! `stop` kills it with SIGKILL, like a crash: replicas see their connections drop, not a
 //! polite shutdown. `restart` brings a fresh (empty) server back on the same port, which is
 //! what a replica's reconnect loop must cope with.
+//!
+//! [`RedisServer::start_tls`] serves TLS too, on a second port, with the certificate of the
+//! [test CA](crate::tls): replicas get [`RedisServer::tls_url`], while every method here
+//! (and [`RedisServer::url`]) keeps to the plain port, so a test sees what went through TLS
+//! with the same tools as without.
 
 use std::ffi::OsString;
 use std::process::Command;
@@ -21,6 +26,8 @@ use crate::process::{Logs, Proc};
 
 pub struct RedisServer {
     port: u16,
+    /// The TLS port, if the server serves TLS too.
+    tls_port: Option<u16>,
     program: OsString,
     logs: Logs,
     proc: Option<Proc>,
@@ -29,11 +36,22 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers; panics if it cannot.
     pub async fn start() -> Self {
+        Self::start_on_free_ports(false).await
+    }
+
+    /// [`start`](Self::start), serving TLS too on a port of its own: see
+    /// [`tls_url`](Self::tls_url).
+    pub async fn start_tls() -> Self {
+        Self::start_on_free_ports(true).await
+    }
+
+    async fn start_on_free_ports(tls: bool) -> Self {
         let program = std::env::var_os("REDIS_SERVER").unwrap_or_else(|| "redis-server".into());
         let mut failures = Vec::new();
         for _ in 0..5 {
             let mut server = Self {
                 port: free_port(),
+                tls_port: tls.then(free_port),
                 program: program.clone(),
                 logs: Logs::Memory,
                 proc: None,
@@ -59,6 +77,7 @@ impl RedisServer {
     ) -> anyhow::Result<Self> {
         let mut server = Self {
             port,
+            tls_port: None,
             program: program.into(),
             logs,
             proc: None,
@@ -79,6 +98,15 @@ impl RedisServer {
     /// `redis://127.0.0.1:<port>`, the `REDIS_URL` of replicas.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://127.0.0.1:<TLS port>`, the `REDIS_URL` of replicas on TLS; panics unless
+    /// the server was started with [`start_tls`](Self::start_tls).
+    pub fn tls_url(&self) -> String {
+        crate::tls::url(
+            self.tls_port
+                .expect("tls_url: the server was not started with RedisServer::start_tls"),
+        )
     }
 
     /// Kills the server (SIGKILL) and waits for it to be gone.
@@ -107,11 +135,15 @@ impl RedisServer {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .args(["--loglevel", "warning"]);
+        if let Some(tls_port) = self.tls_port {
+            command.args(crate::tls::server_args(tls_port));
+        }
         let mut proc = Proc::spawn("redis", command, self.logs.clone()).map_err(|e| {
             e.context("install redis-server (apt-get install redis-server), or name it")
         })?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
+            // A TLS port that was taken makes it exit too.
             if let Some(status) = proc.exited() {
                 anyhow::bail!(
                     "redis-server on port {} exited ({status})\n{}",

@@ -119,6 +119,37 @@ impl ReplicaBuilder {
             .env("REDIS_SENTINEL_MASTER", sentinel.master_name())
     }
 
+    /// [`redis`](Self::redis) over TLS: `redis`'s [`tls_url`](RedisServer::tls_url), and the
+    /// [test CA](crate::tls) as the one root the replica trusts (`SSL_CERT_FILE`).
+    pub fn redis_tls(self, redis: &RedisServer) -> Self {
+        self.redis_url(&redis.tls_url()).trust_test_ca()
+    }
+
+    /// [`redis_cluster`](Self::redis_cluster) over TLS: `cluster`'s
+    /// [`tls_seed_urls`](crate::RedisCluster::tls_seed_urls), and the test CA as the one root
+    /// the replica trusts.
+    pub fn redis_cluster_tls(self, cluster: &crate::RedisCluster) -> Self {
+        self.unset("FANOUT_BUS")
+            .env("REDIS_CLUSTER_URLS", cluster.tls_seed_urls())
+            .trust_test_ca()
+    }
+
+    /// [`redis_sentinel`](Self::redis_sentinel) over TLS: `sentinel`'s
+    /// [`tls_sentinel_urls`](crate::RedisSentinel::tls_sentinel_urls), and the test CA as the
+    /// one root the replica trusts.
+    pub fn redis_sentinel_tls(self, sentinel: &crate::RedisSentinel) -> Self {
+        self.unset("FANOUT_BUS")
+            .env("REDIS_SENTINEL_URLS", sentinel.tls_sentinel_urls())
+            .env("REDIS_SENTINEL_MASTER", sentinel.master_name())
+            .trust_test_ca()
+    }
+
+    /// `SSL_CERT_FILE` = the test CA's certificate: the roots the replica trusts, in place of
+    /// the system's.
+    fn trust_test_ca(self) -> Self {
+        self.env("SSL_CERT_FILE", crate::tls::test_ca().ca_file.display())
+    }
+
     /// Uses the Redis at `url` as the bus, instead of the in-process one.
     pub fn redis_url(self, url: &str) -> Self {
         self.unset("FANOUT_BUS").env("REDIS_URL", url)

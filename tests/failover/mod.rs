@@ -2,6 +2,9 @@
 //! `tests/sentinel.rs`): one test file per bus says how to kill its master, these say what
 //! the replicas must do about it.
 
+// Each test file that includes this module uses only the scenarios it needs.
+#![allow(dead_code)]
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 

@@ -124,13 +124,24 @@ impl ClusterBus {
             .map(|url| redis::IntoConnectionInfo::into_connection_info(url.as_str()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| BusSetupError::InvalidUrl(e.to_string()))?;
-        let auth = infos
-            .first()
-            .map(|info| Auth {
-                username: info.redis_settings().username().map(str::to_string),
-                password: info.redis_settings().password().map(str::to_string),
-            })
-            .unwrap_or_default();
+        let tls = settings
+            .seeds
+            .iter()
+            .any(|url| url.starts_with("rediss://"));
+        let auth = Auth {
+            tls: tls
+                .then(Auth::tls_connector)
+                .transpose()
+                .map_err(BusSetupError::InvalidUrl)?,
+            ..infos
+                .first()
+                .map(|info| Auth {
+                    username: info.redis_settings().username().map(str::to_string),
+                    password: info.redis_settings().password().map(str::to_string),
+                    tls: None,
+                })
+                .unwrap_or_default()
+        };
         let client = ClusterClient::builder(infos)
             .connection_timeout(CONNECT_TIMEOUT)
             .response_timeout(COMMAND_TIMEOUT)

@@ -8,15 +8,20 @@
 //! write `SSUBSCRIBE`/`SUNSUBSCRIBE`/`PING` commands, read arrays of bulk strings and
 //! integers, and errors.
 //!
+//! With `rediss://` seeds the connection is TLS (rustls, the system's roots or
+//! `SSL_CERT_FILE`), verified against the address the cluster announces for the node.
+//!
 //! The connection reports what the manager must decide on (confirmations, errors, probes,
 //! its end) as [`Event`]s, and hands organization messages to the sink itself, so that a
 //! busy manager never delays delivery.
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf,
+    WriteHalf,
+};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -38,15 +43,47 @@ pub enum Event {
     Closed(String),
 }
 
-/// Credentials sent with `AUTH` on connect, from the seed URLs.
-#[derive(Debug, Clone, Default)]
+/// How to open a node connection, from the seed URLs: credentials sent with `AUTH`, and
+/// TLS for `rediss://`.
+#[derive(Clone, Default)]
 pub struct Auth {
     pub username: Option<String>,
     pub password: Option<String>,
+    pub tls: Option<tokio_rustls::TlsConnector>,
 }
 
+impl Auth {
+    /// TLS verified against the system's roots (or `SSL_CERT_FILE` / `SSL_CERT_DIR`), as the
+    /// `redis` crate's connections do.
+    pub fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
+        let found = rustls_native_certs::load_native_certs();
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+            return Err(format!(
+                "no trusted root certificate found for rediss:// (set SSL_CERT_FILE to the CA of your Redis){}",
+                if errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", errors.join("; "))
+                }
+            ));
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    }
+}
+
+/// A node connection's byte stream: TCP, or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type Reader = BufReader<ReadHalf<Box<dyn Io>>>;
+
 pub struct NodeConn {
-    writer: OwnedWriteHalf,
+    writer: WriteHalf<Box<dyn Io>>,
     reader: JoinHandle<()>,
 }
 
@@ -74,7 +111,19 @@ impl NodeConn {
             .await
             .map_err(|e| format!("cannot connect to {node}: {e}"))?;
         let _ = stream.set_nodelay(true);
-        let (read, mut writer) = stream.into_split();
+        let stream: Box<dyn Io> = match &auth.tls {
+            None => Box::new(stream),
+            Some(tls) => {
+                let host = node.rsplit_once(':').map_or(node, |(host, _)| host);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| format!("{node}: {host:?} is not a TLS server name: {e}"))?;
+                Box::new(tls.connect(name, stream).await.map_err(|e| {
+                    super::super::master::explain(format!("TLS with {node} failed: {e}"))
+                })?)
+            }
+        };
+        let (read, mut writer) = tokio::io::split(stream);
         let mut read = BufReader::new(read);
         if let Some(password) = &auth.password {
             let mut args: Vec<&[u8]> = vec![b"AUTH"];
@@ -132,7 +181,7 @@ enum Frame {
     Array(Vec<Frame>),
 }
 
-async fn read_line(r: &mut BufReader<OwnedReadHalf>) -> Result<String, String> {
+async fn read_line(r: &mut Reader) -> Result<String, String> {
     let mut line = Vec::new();
     let n = r
         .read_until(b'\n', &mut line)
@@ -149,7 +198,7 @@ async fn read_line(r: &mut BufReader<OwnedReadHalf>) -> Result<String, String> {
 }
 
 fn read_frame(
-    r: &mut BufReader<OwnedReadHalf>,
+    r: &mut Reader,
     max_bulk: usize,
 ) -> futures_util::future::BoxFuture<'_, Result<Frame, String>> {
     Box::pin(async move {
@@ -197,7 +246,7 @@ fn read_frame(
     })
 }
 
-async fn read_loop(mut read: BufReader<OwnedReadHalf>, mut w: Wiring) {
+async fn read_loop(mut read: Reader, mut w: Wiring) {
     let why = loop {
         let frame = match read_frame(&mut read, w.max_bulk).await {
             Ok(frame) => frame,
@@ -269,8 +318,8 @@ mod tests {
                 .unwrap();
             s
         });
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (read, _write) = stream.into_split();
+        let stream: Box<dyn Io> = Box::new(TcpStream::connect(addr).await.unwrap());
+        let (read, _write) = tokio::io::split(stream);
         let mut read = BufReader::new(read);
         let _server = server.await.unwrap();
         let bulk = |b: &[u8]| Frame::Bulk(Some(b.to_vec()));
