@@ -242,17 +242,20 @@ async fn subscription_connections_killed_by_the_masters_are_made_again() {
     }
 }
 
+/// Masters added and removed: a new master that is given acme's slot gets a connection, its
+/// probe and acme's subscription; once the slot moves back and the master is removed, the
+/// replica lets go of it without a probe failure or a moment unready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_master_added_to_the_cluster_gets_its_connection_and_its_channels() {
+async fn a_master_added_then_removed_gets_then_loses_its_connection_and_channels() {
     let mut cluster = RedisCluster::start(3, 0).await;
     let mut a = on(&cluster, "a").await;
     let mut alice = a.login("acme", "alice").await;
+    let slot = RedisCluster::slot(&channel("acme"));
+    let home = cluster.owner(slot).await;
     let new = cluster.add_master().await;
     // The new master owns acme's slot: the replica follows the slot there (its
     // `sunsubscribe`), connects to the master it did not know, and probes it.
-    cluster
-        .migrate_slot(RedisCluster::slot(&channel("acme")), new)
-        .await;
+    cluster.migrate_slot(slot, new).await;
     eventually("acme subscribed at the new master", SOON, || async {
         (cluster.shard_numsub(&channel("acme")).await == 1).then_some(())
     })
@@ -265,5 +268,71 @@ async fn a_master_added_to_the_cluster_gets_its_connection_and_its_channels() {
     .await;
     a.publish("acme", "after", json!(1)).await;
     assert_eq!(alice.expect("after", QUICK).await, json!(1));
+
+    // Emptied: acme goes home, and the master without slots is no master of the cluster
+    // any more (CLUSTER SLOTS leaves it out): its connection is closed.
+    cluster.migrate_slot(slot, home).await;
+    eventually(
+        "no subscriber connection left on the emptied master",
+        SOON,
+        || async {
+            let mut conn = cluster.node_conn(new).await;
+            let clients: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            clients.trim().is_empty().then_some(())
+        },
+    )
+    .await;
+    assert_eq!(cluster.shard_numsub(&channel("acme")).await, 1);
+    cluster.remove_master(new).await;
+    let probes = a.metric("fanout_bus_probe_rtt_seconds_count", &[]).await;
+    a.wait_metric("fanout_bus_probe_rtt_seconds_count", &[], |v| {
+        v >= probes + 6.0
+    })
+    .await;
+    assert_eq!(a.readyz().await, Some(200));
+    a.publish("acme", "removed", json!(2)).await;
+    assert_eq!(alice.expect("removed", QUICK).await, json!(2));
     assert_eq!(a.metric("fanout_bus_probe_failures_total", &[]).await, 0.0);
+    assert_eq!(a.metric("fanout_bus_missed_total", &[]).await, 0.0);
+}
+
+/// A member who joins while its organization's slot is half-migrated (`MIGRATING` at the
+/// owner, `IMPORTING` at the target): Redis 7.0 answers no `ASK` for shard channels, the
+/// owner keeps serving them until the slot is handed over, so the subscription is made there;
+/// then the handover's `sunsubscribe` moves it to the new owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joining_during_a_slot_migration_is_subscribed_then_follows_the_slot() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let a = on(&cluster, "a").await;
+    let mut b = on(&cluster, "b").await;
+    let slot = RedisCluster::slot(&channel("acme"));
+    let masters = cluster.masters().await;
+    let from = cluster.owner(slot).await;
+    let to = *masters.iter().find(|m| **m != from).unwrap();
+    assert_eq!(cluster.begin_migration(slot, to).await, Some(from));
+
+    let mut alice = a.login("acme", "alice").await;
+    assert_eq!(cluster.shard_numsub(&channel("acme")).await, 1);
+    b.publish("acme", "during", json!(1)).await;
+    assert_eq!(alice.expect("during", QUICK).await, json!(1));
+    let envelope = json!({"event": "direct", "data": 2}).to_string();
+    assert_eq!(cluster.spublish(&channel("acme"), envelope).await, 1);
+    assert_eq!(alice.expect("direct", QUICK).await, json!(2));
+
+    cluster.finish_migration(slot, from, to).await;
+    eventually("acme subscribed at its new owner", SOON, || async {
+        (cluster.owner(slot).await == to && cluster.shard_numsub(&channel("acme")).await == 1)
+            .then_some(())
+    })
+    .await;
+    b.wait_ready().await;
+    b.publish("acme", "after", json!(3)).await;
+    assert_eq!(alice.expect("after", QUICK).await, json!(3));
+    assert_eq!(a.metric("fanout_bus_duplicates_total", &[]).await, 0.0);
 }

@@ -28,7 +28,8 @@
 //! - a slot migrated away (`CLUSTER SETSLOT <slot> NODE <other>` on its old master): the old
 //!   master *and its replicas* unsubscribe their clients from the shard channels of that
 //!   slot, a `sunsubscribe` push per channel, the connection left open; while the slot is
-//!   only `MIGRATING`, `SPUBLISH` there is still delivered;
+//!   only `MIGRATING`, `SSUBSCRIBE` and `SPUBLISH` there are still served (no `ASK`: shard
+//!   channels are not keys), and the `IMPORTING` node answers them `MOVED` to the owner;
 //! - a failover after a crash: the promoted replica keeps its shard subscribers, who receive
 //!   what is published on it from then on; a manual failover (`CLUSTER FAILOVER`): the
 //!   demoted master unsubscribes its clients (`sunsubscribe`), the promoted one keeps its;
@@ -255,6 +256,16 @@ impl RedisCluster {
     /// `redis-cli --cluster reshard` does, and waits until every running node sees the new
     /// owner. Nothing happens if `to_port` owns it already.
     pub async fn migrate_slot(&self, slot: u16, to_port: u16) {
+        if let Some(from_port) = self.begin_migration(slot, to_port).await {
+            self.finish_migration(slot, from_port, to_port).await;
+        }
+    }
+
+    /// The first half of [`migrate_slot`](Self::migrate_slot): marks `slot` `IMPORTING` on
+    /// the master on `to_port` and `MIGRATING` on its owner, and moves its keys. The owner
+    /// keeps serving the slot's shard channels meanwhile. Returns the owner's port, or `None`
+    /// if `to_port` owns the slot already.
+    pub async fn begin_migration(&self, slot: u16, to_port: u16) -> Option<u16> {
         assert!(slot < SLOTS, "no slot {slot} in a Redis Cluster");
         assert!(
             self.masters().await.contains(&to_port),
@@ -262,18 +273,13 @@ impl RedisCluster {
         );
         let from_port = self.owner(slot).await;
         if from_port == to_port {
-            return;
+            return None;
         }
         let from_id = self.node_id(from_port).await;
         let to_id = self.node_id(to_port).await;
-        let setslot = |state: &str, id: &str| {
-            let mut cmd = redis::cmd("CLUSTER");
-            cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
-            cmd
-        };
-        self.admin::<()>(to_port, &setslot("IMPORTING", &from_id))
+        self.admin::<()>(to_port, &setslot(slot, "IMPORTING", &from_id))
             .await;
-        self.admin::<()>(from_port, &setslot("MIGRATING", &to_id))
+        self.admin::<()>(from_port, &setslot(slot, "MIGRATING", &to_id))
             .await;
         loop {
             let mut getkeys = redis::cmd("CLUSTER");
@@ -294,13 +300,22 @@ impl RedisCluster {
                 .arg(&keys);
             self.admin::<()>(from_port, &migrate).await;
         }
+        Some(from_port)
+    }
+
+    /// The second half of [`migrate_slot`](Self::migrate_slot): gives `slot` to the master
+    /// on `to_port` everywhere and waits until every running node sees it there.
+    pub async fn finish_migration(&self, slot: u16, from_port: u16, to_port: u16) {
+        let to_id = self.node_id(to_port).await;
         // The target first (it takes the slot and bumps its epoch), then the source (it
         // stops serving it), then the other masters; gossip tells the replicas.
-        self.admin::<()>(to_port, &setslot("NODE", &to_id)).await;
-        self.admin::<()>(from_port, &setslot("NODE", &to_id)).await;
+        self.admin::<()>(to_port, &setslot(slot, "NODE", &to_id))
+            .await;
+        self.admin::<()>(from_port, &setslot(slot, "NODE", &to_id))
+            .await;
         for port in self.masters().await {
             if port != from_port && port != to_port {
-                self.admin::<()>(port, &setslot("NODE", &to_id)).await;
+                self.admin::<()>(port, &setslot(slot, "NODE", &to_id)).await;
             }
         }
         until(
@@ -318,6 +333,53 @@ impl RedisCluster {
                             v.port,
                             v.owner(slot)
                         ));
+                    }
+                }
+                Ok(())
+            },
+        )
+        .await;
+    }
+
+    /// Removes the master on `port`, which must own no slot any more (migrate them away
+    /// first), the way `redis-cli --cluster del-node` does: every other node forgets it,
+    /// then it is shut down. Waits until no running node knows it.
+    pub async fn remove_master(&mut self, port: u16) {
+        let views = self
+            .views()
+            .await
+            .unwrap_or_else(|e| panic!("remove_master: {e}"));
+        let owned = views.iter().find(|v| v.port == port).map_or(0, |v| {
+            (0..SLOTS).filter(|s| v.owner(*s) == Some(port)).count()
+        });
+        assert_eq!(owned, 0, "remove_master: {port} still owns {owned} slots");
+        let id = self.node_id(port).await;
+        for other in self.running() {
+            if other != port {
+                let mut forget = redis::cmd("CLUSTER");
+                forget.arg("FORGET").arg(&id);
+                self.admin::<()>(other, &forget).await;
+            }
+        }
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("remove_master: no such node");
+        node.proc = None;
+        until(
+            &format!("every Redis Cluster node to forget {port}"),
+            PATIENCE,
+            || async {
+                for other in self.running() {
+                    let mut cmd = redis::cmd("CLUSTER");
+                    cmd.arg("NODES");
+                    let nodes: String = query(other, &cmd).await.map_err(|e| format!("{e:#}"))?;
+                    if nodes
+                        .lines()
+                        .any(|l| l.contains(&format!("127.0.0.1:{port}@")))
+                    {
+                        return Err(format!("node {other} still knows {port}"));
                     }
                 }
                 Ok(())
@@ -942,4 +1004,11 @@ mod tests {
         assert_eq!(e.master_id.as_deref(), Some("b0f8"));
         assert!(Entry::parse("abcd :0@0 master,noaddr - 0 0 0 disconnected").is_none());
     }
+}
+
+/// `CLUSTER SETSLOT <slot> <state> <node id>`.
+fn setslot(slot: u16, state: &str, id: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("CLUSTER");
+    cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+    cmd
 }
