@@ -952,6 +952,13 @@ where
     }
 }
 
+/// `CLUSTER SETSLOT <slot> <state> <node id>`.
+fn setslot(slot: u16, state: &str, id: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("CLUSTER");
+    cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+    cmd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1004,11 +1011,4 @@ mod tests {
         assert_eq!(e.master_id.as_deref(), Some("b0f8"));
         assert!(Entry::parse("abcd :0@0 master,noaddr - 0 0 0 disconnected").is_none());
     }
-}
-
-/// `CLUSTER SETSLOT <slot> <state> <node id>`.
-fn setslot(slot: u16, state: &str, id: &str) -> redis::Cmd {
-    let mut cmd = redis::cmd("CLUSTER");
-    cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
-    cmd
 }
