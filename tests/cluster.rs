@@ -173,6 +173,73 @@ async fn a_killed_master_is_followed_to_its_replica() {
     assert_ne!(cluster.owner(slot).await, master);
 }
 
+/// A master's failure stops only the organizations whose slots it owns: while acme's master
+/// is down and replaced, publishes for an organization on another master are all taken and
+/// delivered on both replicas, though the replicas are unready meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_stops_only_its_own_organizations() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let a = on(&cluster, "a").await;
+    let b = on(&cluster, "b").await;
+    let master = cluster.owner(RedisCluster::slot(&channel("acme"))).await;
+    let mut other = None;
+    for i in 0.. {
+        let org = format!("org-{i}");
+        if cluster.owner(RedisCluster::slot(&channel(&org))).await != master {
+            other = Some(org);
+            break;
+        }
+    }
+    let other = other.unwrap();
+    let _carol = a.login("acme", "carol").await;
+    let mut alice = a.login(&other, "alice").await;
+    let mut bob = b.login(&other, "bob").await;
+
+    cluster.kill_master(master).await;
+    let killed = Instant::now();
+    let (mut sent, mut acme_refused, mut unready) = (0u64, 0, false);
+    loop {
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "acme's publishes still refused 20 s after its master died"
+        );
+        let body = json!({"organizationId": other, "event": "tick", "data": sent});
+        let reply = a.post("/v1/publish", &body).await;
+        assert_eq!(
+            reply.status, 200,
+            "{other} while acme's master is down: {reply:?}"
+        );
+        sent += 1;
+        unready |= a.readyz().await == Some(503);
+        let body = json!({"organizationId": "acme", "event": "tick", "data": 0});
+        match a.post("/v1/publish", &body).await.status {
+            200 if acme_refused > 0 => break,
+            200 => {}
+            503 => acme_refused += 1,
+            other => panic!("acme's publish answered {other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        acme_refused > 0,
+        "acme's master died, yet no publish was refused"
+    );
+    assert!(
+        unready,
+        "/readyz said ready while acme's subscription was down"
+    );
+    a.publish(&other, "marker", Value::Null).await;
+    let expected: Vec<(String, Value)> =
+        (0..sent).map(|n| ("tick".to_string(), json!(n))).collect();
+    assert_eq!(before_marker(&mut alice).await, expected, "alice");
+    assert_eq!(before_marker(&mut bob).await, expected, "bob");
+    eprintln!(
+        "{sent} publishes for {other} taken and delivered while acme's master was down and \
+         {acme_refused} of acme's refused, for {:?}",
+        killed.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_member_leaving_unsubscribes_the_shard_channel() {
     let cluster = RedisCluster::start(3, 0).await;

@@ -6,8 +6,9 @@
 //! Publishers number their ephemeral messages here, and subscribers count the numbers
 //! that never arrived here too (`gaps.rs`).
 //!
-//! An ephemeral message is taken only if it went out while the subscriptions were all in
-//! place and stayed so, and if Redis says it reached a subscriber whenever this replica
+//! An ephemeral message is taken only if it went out while the subscriptions it needs were
+//! all in place and stayed so (with one Redis: all of them; in a cluster: those of its
+//! channel's hash slot, so that a dead master stops only its own organizations), and if Redis says it reached a subscriber whenever this replica
 //! holds sockets of the organization: otherwise its publisher is told to retry, since this
 //! replica's own members may have missed it.
 
@@ -33,21 +34,35 @@ pub struct Request {
     pub applied: Option<oneshot::Sender<()>>,
 }
 
+/// Whether the subscriptions an organization's messages need are in place, per slot of a
+/// cluster; without it, the gate's one flag and generation say it for all.
+pub trait Health: Send + Sync {
+    /// A token while they are in place (the same token as long as they stay so), `None`
+    /// while they are not.
+    fn token(&self, org: &OrgId) -> Option<u64>;
+}
+
 pub struct Gate {
-    /// Set by the subscription task.
+    /// Set by the subscription task: every subscription is in place.
     pub up: Arc<AtomicBool>,
     /// Bumped by the subscription task when subscriptions were lost or made again.
     pub generation: Arc<AtomicU64>,
     /// What this replica's subscriptions missed of what was published.
     pub gaps: Arc<Gaps>,
     stamps: Stamps,
+    /// Finer than `up` and `generation`, when set.
+    health: Option<Arc<dyn Health>>,
     presence: Arc<Presence>,
     requests: mpsc::UnboundedSender<Request>,
 }
 
 impl Gate {
-    /// The gate, and the requests for the subscription task.
-    pub fn new(presence: Arc<Presence>) -> (Self, mpsc::UnboundedReceiver<Request>) {
+    /// The gate, and the requests for the subscription task. With `health`, a publish needs
+    /// only its own organization's subscriptions in place; without, all of them.
+    pub fn new(
+        presence: Arc<Presence>,
+        health: Option<Arc<dyn Health>>,
+    ) -> (Self, mpsc::UnboundedReceiver<Request>) {
         let (tx, rx) = mpsc::unbounded_channel();
         // Present from the start, so that the first misses show as an increase.
         ::metrics::counter!(metrics::BUS_MISSED).increment(0);
@@ -57,6 +72,7 @@ impl Gate {
             generation: Arc::new(AtomicU64::new(0)),
             gaps: Arc::default(),
             stamps: Stamps::new(),
+            health,
             presence,
             requests: tx,
         };
@@ -74,11 +90,10 @@ impl Gate {
         mut msg: Message,
         send: impl FnOnce(Message) -> F,
     ) -> Result<(), BusError> {
-        let generation = self.generation.load(Ordering::Acquire);
-        if !self.is_up() {
-            return Err(BusError::Resubscribing);
-        }
         let org = msg.org.clone();
+        let Some(token) = self.token(&org) else {
+            return Err(BusError::Resubscribing);
+        };
         let stamp = self.stamps.next(&org);
         msg.stamp = Some(stamp);
         let taken = async {
@@ -86,7 +101,7 @@ impl Gate {
             if receivers == 0 && self.presence.org_sockets(&org) > 0 {
                 return Err(BusError::Resubscribing);
             }
-            if !self.is_up() || self.generation.load(Ordering::Acquire) != generation {
+            if self.token(&org) != Some(token) {
                 return Err(BusError::Resubscribing);
             }
             Ok(())
@@ -96,6 +111,18 @@ impl Gate {
             self.stamps.failed(&org, stamp);
         }
         taken
+    }
+
+    /// The subscriptions `org`'s messages need are in place: a token that changes when
+    /// they are lost.
+    fn token(&self, org: &OrgId) -> Option<u64> {
+        match &self.health {
+            Some(health) => health.token(org),
+            None => {
+                let generation = self.generation.load(Ordering::Acquire);
+                self.is_up().then_some(generation)
+            }
+        }
     }
 
     /// Called after a socket of `org` was counted in presence: resolves once this replica

@@ -89,7 +89,7 @@ impl RedisBus {
         tasks: &Tasks,
     ) -> Result<Self, BusSetupError> {
         let master = Arc::new(Master::new(settings.target)?);
-        let (gate, rx) = Gate::new(presence.clone());
+        let (gate, rx) = Gate::new(presence.clone(), None);
         ::metrics::gauge!(metrics::REDIS_UP).set(0.0);
         ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(0.0);
         // Restarted when it fails: presence says what to subscribe to, and requests wait

@@ -37,7 +37,7 @@ use tokio::sync::{OnceCell, mpsc, oneshot};
 use tokio::time::Instant;
 
 use self::node::{Auth, Event, NodeConn, Wiring};
-use self::slots::{Node, SlotMap, slot};
+use self::slots::{Node, SLOTS, SlotHealth, SlotMap, slot};
 use super::gaps::Gaps;
 use super::gate::{Gate, Request};
 use super::inbound::Inbound;
@@ -151,7 +151,8 @@ impl ClusterBus {
             client,
             conn: OnceCell::new(),
         });
-        let (gate, rx) = Gate::new(presence.clone());
+        let health = Arc::new(SlotHealth::new(&settings.prefix));
+        let (gate, rx) = Gate::new(presence.clone(), Some(health.clone()));
         ::metrics::gauge!(metrics::REDIS_UP).set(0.0);
         ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(0.0);
         let requests = Arc::new(tokio::sync::Mutex::new(rx));
@@ -177,6 +178,7 @@ impl ClusterBus {
                     presence: presence.clone(),
                     sink: sink.clone(),
                     gaps: gaps.clone(),
+                    health: health.clone(),
                     up: shared_up.clone(),
                     losses: shared_losses.clone(),
                     shutdown,
@@ -300,6 +302,9 @@ struct Manager {
     sink: Arc<dyn Sink>,
     /// What the subscriptions missed of what was published (shared with the gate).
     gaps: Arc<Gaps>,
+    /// Per slot, whether its subscriptions are in place (shared with the gate).
+    health: Arc<SlotHealth>,
+    /// Every subscription is in place (readiness).
     up: Arc<AtomicBool>,
     losses: Arc<AtomicU64>,
     shutdown: Shutdown,
@@ -320,7 +325,9 @@ struct Manager {
 
 impl Manager {
     async fn run(mut self, requests: &mut mpsc::UnboundedReceiver<Request>) {
+        // A previous incarnation may have died with slots up: none is, until connected.
         self.set_up(false);
+        self.update_health();
         let mut retry = Retry::new(
             "read the redis cluster's slot map",
             BACKOFF_MIN,
@@ -408,13 +415,33 @@ impl Manager {
         if up != self.up.load(Ordering::Acquire) {
             self.set_up(up);
         }
+        self.update_health();
         let confirmed = self.orgs.values().filter(|s| s.confirmed).count();
         ::metrics::gauge!(metrics::REDIS_SUBSCRIPTIONS).set(confirmed as f64);
+    }
+
+    /// Per slot: up while its master has a live, probed connection and none of its
+    /// organizations' subscriptions is being made again.
+    fn update_health(&self) {
+        let mut up = vec![false; usize::from(SLOTS)];
+        for (start, end, node) in self.map.ranges() {
+            if self.nodes.get(node).is_some_and(|n| n.probing) {
+                up[usize::from(start)..=usize::from(end)].fill(true);
+            }
+        }
+        for org in &self.recovering {
+            up[usize::from(slot(channel(&self.prefix, org).as_bytes()))] = false;
+        }
+        for (s, up) in (0..SLOTS).zip(up) {
+            self.health.set(s, up);
+        }
     }
 
     /// A subscription that was in place is gone: publishes in flight must not count as
     /// delivered here, and readiness drops until it is made again.
     fn lose(&mut self, org: &OrgId) {
+        self.health
+            .set(slot(channel(&self.prefix, org).as_bytes()), false);
         self.losses.fetch_add(1, Ordering::AcqRel);
         self.lost_any = true;
         self.recovering.insert(org.clone());
@@ -513,6 +540,11 @@ impl Manager {
             return;
         }
         tracing::warn!(%node, "redis cluster subscriber connection closed: {why}");
+        for (start, end, _) in self.map.ranges().filter(|(_, _, n)| *n == node) {
+            for s in start..=end {
+                self.health.set(s, false);
+            }
+        }
         let here: Vec<(OrgId, bool)> = self
             .orgs
             .iter()

@@ -7,6 +7,10 @@
 //! read again.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::super::gate::Health;
+use crate::protocol::OrgId;
 
 /// Hash slots in a cluster.
 pub const SLOTS: u16 = 16384;
@@ -91,6 +95,13 @@ impl SlotMap {
         (slot <= *end).then_some(node)
     }
 
+    /// Each range of slots, first to last, with its master.
+    pub fn ranges(&self) -> impl Iterator<Item = (u16, u16, &Node)> {
+        self.ranges
+            .iter()
+            .map(|(start, (end, node))| (*start, *end, node))
+    }
+
     /// Every master, once each.
     pub fn masters(&self) -> Vec<Node> {
         let mut nodes: Vec<Node> = self.ranges.values().map(|(_, n)| n.clone()).collect();
@@ -116,6 +127,39 @@ impl SlotMap {
         (0..200_000u32)
             .map(|i| i.to_string())
             .find(|tag| self.owner(slot(tag.as_bytes())).is_some_and(|n| n == node))
+    }
+}
+
+/// Per hash slot, whether the subscriptions of its channels are in place, for the gate: a
+/// word per slot, odd while not, bumped at each change, so that a publish can tell that its
+/// slot was lost (even briefly) while it went out. Written by the manager only.
+pub struct SlotHealth {
+    words: Box<[AtomicU64]>,
+    org_prefix: String,
+}
+
+impl SlotHealth {
+    /// Every slot down, until the manager has its subscriptions in place.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            words: (0..SLOTS).map(|_| AtomicU64::new(1)).collect(),
+            org_prefix: format!("{prefix}org:"),
+        }
+    }
+
+    pub fn set(&self, slot: u16, up: bool) {
+        let word = &self.words[usize::from(slot)];
+        if (word.load(Ordering::Acquire) & 1 == 0) != up {
+            word.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Health for SlotHealth {
+    fn token(&self, org: &OrgId) -> Option<u64> {
+        let name = format!("{}{org}", self.org_prefix);
+        let word = self.words[usize::from(slot(name.as_bytes()))].load(Ordering::Acquire);
+        (word & 1 == 0).then_some(word)
     }
 }
 
@@ -176,5 +220,27 @@ mod tests {
         assert!(!partial.is_complete());
         assert_eq!(partial.owner(101), None);
         assert!(SlotMap::from_cluster_slots(&Value::Int(1)).is_err());
+    }
+
+    #[test]
+    fn a_slot_lost_and_back_has_a_new_token() {
+        let health = SlotHealth::new("fanout:");
+        let acme = OrgId::parse("acme").unwrap();
+        let mine = slot(b"fanout:org:acme");
+        assert_eq!(health.token(&acme), None, "down until the manager says");
+        health.set(mine, true);
+        let token = health.token(&acme).unwrap();
+        health.set(mine, true);
+        assert_eq!(
+            health.token(&acme),
+            Some(token),
+            "unchanged while it stays up"
+        );
+        health.set(mine.wrapping_add(1) % SLOTS, false);
+        assert_eq!(health.token(&acme), Some(token), "another slot's loss");
+        health.set(mine, false);
+        assert_eq!(health.token(&acme), None);
+        health.set(mine, true);
+        assert!(health.token(&acme).is_some_and(|t| t != token));
     }
 }
