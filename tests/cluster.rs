@@ -240,6 +240,44 @@ async fn a_killed_master_stops_only_its_own_organizations() {
     );
 }
 
+/// A subscription connection to a master that stays open but carries nothing any more (a
+/// proxy or a NAT that stopped forwarding; here a proxy the master announces as its
+/// address): the probe through that master finds it, the replica says it is unready and
+/// refuses acme's publishes, and subscribes again once the path works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscription_to_a_master_is_found_by_the_probe_and_made_again() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let master = cluster.owner(RedisCluster::slot(&channel("acme"))).await;
+    let proxy = Proxy::start(([127, 0, 0, 1], master).into()).await;
+    cluster.announce(master, proxy.port()).await;
+    let mut a = on(&cluster, "a").await;
+    let mut b = on(&cluster, "b").await;
+    let mut alice = a.login("acme", "alice").await;
+    b.publish("acme", "before", json!(1)).await;
+    assert_eq!(alice.expect("before", QUICK).await, json!(1));
+    a.wait_metric("fanout_bus_probe_rtt_seconds_count", &[], |v| v >= 3.0)
+        .await;
+
+    proxy.silence_subscribers();
+    a.wait_metric(
+        "fanout_bus_probe_failures_total",
+        &[("reason", "lost")],
+        |v| v >= 1.0,
+    )
+    .await;
+    a.wait_readyz(503).await;
+    let body = json!({"organizationId": "acme", "event": "during", "data": 2});
+    let refused = a.post("/v1/publish", &body).await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+
+    proxy.resume();
+    a.wait_ready().await;
+    b.wait_ready().await;
+    b.publish("acme", "after", json!(3)).await;
+    assert_eq!(alice.expect("after", QUICK).await, json!(3));
+    assert_eq!(cluster.shard_numsub(&channel("acme")).await, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_member_leaving_unsubscribes_the_shard_channel() {
     let cluster = RedisCluster::start(3, 0).await;

@@ -49,6 +49,11 @@ impl Proxy {
         }
     }
 
+    /// The proxy's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
     /// `redis://` URL of the proxy.
     pub fn url(&self) -> String {
         format!("redis://{}", self.addr)

@@ -341,6 +341,35 @@ impl RedisCluster {
         .await;
     }
 
+    /// Has the node on `port` announce `announced` as its client port instead (`CONFIG SET
+    /// cluster-announce-port`), so that clients that follow the cluster's map reach it there,
+    /// through a [`Proxy`](crate::Proxy) say. Waits until every running node's map says so.
+    /// The node's own methods here take its announced port from then on.
+    pub async fn announce(&self, port: u16, announced: u16) {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("SET").arg("cluster-announce-port").arg(announced);
+        self.admin::<()>(port, &cmd).await;
+        until(
+            &format!("every node to announce {port} as {announced}"),
+            PATIENCE,
+            || async {
+                for other in self.running() {
+                    let mut cmd = redis::cmd("CLUSTER");
+                    cmd.arg("NODES");
+                    let nodes: String = query(other, &cmd).await.map_err(|e| format!("{e:#}"))?;
+                    if !nodes
+                        .lines()
+                        .any(|l| l.contains(&format!("127.0.0.1:{announced}@")))
+                    {
+                        return Err(format!("node {other} does not see {announced} yet"));
+                    }
+                }
+                Ok(())
+            },
+        )
+        .await;
+    }
+
     /// Removes the master on `port`, which must own no slot any more (migrate them away
     /// first), the way `redis-cli --cluster del-node` does: every other node forgets it,
     /// then it is shut down. Waits until no running node knows it.
