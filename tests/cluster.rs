@@ -278,6 +278,71 @@ async fn a_silent_subscription_to_a_master_is_found_by_the_probe_and_made_again(
     assert_eq!(cluster.shard_numsub(&channel("acme")).await, 1);
 }
 
+/// A master that died comes back (empty, with its old `nodes.conf`) and rejoins as a
+/// replica of the node that took its slots, while publishes go on: every one taken reaches
+/// both members once, and the replicas' subscriptions stay where the slot is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_master_rejoins_while_publishes_go_on() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let mut a = on(&cluster, "a").await;
+    let mut b = on(&cluster, "b").await;
+    let mut alice = a.login("acme", "alice").await;
+    let mut bob = b.login("acme", "bob").await;
+    let slot = RedisCluster::slot(&channel("acme"));
+    let old = cluster.owner(slot).await;
+    cluster.kill_master(old).await;
+    let new = cluster.wait_failover(slot, old).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+
+    let restarted = std::sync::atomic::AtomicBool::new(false);
+    let publishing = async {
+        let (mut accepted, mut refused, mut after) = (Vec::new(), Vec::new(), 0);
+        for n in 0u64.. {
+            if restarted.load(std::sync::atomic::Ordering::Acquire) {
+                after += 1;
+                if after > 20 {
+                    break;
+                }
+            }
+            let body = json!({"organizationId": "acme", "event": "tick", "data": n});
+            match a.post("/v1/publish", &body).await.status {
+                200 => accepted.push(json!(n)),
+                503 => refused.push(n),
+                other => panic!("publish answered {other}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (accepted, refused)
+    };
+    let restart = async {
+        cluster.restart(old).await;
+        restarted.store(true, std::sync::atomic::Ordering::Release);
+    };
+    let ((accepted, refused), ()) = tokio::join!(publishing, restart);
+    assert_eq!(
+        cluster.owner(slot).await,
+        new,
+        "the old master is a replica now"
+    );
+    a.publish("acme", "marker", Value::Null).await;
+    for (name, client) in [("alice", &mut alice), ("bob", &mut bob)] {
+        let got: Vec<Value> = before_marker(client)
+            .await
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        failover::all_once(&got, &accepted, name);
+    }
+    eprintln!(
+        "{} publishes taken while the old master restarted and rejoined, {} refused: {refused:?}",
+        accepted.len(),
+        refused.len()
+    );
+    assert_eq!(a.metric("fanout_bus_missed_total", &[]).await, 0.0);
+    assert_eq!(b.metric("fanout_bus_missed_total", &[]).await, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_member_leaving_unsubscribes_the_shard_channel() {
     let cluster = RedisCluster::start(3, 0).await;
