@@ -149,3 +149,82 @@ impl Gate {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::value::RawValue;
+
+    use super::*;
+    use crate::protocol::{EventName, UserId};
+
+    fn message(org: &OrgId) -> Message {
+        Message {
+            org: org.clone(),
+            event: EventName::parse("tick").unwrap(),
+            data: RawValue::from_string("1".into()).unwrap(),
+            ts_ms: None,
+            user: None,
+            via_ingest: true,
+            seq: None,
+            sig: None,
+            stamp: None,
+        }
+    }
+
+    fn gate() -> (Gate, Arc<Presence>, OrgId) {
+        let presence = Arc::new(Presence::new());
+        let (gate, _requests) = Gate::new(presence.clone(), None);
+        gate.up.store(true, Ordering::Release);
+        (gate, presence, OrgId::parse("acme").unwrap())
+    }
+
+    #[tokio::test]
+    async fn taken_only_while_in_place_and_received_where_members_are() {
+        let (gate, presence, acme) = gate();
+        let sent = |receivers: i64| move |_: Message| async move { Ok(receivers) };
+        // Nobody here holds acme: Redis taking it is enough.
+        assert!(gate.publish(message(&acme), sent(0)).await.is_ok());
+        // A member here, and Redis says no subscriber got it: this replica's own
+        // subscription missed it.
+        presence.add(&acme, &UserId::parse("alice").unwrap());
+        assert!(matches!(
+            gate.publish(message(&acme), sent(0)).await,
+            Err(BusError::Resubscribing)
+        ));
+        assert!(gate.publish(message(&acme), sent(1)).await.is_ok());
+        // Down: refused without being sent.
+        gate.up.store(false, Ordering::Release);
+        let unsent = |_: Message| async { panic!("sent while the subscriptions were down") };
+        assert!(matches!(
+            gate.publish(message(&acme), unsent).await,
+            Err(BusError::Resubscribing)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_loss_while_it_went_out_refuses_it_and_starts_an_epoch() {
+        let (gate, _presence, acme) = gate();
+        let stamps = std::sync::Mutex::new(Vec::new());
+        let lost_meanwhile = |msg: Message| {
+            stamps.lock().unwrap().push(msg.stamp.unwrap());
+            gate.generation.fetch_add(1, Ordering::AcqRel);
+            async { Ok(1) }
+        };
+        assert!(matches!(
+            gate.publish(message(&acme), lost_meanwhile).await,
+            Err(BusError::Resubscribing)
+        ));
+        let recorded = |msg: Message| {
+            stamps.lock().unwrap().push(msg.stamp.unwrap());
+            async { Ok(1) }
+        };
+        assert!(gate.publish(message(&acme), recorded).await.is_ok());
+        let stamps = stamps.into_inner().unwrap();
+        assert_eq!((stamps[0].epoch, stamps[0].n), (0, 1));
+        assert_eq!(
+            (stamps[1].epoch, stamps[1].n),
+            (1, 1),
+            "a new epoch after the refusal"
+        );
+    }
+}
