@@ -340,6 +340,9 @@ function agreed(views, of, what) {
   return { value: values[0]?.[1] };
 }
 
+/** The master owning `slot` in a node's view (see `RedisCluster#views`), or null. */
+const ownerIn = (view, slot) => view.ranges.find((r) => r.from <= slot && slot <= r.to)?.master ?? null;
+
 /** The number of hash slots of a Redis Cluster. */
 export const CLUSTER_SLOTS = 16384;
 
@@ -447,14 +450,88 @@ export class RedisCluster {
   /** The port of the master that owns `channel`'s slot, as the running nodes agree. */
   async slotOwnerPort(channel) {
     const slot = await this.keyslot(channel);
+    return this.#ownerOf(slot, `${channel} (slot ${slot})`);
+  }
+
+  /** The port of the master that owns `slot` (`name` in a timeout's message), as the running nodes agree. */
+  #ownerOf(slot, name = `slot ${slot}`) {
     return settle(
-      async () =>
-        agreed(
-          await this.#views(),
-          (v) => v.ranges.find((r) => r.from <= slot && slot <= r.to)?.master ?? null,
-          `the owner of slot ${slot}`,
-        ),
-      { what: `the Redis Cluster nodes to agree on the owner of ${channel} (slot ${slot})` },
+      async () => agreed(await this.#views(), (v) => ownerIn(v, slot), `the owner of slot ${slot}`),
+      { what: `the Redis Cluster nodes to agree on the owner of ${name}` },
+    );
+  }
+
+  /**
+   * Moves `slot` (and its keys, if any) from its owner to another master, the one on
+   * `toPort`, the way `redis-cli --cluster reshard` does: `IMPORTING` at the target,
+   * `MIGRATING` at the owner, the keys moved, then `SETSLOT NODE` at the target (it takes
+   * the slot and bumps its epoch), at the old owner (it stops serving the slot and sends
+   * `sunsubscribe` to the slot's shard subscribers) and at the other masters (gossip tells
+   * the replicas). Resolves to the old owner's port once every running node says
+   * `cluster_state:ok` and sees `toPort` own the slot.
+   */
+  async migrateSlot(slot, toPort) {
+    const masters = await this.masters();
+    if (!masters.includes(toPort) || !this.running().includes(toPort)) {
+      throw new Error(`migrateSlot: ${toPort} is not a running master of the Redis Cluster`);
+    }
+    const fromPort = await this.#ownerOf(slot);
+    if (fromPort === toPort) throw new Error(`migrateSlot: ${toPort} owns slot ${slot} already`);
+    const [fromId, toId] = await Promise.all([fromPort, toPort].map((p) => redisCommand(p, "CLUSTER", "MYID")));
+    await redisCommand(toPort, "CLUSTER", "SETSLOT", slot, "IMPORTING", fromId);
+    await redisCommand(fromPort, "CLUSTER", "SETSLOT", slot, "MIGRATING", toId);
+    for (;;) {
+      const keys = await redisCommand(fromPort, "CLUSTER", "GETKEYSINSLOT", slot, 100);
+      if (keys.length === 0) break;
+      await redisCommand(fromPort, "MIGRATE", "127.0.0.1", toPort, "", 0, 5000, "REPLACE", "KEYS", ...keys);
+    }
+    for (const port of [toPort, fromPort, ...masters.filter((p) => p !== fromPort && p !== toPort)]) {
+      await redisCommand(port, "CLUSTER", "SETSLOT", slot, "NODE", toId);
+    }
+    await settle(
+      async () => {
+        const views = await this.#views();
+        const down = views.find((v) => !v.ok);
+        if (down) return `node ${down.port}: cluster_state is not ok`;
+        const owner = agreed(views, (v) => ownerIn(v, slot), `the owner of slot ${slot}`);
+        if (typeof owner === "string" || owner.value === toPort) return owner;
+        return `slot ${slot} is still on ${owner.value}`;
+      },
+      { timeout: 20_000, what: `every Redis Cluster node to see slot ${slot} on ${toPort}` },
+    );
+    return fromPort;
+  }
+
+  /**
+   * Kills the master on `port` with SIGKILL (a crash) and resolves once it is gone. Its
+   * replica takes over when the other masters agree that it failed: see `waitFailover`.
+   */
+  async killMaster(port) {
+    const node = this.nodes.find((n) => n.port === port);
+    if (!node?.proc.running || !(await this.masters()).includes(port)) {
+      throw new Error(`killMaster: ${port} is not a running master of the Redis Cluster`);
+    }
+    await node.proc.stop();
+  }
+
+  /**
+   * Waits until every running node says `cluster_state:ok` and they agree that a running
+   * node other than `oldPort` owns `slot` (2 to 3 s after a kill, with
+   * `--cluster-node-timeout 1000`); resolves to its port. (The cluster does not settle in
+   * the sense of `settled()` any more: the promoted replica has no replica of its own.)
+   */
+  waitFailover(slot, oldPort, timeout = 20_000) {
+    return settle(
+      async () => {
+        const views = await this.#views();
+        const down = views.find((v) => !v.ok);
+        if (down) return `node ${down.port}: cluster_state is not ok`;
+        const owner = agreed(views, (v) => ownerIn(v, slot), `the owner of slot ${slot}`);
+        if (typeof owner === "string") return owner;
+        if (owner.value === oldPort || !this.running().includes(owner.value)) return `slot ${slot} is still on ${owner.value}`;
+        return owner;
+      },
+      { timeout, what: `a failover of slot ${slot} away from ${oldPort}` },
     );
   }
 
@@ -686,6 +763,23 @@ export class Replica {
     } catch {
       return null;
     }
+  }
+
+  /**
+   * The sum of the samples of metric `name` (whatever their labels) on `GET /metrics`, or
+   * `null` when nothing answers or the replica has no such sample yet (a counter appears
+   * once it is first counted).
+   */
+  async metric(name) {
+    let text;
+    try {
+      const res = await fetch(`${this.internal}/metrics`, { signal: AbortSignal.timeout(2000) });
+      text = await res.text();
+    } catch {
+      return null;
+    }
+    const samples = [...text.matchAll(new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, "gm"))];
+    return samples.length ? samples.reduce((sum, m) => sum + Number(m[1]), 0) : null;
   }
 
   /** POSTs `body` to the ingest API; resolves to `{ status, body }` (body parsed if JSON). */
