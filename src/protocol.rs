@@ -235,16 +235,27 @@ impl Stamp {
     fn parse(text: &str) -> Option<Self> {
         let mut parts = text.split(':');
         let (origin, epoch, n) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || origin.len() != 16 {
+        // One spelling per stamp: lowercase hex, decimal digits without sign or leading
+        // zeros.
+        let lower_hex = |t: &str| t.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let decimal = |t: &str| {
+            !t.is_empty()
+                && t.bytes().all(|b| b.is_ascii_digit())
+                && (t == "0" || !t.starts_with('0'))
+        };
+        if parts.next().is_some()
+            || origin.len() != 16
+            || !lower_hex(origin)
+            || !decimal(epoch)
+            || !decimal(n)
+        {
             return None;
         }
-        let stamp = Self {
+        Some(Self {
             origin: u64::from_str_radix(origin, 16).ok()?,
             epoch: epoch.parse().ok()?,
             n: n.parse().ok().filter(|n| *n > 0)?,
-        };
-        // One spelling per stamp: no sign, no leading zeros.
-        (stamp.to_string() == text).then_some(stamp)
+        })
     }
 }
 
