@@ -155,6 +155,13 @@ async fn a_slot_migrated_under_connected_members_keeps_delivering() {
             let mut sorted = got.clone();
             sorted.dedup();
             assert_eq!(sorted, got, "{name}: no duplicates");
+            let missed = accepted.iter().filter(|n| !got.contains(n)).count();
+            eprintln!(
+                "slot migrated under a publish loop: {} publishes taken, all reached a's member \
+                 once; b's member missed {missed}, b counted {}",
+                accepted.len(),
+                b.metric("fanout_bus_missed_total", &[]).await
+            );
         }
     }
     b.publish("acme", "after", json!(1)).await;
