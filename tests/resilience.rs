@@ -173,16 +173,20 @@ async fn a_silent_subscription_is_found_by_the_probe_and_made_again() {
         .await;
 
     proxy.silence_subscribers();
-    // b's publishes go on, answered 200 while a's subscription is silent.
-    let mut sent = 0u64;
+    // b's publishes go on, answered 200 while a's subscription is silent, until a has
+    // found it out. Each publish is finished before the loop looks again (one dropped in
+    // flight could be published yet not counted).
+    let found = std::sync::atomic::AtomicBool::new(false);
     let publishing = async {
-        loop {
+        let mut sent = 0u64;
+        while !found.load(std::sync::atomic::Ordering::Acquire) {
             b.publish("acme", "tick", json!(sent)).await;
             sent += 1;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        sent
     };
-    let found = async {
+    let finding = async {
         // Found by the probe within two intervals, well before the PING's 3 s timeout.
         a.wait_metric(
             "fanout_bus_probe_failures_total",
@@ -191,11 +195,9 @@ async fn a_silent_subscription_is_found_by_the_probe_and_made_again() {
         )
         .await;
         a.wait_readyz(503).await;
+        found.store(true, std::sync::atomic::Ordering::Release);
     };
-    tokio::select! {
-        () = publishing => unreachable!(),
-        () = found => {}
-    }
+    let (sent, ()) = tokio::join!(publishing, finding);
     let reply = a.get("/readyz").await.unwrap();
     assert_eq!(reply.json["bus"], json!("redis"), "{reply:?}");
     // Refused while this replica cannot receive: a publish through it would reach no one
