@@ -143,11 +143,7 @@ async fn a_slot_migrated_under_connected_members_keeps_delivering() {
     a.wait_ready().await;
     a.publish("acme", "marker", Value::Null).await;
     for (name, client) in [("alice", &mut alice), ("bob", &mut bob)] {
-        let got: Vec<Value> = before_marker(client)
-            .await
-            .into_iter()
-            .map(|(_, n)| n)
-            .collect();
+        let got = failover::before_marker(client).await;
         if name == "alice" {
             // a's own member: nothing a answered 200 for is missing or doubled.
             failover::all_once(&got, &accepted, name);
@@ -334,11 +330,7 @@ async fn a_restarted_master_rejoins_while_publishes_go_on() {
     );
     a.publish("acme", "marker", Value::Null).await;
     for (name, client) in [("alice", &mut alice), ("bob", &mut bob)] {
-        let got: Vec<Value> = before_marker(client)
-            .await
-            .into_iter()
-            .map(|(_, n)| n)
-            .collect();
+        let got = failover::before_marker(client).await;
         failover::all_once(&got, &accepted, name);
     }
     eprintln!(

@@ -349,22 +349,11 @@ impl RedisCluster {
         let mut cmd = redis::cmd("CONFIG");
         cmd.arg("SET").arg("cluster-announce-port").arg(announced);
         self.admin::<()>(port, &cmd).await;
-        until(
+        self.until_every_table(
             &format!("every node to announce {port} as {announced}"),
-            PATIENCE,
-            || async {
-                for other in self.running() {
-                    let mut cmd = redis::cmd("CLUSTER");
-                    cmd.arg("NODES");
-                    let nodes: String = query(other, &cmd).await.map_err(|e| format!("{e:#}"))?;
-                    if !nodes
-                        .lines()
-                        .any(|l| l.contains(&format!("127.0.0.1:{announced}@")))
-                    {
-                        return Err(format!("node {other} does not see {announced} yet"));
-                    }
-                }
-                Ok(())
+            |t| {
+                t.lines()
+                    .any(|l| l.contains(&format!("127.0.0.1:{announced}@")))
             },
         )
         .await;
@@ -396,24 +385,9 @@ impl RedisCluster {
             .find(|n| n.port == port)
             .expect("remove_master: no such node");
         node.proc = None;
-        until(
-            &format!("every Redis Cluster node to forget {port}"),
-            PATIENCE,
-            || async {
-                for other in self.running() {
-                    let mut cmd = redis::cmd("CLUSTER");
-                    cmd.arg("NODES");
-                    let nodes: String = query(other, &cmd).await.map_err(|e| format!("{e:#}"))?;
-                    if nodes
-                        .lines()
-                        .any(|l| l.contains(&format!("127.0.0.1:{port}@")))
-                    {
-                        return Err(format!("node {other} still knows {port}"));
-                    }
-                }
-                Ok(())
-            },
-        )
+        self.until_every_table(&format!("every Redis Cluster node to forget {port}"), |t| {
+            !t.lines().any(|l| l.contains(&format!("127.0.0.1:{port}@")))
+        })
         .await;
     }
 
@@ -510,25 +484,15 @@ impl RedisCluster {
         let mut meet = redis::cmd("CLUSTER");
         meet.arg("MEET").arg("127.0.0.1").arg(port).arg(bus_port);
         let _: String = self.admin(known[0], &meet).await;
-        until(
+        self.until_every_table(
             &format!("every Redis Cluster node to know the new node {port}"),
-            PATIENCE,
-            || async {
-                for node in self.running() {
-                    let mut cmd = redis::cmd("CLUSTER");
-                    cmd.arg("NODES");
-                    let nodes: String = query(node, &cmd).await.map_err(|e| format!("{e:#}"))?;
-                    let knows = nodes.lines().any(|l| {
-                        l.contains(&format!("127.0.0.1:{port}@"))
-                            && l.contains("master")
-                            && !l.contains("handshake")
-                            && !l.contains("fail")
-                    });
-                    if !knows {
-                        return Err(format!("node {node} does not know {port} yet"));
-                    }
-                }
-                Ok(())
+            |t| {
+                t.lines().any(|l| {
+                    l.contains(&format!("127.0.0.1:{port}@"))
+                        && l.contains("master")
+                        && !l.contains("handshake")
+                        && !l.contains("fail")
+                })
             },
         )
         .await;
@@ -635,6 +599,22 @@ impl RedisCluster {
         }
         agree(&views, View::slot_map)?;
         agree(&views, View::shards)
+    }
+
+    /// Waits until `check` holds for the `CLUSTER NODES` table of every running node.
+    async fn until_every_table(&self, what: &str, check: impl Fn(&str) -> bool) {
+        until(what, PATIENCE, || async {
+            for node in self.running() {
+                let mut cmd = redis::cmd("CLUSTER");
+                cmd.arg("NODES");
+                let table: String = query(node, &cmd).await.map_err(|e| format!("{e:#}"))?;
+                if !check(&table) {
+                    return Err(format!("node {node} does not say so yet"));
+                }
+            }
+            Ok(())
+        })
+        .await;
     }
 
     /// The view of every running node; an error if one does not answer.
