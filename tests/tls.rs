@@ -16,30 +16,6 @@ fn channel(org: &str) -> String {
     format!("fanout:org:{org}")
 }
 
-/// What `a` and `b`'s members of acme receive: an ingest publish through `a`, a worker's
-/// direct publish (`direct`, answering how many subscribers it reached), then a marker.
-async fn both_receive<F, Fut>(a: &Replica, b: &Replica, direct: F)
-where
-    F: FnOnce(String) -> Fut,
-    Fut: Future<Output = i64>,
-{
-    let mut alice = a.login("acme", "alice").await;
-    let mut bob = b.login("acme", "bob").await;
-    a.publish("acme", "via-ingest", json!(1)).await;
-    let envelope = json!({"event": "direct", "data": 2}).to_string();
-    assert_eq!(direct(envelope).await, 2, "both replicas subscribed");
-    b.publish("acme", "marker", Value::Null).await;
-    for client in [&mut alice, &mut bob] {
-        assert_eq!(
-            client.events_until("marker", SOON).await,
-            vec![
-                ("via-ingest".to_string(), json!(1)),
-                ("direct".to_string(), json!(2))
-            ]
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_redis_over_tls() {
     let redis = RedisServer::start_tls().await;
@@ -49,7 +25,7 @@ async fn one_redis_over_tls() {
     assert_eq!(ready.json, json!({"status": "ready", "bus": "redis"}));
     // Borrowed: the server must outlive the publish.
     let server = &redis;
-    both_receive(&a, &b, |envelope| async move {
+    failover::both_receive(&a, &b, |envelope| async move {
         redis::cmd("PUBLISH")
             .arg(ORG_CHANNEL)
             .arg(envelope)
@@ -152,7 +128,7 @@ async fn sentinels_and_their_master_over_tls_through_a_failover() {
         ready.json,
         json!({"status": "ready", "bus": "redis-sentinel"})
     );
-    both_receive(&a, &b, |envelope| async {
+    failover::both_receive(&a, &b, |envelope| async {
         sentinel.publish(ORG_CHANNEL, envelope).await
     })
     .await;

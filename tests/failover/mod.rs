@@ -1,6 +1,6 @@
-//! The failover scenarios every bus that fails over must pass (`tests/cluster.rs`,
-//! `tests/sentinel.rs`): one test file per bus says how to kill its master, these say what
-//! the replicas must do about it.
+//! The scenarios every bus that fails over must pass (`tests/cluster.rs`,
+//! `tests/sentinel.rs`, `tests/tls.rs`): one test file per bus says how to publish straight
+//! into it and how to kill its master, these say what the replicas must do about it.
 
 // Each test file that includes this module uses only the scenarios it needs.
 #![allow(dead_code)]
@@ -33,6 +33,30 @@ pub async fn before_marker(client: &mut Client) -> Vec<Value> {
         .into_iter()
         .map(|(_, n)| n)
         .collect()
+}
+
+/// Fan-out on a bus, before any failure: what `a` and `b`'s members of acme receive: an ingest publish through `a`, a worker's
+/// direct publish (`direct`, answering how many subscribers it reached), then a marker.
+pub async fn both_receive<F, Fut>(a: &Replica, b: &Replica, direct: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = i64>,
+{
+    let mut alice = a.login("acme", "alice").await;
+    let mut bob = b.login("acme", "bob").await;
+    a.publish("acme", "via-ingest", json!(1)).await;
+    let envelope = json!({"event": "direct", "data": 2}).to_string();
+    assert_eq!(direct(envelope).await, 2, "both replicas subscribed");
+    b.publish("acme", "marker", Value::Null).await;
+    for client in [&mut alice, &mut bob] {
+        assert_eq!(
+            client.events_until("marker", SOON).await,
+            vec![
+                ("via-ingest".to_string(), json!(1)),
+                ("direct".to_string(), json!(2))
+            ]
+        );
+    }
 }
 
 /// Ephemeral messages: `kill` takes the master of acme's channel away; publishes through
