@@ -26,6 +26,22 @@ async function orgsOnEveryMaster(cluster) {
   return [...orgByOwner.values()];
 }
 
+/**
+ * A member of every org on each of `a` and `b`, one by WebSocket and the other by polling
+ * (which one alternates with the org): a `Map` of org to `[onA, onB]`.
+ */
+async function membersOnBoth(bed, a, b, orgs) {
+  const members = new Map();
+  for (const [i, org] of orgs.entries()) {
+    const [onA, onB] = i % 2 ? [["polling"], ["websocket"]] : [["websocket"], ["polling"]];
+    members.set(org, [
+      await bed.join(a, { organizationId: org, userId: "u-a" }, { transports: onA, name: `${org}@a/${onA[0]}` }),
+      await bed.join(b, { organizationId: org, userId: "u-b" }, { transports: onB, name: `${org}@b/${onB[0]}` }),
+    ]);
+  }
+  return members;
+}
+
 /** The socket never noticed what happened to the bus: no disconnection, no second `auth-success`. */
 function assertUndisturbed(member) {
   assert.deepEqual(member.all("disconnect"), [], `${member.name}: disconnected`);
@@ -48,16 +64,7 @@ test("Redis Cluster: orgs on every master reach each of their members once, thro
   // One org per master: each master connection of each replica carries a subscription.
   const orgs = await orgsOnEveryMaster(cluster);
 
-  // A member of every org on each replica, one by WebSocket and the other by polling
-  // (which one alternates with the org).
-  const members = new Map();
-  for (const [i, org] of orgs.entries()) {
-    const [onA, onB] = i % 2 ? [["polling"], ["websocket"]] : [["websocket"], ["polling"]];
-    members.set(org, [
-      await bed.join(a, { organizationId: org, userId: "u-a" }, { transports: onA, name: `${org}@a/${onA[0]}` }),
-      await bed.join(b, { organizationId: org, userId: "u-b" }, { transports: onB, name: `${org}@b/${onB[0]}` }),
-    ]);
-  }
+  const members = await membersOnBoth(bed, a, b, orgs);
 
   for (const org of orgs) {
     await a.publish({ organizationId: org, event: "notice", data: { org, via: "ingest" } });
@@ -226,15 +233,7 @@ test("Redis Cluster: subscription connections killed by the masters (CLIENT KILL
   const a = await bed.replica({ cluster });
   const b = await bed.replica({ cluster });
   const orgs = await orgsOnEveryMaster(cluster);
-  // A member of every org on each replica, one by WebSocket and the other by polling.
-  const members = new Map();
-  for (const [i, org] of orgs.entries()) {
-    const [onA, onB] = i % 2 ? [["polling"], ["websocket"]] : [["websocket"], ["polling"]];
-    members.set(org, [
-      await bed.join(a, { organizationId: org, userId: "u-a" }, { transports: onA, name: `${org}@a/${onA[0]}` }),
-      await bed.join(b, { organizationId: org, userId: "u-b" }, { transports: onB, name: `${org}@b/${onB[0]}` }),
-    ]);
-  }
+  const members = await membersOnBoth(bed, a, b, orgs);
   const reconnects = new Map();
   for (const replica of [a, b]) reconnects.set(replica, (await replica.metric("fanout_redis_reconnects_total")) ?? 0);
 
