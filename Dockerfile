@@ -33,10 +33,14 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # What `cargo build -p fanout` reads: the workspace manifests (loadtest/ is a member), the
-# lock file, the sources, and benches/ (declared in Cargo.toml). .dockerignore keeps the
-# rest out of the build context.
+# lock file, the sources, benches/ (declared in Cargo.toml), the vendored engine (patched in
+# by Cargo.toml) and testkit/ (a member, and fanout's dev-dependency: Cargo loads its
+# manifest and needs its src/ to find its library). .dockerignore keeps the rest out of the
+# build context.
 COPY Cargo.toml Cargo.lock ./
 COPY loadtest/Cargo.toml loadtest/Cargo.toml
+COPY testkit testkit
+COPY vendor vendor
 COPY benches benches
 COPY src src
 # target/ is a cache mount, so the binary is copied out in the same step. Debug info is

@@ -329,7 +329,33 @@ def check_context(sources: list[str], failures: Failures) -> int:
         "k8s/base/deployment.yaml",
     ]:
         failures.check(not in_context(never, patterns), where, f"must keep {never} out of the build context")
+    check_workspace_loads(sent, failures)
     return len(sent)
+
+
+def check_workspace_loads(sent: list[str], failures: Failures) -> None:
+    """Cargo can read the workspace from the build context alone: every member and path
+    dependency (testkit/, the vendored crates) is in it. `cargo metadata` reads every
+    manifest and the lock file without compiling anything."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in sent:
+            (Path(tmp) / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, Path(tmp) / f)
+        run = subprocess.run(
+            ["cargo", "metadata", "--locked", "--offline", "--format-version", "1"],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+        )
+        error = run.stderr.strip().splitlines()
+        failures.check(
+            run.returncode == 0,
+            ".dockerignore",
+            f"cargo cannot read the workspace from the build context: {' '.join(error[:4])}",
+        )
 
 
 # --- 3. HEALTHCHECK probe ---------------------------------------------------------------
