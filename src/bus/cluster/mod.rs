@@ -188,6 +188,7 @@ impl ClusterBus {
                     orgs: HashMap::new(),
                     waiters: HashMap::new(),
                     recovering: HashSet::new(),
+                    health_inputs: None,
                     // At the first start presence is empty; after a restart of this task, what
                     // it held was not received meanwhile.
                     lost_any: !presence.orgs().is_empty(),
@@ -269,6 +270,14 @@ enum Sent {
     Ping,
 }
 
+/// What the slots' health follows from: each range of the slot map with whether its master's
+/// connection is live and probed, and the slots of organizations being subscribed again.
+#[derive(PartialEq, Eq)]
+struct HealthInputs {
+    ranges: Vec<(u16, u16, bool)>,
+    recovering: Vec<u16>,
+}
+
 struct NodeState {
     id: u64,
     conn: NodeConn,
@@ -304,6 +313,9 @@ struct Manager {
     gaps: Arc<Gaps>,
     /// Per slot, whether its subscriptions are in place (shared with the gate).
     health: Arc<SlotHealth>,
+    /// What `health` was last computed from (see `update_health`); `None` once a slot was
+    /// marked down directly.
+    health_inputs: Option<HealthInputs>,
     /// Every subscription is in place (readiness).
     up: Arc<AtomicBool>,
     losses: Arc<AtomicU64>,
@@ -421,20 +433,38 @@ impl Manager {
     }
 
     /// Per slot: up while its master has a live, probed connection and none of its
-    /// organizations' subscriptions is being made again.
-    fn update_health(&self) {
-        let mut up = vec![false; usize::from(SLOTS)];
-        for (start, end, node) in self.map.ranges() {
-            if self.nodes.get(node).is_some_and(|n| n.probing) {
-                up[usize::from(start)..=usize::from(end)].fill(true);
-            }
+    /// organizations' subscriptions is being made again. Runs after every event, so it
+    /// rewrites the 16,384 slot words only when what they follow from changed.
+    fn update_health(&mut self) {
+        let ranges = self
+            .map
+            .ranges()
+            .map(|(start, end, node)| {
+                let probing = self.nodes.get(node).is_some_and(|n| n.probing);
+                (start, end, probing)
+            })
+            .collect();
+        let mut recovering: Vec<u16> = self
+            .recovering
+            .iter()
+            .map(|org| slot(channel(&self.prefix, org).as_bytes()))
+            .collect();
+        recovering.sort_unstable();
+        let inputs = HealthInputs { ranges, recovering };
+        if self.health_inputs.as_ref() == Some(&inputs) {
+            return;
         }
-        for org in &self.recovering {
-            up[usize::from(slot(channel(&self.prefix, org).as_bytes()))] = false;
+        let mut up = vec![false; usize::from(SLOTS)];
+        for &(start, end, probing) in &inputs.ranges {
+            up[usize::from(start)..=usize::from(end)].fill(probing);
+        }
+        for &s in &inputs.recovering {
+            up[usize::from(s)] = false;
         }
         for (s, up) in (0..SLOTS).zip(up) {
             self.health.set(s, up);
         }
+        self.health_inputs = Some(inputs);
     }
 
     /// A subscription that was in place is gone: publishes in flight must not count as
@@ -442,6 +472,7 @@ impl Manager {
     fn lose(&mut self, org: &OrgId) {
         self.health
             .set(slot(channel(&self.prefix, org).as_bytes()), false);
+        self.health_inputs = None;
         self.losses.fetch_add(1, Ordering::AcqRel);
         self.lost_any = true;
         self.recovering.insert(org.clone());
@@ -545,6 +576,7 @@ impl Manager {
                 self.health.set(s, false);
             }
         }
+        self.health_inputs = None;
         let here: Vec<(OrgId, bool)> = self
             .orgs
             .iter()
