@@ -1,18 +1,18 @@
 //! The ws transport module is responsible for handling websocket connections
 //! The only public function is [`new_req`] which is used to upgrade a http request to a websocket connection
 //!
-//! Other functions are used internally to handle the websocket connection through tasks and channels
-//! and to handle upgrade from polling to ws
+//! Other functions are used internally to drive the websocket connection (one task per
+//! connection, see [`run`]) and to handle upgrade from polling to ws
 
-use std::sync::Arc;
+use std::{pin::Pin, sync::Arc, task::Poll, time::Duration};
 
-use futures_util::{
-    SinkExt, StreamExt, TryStreamExt,
-    stream::{SplitSink, SplitStream},
-};
+use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, request::Parts};
 use smallvec::smallvec;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::{Instant, Sleep},
+};
 use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{
@@ -27,7 +27,7 @@ use engineioxide_core::{Packet, ProtocolVersion, Sid, Str, TransportType};
 
 use crate::{
     DisconnectReason, Socket, body::ResponseBody, config::EngineIoConfig, engine::EngineIo,
-    errors::Error, handler::EngineIoHandler, transport::make_open_packet,
+    errors::Error, handler::EngineIoHandler, outbox::Batch, transport::make_open_packet,
 };
 
 /// Create a response for websocket upgrade
@@ -123,6 +123,9 @@ where
         .max_frame_size(Some(engine.config.ws_max_frame_size));
 
     let ws_init = move || WebSocketStream::from_raw_socket(conn, Role::Server, Some(ws_config));
+    // A session opened on WebSocket runs its heartbeat in the connection's task; one opened by
+    // polling already has its heartbeat task.
+    let heartbeat = sid.is_none();
     let (socket, ws) = if let Some(sid) = sid {
         match engine.get_socket(sid) {
             None => return Err(Error::UnknownSessionID(sid)),
@@ -158,101 +161,42 @@ where
         tracing::debug!("new websocket connection");
 
         let mut ws = ws_init().await;
-        init_handshake(socket.id, &mut ws, &engine.config).await?;
-        socket
-            .clone()
-            .spawn_heartbeat(engine.config.ping_interval, engine.config.ping_timeout);
+        if let Err(e) = init_handshake(socket.id, &mut ws, &engine.config).await {
+            // The session exists only for this connection: it must not outlive it.
+            engine.close_session(socket.id, DisconnectReason::TransportError);
+            return Err(e);
+        }
         (socket, ws)
     };
-    let (tx, rx) = ws.split();
-
-    // Pipe between websocket and internal socket channel.
-    tokio::spawn(forward_to_socket::<H, S>(socket.clone(), tx));
-
-    // pipe between internal socket channel and websocket
-    match forward_to_handler(&engine, rx, &socket)
-        .with_cancellation_token(&socket.cancellation_token)
-        .await
-    {
-        Some(Err(ref e)) => {
-            let reason =
-                Option::<DisconnectReason>::from(e).unwrap_or(DisconnectReason::TransportError);
-
-            #[cfg(feature = "tracing")]
-            tracing::debug!("error when handling packet: {:?}", e);
-            engine.close_session(socket.id, reason);
-        }
-        Some(Ok(())) => {
-            #[cfg(feature = "tracing")]
-            tracing::debug!(sid = %socket.id, "ws transport was closed");
-            engine.close_session(socket.id, DisconnectReason::TransportClose);
-        }
-        None => {
-            #[cfg(feature = "tracing")]
-            tracing::debug!(sid = %socket.id, "socket is closing");
-        }
-    }
+    run(&engine, &socket, ws, heartbeat).await;
     Ok(())
 }
 
-/// Forwards all packets received from a websocket to a EngineIo [`Socket`]
-async fn forward_to_handler<H: EngineIoHandler, S>(
-    engine: &Arc<EngineIo<H>>,
-    mut rx: SplitStream<WebSocketStream<S>>,
-    socket: &Arc<Socket<H::Data>>,
-) -> Result<(), Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    while let Some(msg) = rx.try_next().await? {
-        match msg {
-            Message::Text(msg) => match Packet::parse(socket.protocol, ws_bytes_to_str(msg))? {
-                Packet::Close => {
-                    #[cfg(feature = "tracing")]
-                    tracing::debug!("[sid={}] closing session", socket.id);
-                    engine.close_session(socket.id, DisconnectReason::TransportClose);
-                    break;
-                }
-                Packet::Pong | Packet::Ping => {
-                    socket.heartbeat.notify_one();
-                    Ok::<(), Error>(())
-                }
-                Packet::Message(msg) => {
-                    engine.handler.on_message(msg, socket.clone());
-                    Ok(())
-                }
-                p => return Err(Error::BadPacket(p)),
-            },
-            Message::Binary(mut data) => {
-                if socket.protocol == ProtocolVersion::V3 && !data.is_empty() {
-                    // The first byte is the message type, which we don't need.
-                    data = data.split_off(1);
-                }
-                engine.handler.on_binary(data, socket.clone());
-                Ok(())
-            }
-            Message::Close(_) => {
-                #[cfg(feature = "tracing")]
-                tracing::debug!("websocket closed, closing session");
-                engine.close_session(socket.id, DisconnectReason::TransportClose);
-                break;
-            }
-            _ => {
-                #[cfg(feature = "tracing")]
-                tracing::debug!(sid = ?socket.id, "unexpected ws message");
-                Ok(())
-            }
-        }?
-    }
-    Ok(())
+/// How many batches the connection task writes in one wake-up before it yields to the
+/// runtime, so that a socket with a steady stream of packets cannot starve the others.
+const WRITE_BATCHES_PER_WAKE_UP: usize = 16;
+
+/// Why the connection task stopped driving the connection.
+enum End {
+    /// The session was closed (by the engine, the handler, or a close packet just handled).
+    Closed,
+    /// The client ended the connection, or a read or write failed.
+    Failed(Option<Error>),
 }
 
-/// Forwards all packets waiting to be sent to the websocket
+/// Drives one WebSocket connection in one task: it reads the client's packets, writes the
+/// [`Socket`]'s outbox, and (for a session opened on WebSocket) runs the heartbeat.
 ///
-/// The websocket stream is flushed only when the internal channel is drained
-async fn forward_to_socket<H: EngineIoHandler, S>(
-    socket: Arc<Socket<H::Data>>,
-    mut tx: SplitSink<WebSocketStream<S>, Message>,
+/// The upstream engine ran three tasks per connection (reader, writer, heartbeat), with the
+/// stream split behind a lock between the first two and the writer re-arming a three-way
+/// `select!` at each wake-up. Here one future polls each source with the task's waker, so an
+/// idle connection costs one task, and a wake-up drains the whole outbox into the stream with
+/// one flush.
+async fn run<H: EngineIoHandler, S>(
+    engine: &Arc<EngineIo<H>>,
+    socket: &Arc<Socket<H::Data>>,
+    mut ws: WebSocketStream<S>,
+    heartbeat: bool,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -263,73 +207,290 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
         .await
     else {
         #[cfg(feature = "tracing")]
-        tracing::debug!(sid = %socket.id, "session closed before starting the ws writer");
+        tracing::debug!(sid = %socket.id, "session closed before starting the ws transport");
         return;
     };
 
-    // map a packet to a websocket message
-    // It is declared as a macro rather than a closure to avoid ownership issues
-    macro_rules! map_fn {
-            ($item:ident) => {
-                let res = match $item {
-                    Packet::Binary(bin) | Packet::BinaryV3(bin) => {
-                        if socket.protocol == ProtocolVersion::V3 {
-                            // v3 protocol requires packet type as the first byte.
-                            // This requires a new buffer. This is OK as it is only for the V3 protocol.
-                            let mut buff = Vec::with_capacity(bin.len() + 1);
-                            buff.push(0x04);
-                            buff.extend(bin);
-                            tx.feed(Message::Binary(buff.into())).await
-                        } else {
-                            tx.feed(Message::Binary(bin)).await
-                        }
-                    }
-                    // A Noop Packet maybe sent by the server to upgrade from a polling connection
-                    // In the case that the packet was not poll in time it will remain in the buffer and therefore
-                    // it should be discarded here
-                    Packet::Noop => Ok(()),
-                    _ => {
-                        let packet: String = $item.try_into().unwrap();
-                        tx.feed(Message::Text(packet.into())).await
-                    }
-                };
-                if let Err(_e) = res {
-                    #[cfg(feature = "tracing")]
-                    tracing::debug!("[sid={}] error sending packet: {}", socket.id, _e);
-                }
-            };
+    let cancelled = socket.cancellation_token.cancelled();
+    tokio::pin!(cancelled);
+    let mut heartbeat = heartbeat.then(|| Heartbeat::new(socket.protocol, &engine.config));
+    let timer = tokio::time::sleep_until(
+        heartbeat
+            .as_ref()
+            .map_or_else(tokio::time::Instant::now, |h| h.first_deadline()),
+    );
+    tokio::pin!(timer);
+    let mut unflushed = false;
+
+    let end = std::future::poll_fn(|cx| {
+        if cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(End::Closed);
         }
 
-    // Forward queued packets until the outbox is closed or the session is cancelled.
-    loop {
-        tokio::select! {
-            biased;
-            batch = std::future::poll_fn(|cx| socket.outbox.poll_take(cx)) => {
-                match batch {
-                    Some(batch) => {
-                        for packets in batch.into_packets() {
-                            for item in packets {
-                                map_fn!(item);
-                            }
-                        }
-                    }
-                    None => break
+        if let Some(heartbeat) = &mut heartbeat {
+            while timer.as_mut().poll(cx).is_ready() {
+                if let Err(e) = heartbeat.on_timer(socket, timer.as_mut()) {
+                    return Poll::Ready(End::Failed(Some(e)));
                 }
             }
-            _ = socket.cancellation_token.cancelled() => break,
         }
 
-        #[cfg(feature = "tracing")]
-        tracing::trace!(sid = %socket.id, "ws flush");
-        tx.flush().await.ok();
+        // Read everything the client sent.
+        loop {
+            match ws.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(msg))) => {
+                    match on_message(engine, socket, msg, heartbeat.as_mut(), timer.as_mut()) {
+                        Ok(true) => {}
+                        Ok(false) => return Poll::Ready(End::Closed),
+                        Err(e) => return Poll::Ready(End::Failed(Some(e))),
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(End::Failed(Some(e.into()))),
+                Poll::Ready(None) => return Poll::Ready(End::Failed(None)),
+                Poll::Pending => break,
+            }
+        }
+
+        // Write what is queued, as long as the stream takes it.
+        let mut yielded = true;
+        for _ in 0..WRITE_BATCHES_PER_WAKE_UP {
+            match ws.poll_ready_unpin(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(End::Failed(Some(e.into()))),
+                Poll::Pending => {
+                    yielded = false;
+                    break;
+                }
+            }
+            match socket.outbox.poll_take(cx) {
+                Poll::Ready(Some(batch)) => {
+                    if let Err(e) = feed(&mut ws, socket.protocol, batch) {
+                        return Poll::Ready(End::Failed(Some(e.into())));
+                    }
+                    unflushed = true;
+                }
+                Poll::Ready(None) => return Poll::Ready(End::Closed),
+                Poll::Pending => {
+                    yielded = false;
+                    break;
+                }
+            }
+        }
+        if unflushed {
+            match ws.poll_flush_unpin(cx) {
+                Poll::Ready(Ok(())) => unflushed = false,
+                Poll::Ready(Err(e)) => return Poll::Ready(End::Failed(Some(e.into()))),
+                Poll::Pending => {}
+            }
+        }
+        if yielded {
+            // The write budget ran out with packets still queued: come back after the others.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    })
+    .await;
+
+    match end {
+        End::Closed => {
+            #[cfg(feature = "tracing")]
+            tracing::debug!(sid = %socket.id, "socket is closing");
+        }
+        End::Failed(e) => {
+            let reason = e
+                .as_ref()
+                .and_then(Option::<DisconnectReason>::from)
+                .unwrap_or(DisconnectReason::TransportClose);
+            #[cfg(feature = "tracing")]
+            tracing::debug!(sid = %socket.id, ?e, "ws transport ended");
+            engine.close_session(socket.id, reason);
+        }
     }
 
-    #[cfg(feature = "tracing")]
-    tracing::trace!(sid = %socket.id, "ws closing flush");
-
-    tx.flush().await.ok();
-    tx.close().await.ok();
+    // Send what was queued before the close (the close packet among it), then close the
+    // stream. A client that does not take it within the ping timeout is gone.
+    let close = async {
+        let batch = std::future::poll_fn(|cx| match socket.outbox.poll_take(cx) {
+            Poll::Ready(batch) => Poll::Ready(batch),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await;
+        if let Some(batch) = batch {
+            feed(&mut ws, socket.protocol, batch).ok();
+        }
+        #[cfg(feature = "tracing")]
+        tracing::trace!(sid = %socket.id, "ws closing flush");
+        ws.flush().await.ok();
+        ws.close(None).await.ok();
+    };
+    tokio::time::timeout(engine.config.ping_timeout, close)
+        .await
+        .ok();
 }
+
+/// Hands a batch of packets to the WebSocket stream (buffered; written by the next flush).
+fn feed<S>(
+    ws: &mut WebSocketStream<S>,
+    protocol: ProtocolVersion,
+    batch: Batch,
+) -> Result<(), tungstenite::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    for packet in batch.into_packets().flatten() {
+        let msg = match packet {
+            Packet::Binary(bin) | Packet::BinaryV3(bin) => {
+                if protocol == ProtocolVersion::V3 {
+                    // v3 protocol requires packet type as the first byte.
+                    // This requires a new buffer. This is OK as it is only for the V3 protocol.
+                    let mut buff = Vec::with_capacity(bin.len() + 1);
+                    buff.push(0x04);
+                    buff.extend(bin);
+                    Message::Binary(buff.into())
+                } else {
+                    Message::Binary(bin)
+                }
+            }
+            // A Noop Packet maybe sent by the server to upgrade from a polling connection
+            // In the case that the packet was not poll in time it will remain in the buffer and therefore
+            // it should be discarded here
+            Packet::Noop => continue,
+            packet => Message::Text(String::from(packet).into()),
+        };
+        // The stream takes every message (it buffers them); back-pressure is its
+        // `poll_ready`, checked before each batch.
+        ws.start_send_unpin(msg)?;
+    }
+    Ok(())
+}
+
+/// Handles one message from the client. `Ok(false)` when the session is now closed.
+fn on_message<H: EngineIoHandler>(
+    engine: &Arc<EngineIo<H>>,
+    socket: &Arc<Socket<H::Data>>,
+    msg: Message,
+    heartbeat: Option<&mut Heartbeat>,
+    timer: Pin<&mut Sleep>,
+) -> Result<bool, Error> {
+    match msg {
+        Message::Text(msg) => match Packet::parse(socket.protocol, ws_bytes_to_str(msg))? {
+            Packet::Close => {
+                #[cfg(feature = "tracing")]
+                tracing::debug!("[sid={}] closing session", socket.id);
+                engine.close_session(socket.id, DisconnectReason::TransportClose);
+                return Ok(false);
+            }
+            Packet::Pong | Packet::Ping => match heartbeat {
+                Some(heartbeat) => heartbeat.on_signal(socket, timer)?,
+                None => socket.heartbeat.notify_one(),
+            },
+            Packet::Message(msg) => engine.handler.on_message(msg, socket.clone()),
+            p => return Err(Error::BadPacket(p)),
+        },
+        Message::Binary(mut data) => {
+            if socket.protocol == ProtocolVersion::V3 && !data.is_empty() {
+                // The first byte is the message type, which we don't need.
+                data = data.split_off(1);
+            }
+            engine.handler.on_binary(data, socket.clone());
+        }
+        Message::Close(_) => {
+            #[cfg(feature = "tracing")]
+            tracing::debug!("websocket closed, closing session");
+            engine.close_session(socket.id, DisconnectReason::TransportClose);
+            return Ok(false);
+        }
+        _ => {
+            #[cfg(feature = "tracing")]
+            tracing::debug!(sid = ?socket.id, "unexpected ws message");
+        }
+    }
+    Ok(true)
+}
+
+/// The heartbeat of a session opened on WebSocket, run by its connection task on one timer
+/// (a session opened by polling keeps the engine's heartbeat task through an upgrade).
+///
+/// v4: the server pings every `ping_interval` and expects a pong within `ping_timeout`.
+/// v3: the client pings; the server answers, and expects the next ping within
+/// `ping_interval + ping_timeout`.
+struct Heartbeat {
+    protocol: ProtocolVersion,
+    interval: Duration,
+    timeout: Duration,
+    /// v4: when the last ping was sent, while its pong is awaited.
+    ping_sent: Option<Instant>,
+}
+
+impl Heartbeat {
+    fn new(protocol: ProtocolVersion, config: &EngineIoConfig) -> Self {
+        Self {
+            protocol,
+            interval: config.ping_interval,
+            timeout: config.ping_timeout,
+            ping_sent: None,
+        }
+    }
+
+    fn first_deadline(&self) -> Instant {
+        match self.protocol {
+            // As the engine's heartbeat task does: the first ping goes out at once.
+            ProtocolVersion::V4 => Instant::now(),
+            #[cfg(feature = "v3")]
+            ProtocolVersion::V3 => Instant::now() + self.interval + self.timeout,
+            #[cfg(not(feature = "v3"))]
+            ProtocolVersion::V3 => Instant::now() + self.interval,
+        }
+    }
+
+    /// The timer fired: time to ping, or the client missed its deadline.
+    fn on_timer<D: Default + Send + Sync + 'static>(
+        &mut self,
+        socket: &Socket<D>,
+        timer: Pin<&mut Sleep>,
+    ) -> Result<(), Error> {
+        if self.protocol != ProtocolVersion::V4 || self.ping_sent.is_some() {
+            return Err(Error::HeartbeatTimeout);
+        }
+        #[cfg(feature = "tracing")]
+        tracing::trace!(sid = ?socket.id, "emitting ping");
+        socket
+            .outbox
+            .try_push(smallvec![Packet::Ping])
+            .map_err(|_| Error::HeartbeatTimeout)?;
+        let now = timer.deadline();
+        self.ping_sent = Some(now);
+        timer.reset(now + self.timeout);
+        Ok(())
+    }
+
+    /// The client sent a pong (v4) or a ping (v3).
+    fn on_signal<D: Default + Send + Sync + 'static>(
+        &mut self,
+        socket: &Socket<D>,
+        timer: Pin<&mut Sleep>,
+    ) -> Result<(), Error> {
+        match self.protocol {
+            ProtocolVersion::V4 => {
+                // A pong that was not asked for (some clients send one first) changes nothing.
+                if let Some(sent) = self.ping_sent.take() {
+                    #[cfg(feature = "tracing")]
+                    tracing::trace!(sid = ?socket.id, "pong received");
+                    timer.reset(sent + self.interval);
+                }
+            }
+            ProtocolVersion::V3 => {
+                socket
+                    .outbox
+                    .try_push(smallvec![Packet::Pong])
+                    .map_err(|_| Error::HeartbeatTimeout)?;
+                timer.reset(Instant::now() + self.interval + self.timeout);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Send a Engine.IO [`OpenPacket`] to initiate a websocket connection
 async fn init_handshake<S>(
     sid: Sid,
@@ -476,6 +637,18 @@ mod tests {
         ))
     }
 
+    /// The connection task of `socket`, without a heartbeat.
+    fn spawn_run(
+        socket: Arc<Socket<()>>,
+        ws: WebSocketStream<DuplexStream>,
+    ) -> tokio::task::JoinHandle<()> {
+        let engine = Arc::new(EngineIo::new(
+            Arc::new(StubHandler),
+            EngineIoConfig::default(),
+        ));
+        tokio::spawn(async move { run(&engine, &socket, ws, false).await })
+    }
+
     async fn ws_pair() -> (WebSocketStream<DuplexStream>, WebSocketStream<DuplexStream>) {
         let (server, client) = tokio::io::duplex(1024);
         (
@@ -489,10 +662,9 @@ mod tests {
     async fn writer_waits_for_the_lock_of_a_polling_request() {
         let socket = socket();
         let (server, mut client) = ws_pair().await;
-        let (tx, _rx) = server.split();
 
         let polling = socket.internal_rx.lock().await;
-        let writer = tokio::spawn(forward_to_socket::<StubHandler, _>(socket.clone(), tx));
+        let writer = spawn_run(socket.clone(), server);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!writer.is_finished(), "the writer should wait for the lock");
 
@@ -510,10 +682,9 @@ mod tests {
     async fn writer_waiting_for_the_lock_stops_with_the_session() {
         let socket = socket();
         let (server, _client) = ws_pair().await;
-        let (tx, _rx) = server.split();
 
         let _polling = socket.internal_rx.lock().await;
-        let writer = tokio::spawn(forward_to_socket::<StubHandler, _>(socket.clone(), tx));
+        let writer = spawn_run(socket.clone(), server);
         tokio::time::sleep(Duration::from_millis(20)).await;
 
         socket.cancellation_token.cancel();
