@@ -336,16 +336,23 @@ def check_context(sources: list[str], failures: Failures) -> int:
 def check_workspace_loads(sent: list[str], failures: Failures) -> None:
     """Cargo can read the workspace from the build context alone: every member and path
     dependency (testkit/, the vendored crates) is in it. `cargo metadata` reads every
-    manifest and the lock file without compiling anything."""
+    manifest and the lock file without compiling anything. It reads them for the host's
+    platform only (the image builds on Linux): unfiltered, it needs the sources of every
+    platform's packages (Windows console crates, say), which a fresh machine never fetched."""
     import shutil
     import tempfile
 
+    host = next(
+        line.split(":", 1)[1].strip()
+        for line in subprocess.run(["rustc", "-vV"], capture_output=True, text=True, check=True).stdout.splitlines()
+        if line.startswith("host:")
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for f in sent:
             (Path(tmp) / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, Path(tmp) / f)
         run = subprocess.run(
-            ["cargo", "metadata", "--locked", "--offline", "--format-version", "1"],
+            ["cargo", "metadata", "--locked", "--filter-platform", host, "--format-version", "1"],
             cwd=tmp,
             capture_output=True,
             text=True,
