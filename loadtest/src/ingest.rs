@@ -272,6 +272,7 @@ async fn measure(
                             .collect(),
                         pids: procs.iter().map(Proc::pid).collect(),
                         secret: secret.clone(),
+                        rs256: false,
                     },
                     ingest: (0..opts.replicas)
                         .map(|i| ports.internal(durable, i))

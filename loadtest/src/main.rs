@@ -82,6 +82,8 @@ struct ShardArgs {
     #[arg(long, env = "JWT_SECRET", default_value = "")]
     secret: String,
     #[arg(long)]
+    rs256: bool,
+    #[arg(long)]
     orgs: usize,
     #[arg(long)]
     concurrency: usize,
@@ -107,6 +109,10 @@ struct ServerArgs {
     /// HS256 secret the servers verify tokens with (socketio only).
     #[arg(long, env = "JWT_SECRET", default_value = "")]
     secret: String,
+    /// Sign RS256 tokens with the repository's test key pair instead (the servers verify
+    /// with `tests/keys/rsa_public.pem` as JWT_PUBLIC_KEY).
+    #[arg(long)]
+    rs256: bool,
     /// Organizations the connections are spread over.
     #[arg(long, default_value_t = 40)]
     orgs: usize,
@@ -121,7 +127,7 @@ struct ServerArgs {
 
 impl ServerArgs {
     fn servers(&self) -> anyhow::Result<Servers> {
-        if self.system == System::Socketio && self.secret.is_empty() {
+        if self.system == System::Socketio && self.secret.is_empty() && !self.rs256 {
             anyhow::bail!(
                 "--secret (or JWT_SECRET) is required with --system socketio: the servers' HS256 secret"
             );
@@ -134,6 +140,7 @@ impl ServerArgs {
             urls: net::parse_addrs(&self.url)?,
             pids: self.server_pid.clone(),
             secret: self.secret.clone(),
+            rs256: self.rs256,
         })
     }
 }
@@ -210,7 +217,7 @@ struct CompareArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "fanout,fanout-cluster,node,baseline"
+        default_value = "fanout,fanout-rs256,fanout-cluster,node,baseline"
     )]
     systems: Vec<SystemKind>,
     /// Connections of the connect scenario [default: 20000; smoke: 300].
@@ -407,6 +414,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
                 urls: net::parse_addrs(&a.url)?,
                 pids: vec![],
                 secret: a.secret,
+                rs256: a.rs256,
             };
             connect::run_shard(servers, a.orgs, a.concurrency, a.total, a.first, a.count).await?;
             Ok(true)

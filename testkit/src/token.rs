@@ -4,7 +4,9 @@
 //!
 //! A [`Minter`] derives the HMAC key once, for callers that sign one token per connection
 //! (tens of thousands, for the load generator); the free functions sign with [`SECRET`], the
-//! replicas' default.
+//! replicas' default. [`Minter::rs256`] signs RS256 with the repository's test key pair
+//! (`tests/keys`), whose public half is [`RSA_PUBLIC_KEY`]: the load generator's asymmetric
+//! connect storm.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -26,15 +28,31 @@ struct Claims<'a> {
     user: &'a str,
 }
 
+/// The public key replicas verify [`Minter::rs256`]'s tokens with (`JWT_PUBLIC_KEY`).
+pub const RSA_PUBLIC_KEY: &str = include_str!("../../tests/keys/rsa_public.pem");
+const RSA_PRIVATE_KEY: &str = include_str!("../../tests/keys/rsa_private.pem");
+
 /// A signing key.
 pub struct Minter {
     key: EncodingKey,
+    header: Header,
 }
 
 impl Minter {
+    /// HS256 with `secret`.
     pub fn new(secret: &str) -> Self {
         Self {
             key: EncodingKey::from_secret(secret.as_bytes()),
+            header: Header::default(),
+        }
+    }
+
+    /// RS256 with the test key pair (verified with [`RSA_PUBLIC_KEY`]).
+    pub fn rs256() -> Self {
+        Self {
+            key: EncodingKey::from_rsa_pem(RSA_PRIVATE_KEY.as_bytes())
+                .expect("tests/keys/rsa_private.pem is a valid RSA key"),
+            header: Header::new(jsonwebtoken::Algorithm::RS256),
         }
     }
 
@@ -51,7 +69,7 @@ impl Minter {
 
     /// A token with exactly these claims.
     pub fn sign(&self, claims: &impl Serialize) -> String {
-        jsonwebtoken::encode(&Header::default(), claims, &self.key).expect("HS256 signing")
+        jsonwebtoken::encode(&self.header, claims, &self.key).expect("signing a token")
     }
 }
 

@@ -192,6 +192,7 @@ impl ChildShard {
             .args(["--total", &p.connections.to_string()])
             .args(["--first", &range.start.to_string()])
             .args(["--count", &range.len().to_string()])
+            .args(p.servers.rs256.then_some("--rs256"))
             .env("JWT_SECRET", &p.servers.secret)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())

@@ -33,6 +33,9 @@ pub struct Servers {
     pub pids: Vec<u32>,
     /// Secret the servers verify tokens with.
     pub secret: String,
+    /// Tokens are RS256, signed with the test key pair (`fanout_testkit::token::RSA_PUBLIC_KEY`
+    /// verifies them), instead of HS256 with `secret`.
+    pub rs256: bool,
 }
 
 /// Where each connection goes.
@@ -98,9 +101,29 @@ where
     F: Fn(usize, Conn) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let minter = Arc::new(Minter::new(&servers.secret));
-    // Valid for longer than any run.
+    // Valid for longer than any run. Minted before the clock starts: an RS256 signature
+    // costs the generator far more than its verification costs the server, and would
+    // otherwise be measured as the server's connect rate.
     let exp = fanout_testkit::now_secs() + 24 * 3600;
+    let mut tokens: Vec<String> = match servers.system {
+        System::Socketio => {
+            let minter = if servers.rs256 {
+                Minter::rs256()
+            } else {
+                Minter::new(&servers.secret)
+            };
+            let (layout, range) = (layout.clone(), range.clone());
+            tokio::task::spawn_blocking(move || {
+                range
+                    .map(|i| minter.mint(&org_name(layout.org_of(i)), &format!("u-{i}"), exp))
+                    .collect()
+            })
+            .await
+            .expect("minting tokens")
+        }
+        System::Raw => Vec::new(),
+    };
+    tokens.reverse();
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Result<Duration, OpenError>)>();
     let started = Instant::now();
@@ -108,20 +131,16 @@ where
     let n = range.len();
     let mut tasks = Vec::with_capacity(n);
     for i in range {
-        let (layout, minter, permits, tx, then) = (
+        let (layout, permits, tx, then) = (
             layout.clone(),
-            minter.clone(),
             permits.clone(),
             tx.clone(),
             then.clone(),
         );
+        let token = tokens.pop().unwrap_or_default();
         tasks.push(tokio::spawn(async move {
             let permit = permits.acquire_owned().await.expect("never closed");
             let org = org_name(layout.org_of(i));
-            let token = match system {
-                System::Socketio => minter.mint(&org, &format!("u-{i}"), exp),
-                System::Raw => String::new(),
-            };
             let t0 = Instant::now();
             let opened = tokio::time::timeout(
                 OPEN_TIMEOUT,
