@@ -168,7 +168,10 @@ where
         }
         (socket, ws)
     };
-    run(&engine, &socket, ws, heartbeat).await;
+    // The connection gets a task of its own, whose future holds only what the connection
+    // needs: this task's state (the upgrade, the handshake's request head, the future of this
+    // function) is freed now instead of living as long as the connection.
+    tokio::spawn(run(engine, socket, ws, heartbeat));
     Ok(())
 }
 
@@ -193,13 +196,14 @@ enum End {
 /// idle connection costs one task, and a wake-up drains the whole outbox into the stream with
 /// one flush.
 async fn run<H: EngineIoHandler, S>(
-    engine: &Arc<EngineIo<H>>,
-    socket: &Arc<Socket<H::Data>>,
+    engine: Arc<EngineIo<H>>,
+    socket: Arc<Socket<H::Data>>,
     mut ws: WebSocketStream<S>,
     heartbeat: bool,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (engine, socket) = (&engine, &socket);
     // A polling request that was in progress during the upgrade may still hold the lock.
     let lock = socket.internal_rx.lock();
     let Some(_transport) = lock
@@ -211,85 +215,88 @@ async fn run<H: EngineIoHandler, S>(
         return;
     };
 
-    let cancelled = socket.cancellation_token.cancelled();
-    tokio::pin!(cancelled);
-    let mut heartbeat = heartbeat.then(|| Heartbeat::new(socket.protocol, &engine.config));
-    let timer = tokio::time::sleep_until(
-        heartbeat
-            .as_ref()
-            .map_or_else(tokio::time::Instant::now, |h| h.first_deadline()),
-    );
-    tokio::pin!(timer);
-    let mut unflushed = false;
+    // In a block of its own, so that its state is not kept beside the close's below.
+    let end = {
+        let cancelled = socket.cancellation_token.cancelled();
+        tokio::pin!(cancelled);
+        let mut heartbeat = heartbeat.then(|| Heartbeat::new(socket.protocol, &engine.config));
+        let timer = tokio::time::sleep_until(
+            heartbeat
+                .as_ref()
+                .map_or_else(tokio::time::Instant::now, |h| h.first_deadline()),
+        );
+        tokio::pin!(timer);
+        let mut unflushed = false;
 
-    let end = std::future::poll_fn(|cx| {
-        if cancelled.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(End::Closed);
-        }
-
-        if let Some(heartbeat) = &mut heartbeat {
-            while timer.as_mut().poll(cx).is_ready() {
-                if let Err(e) = heartbeat.on_timer(socket, timer.as_mut()) {
-                    return Poll::Ready(End::Failed(Some(e)));
-                }
+        std::future::poll_fn(|cx| {
+            if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(End::Closed);
             }
-        }
 
-        // Read everything the client sent.
-        loop {
-            match ws.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(msg))) => {
-                    match on_message(engine, socket, msg, heartbeat.as_mut(), timer.as_mut()) {
-                        Ok(true) => {}
-                        Ok(false) => return Poll::Ready(End::Closed),
-                        Err(e) => return Poll::Ready(End::Failed(Some(e))),
+            if let Some(heartbeat) = &mut heartbeat {
+                while timer.as_mut().poll(cx).is_ready() {
+                    if let Err(e) = heartbeat.on_timer(socket, timer.as_mut()) {
+                        return Poll::Ready(End::Failed(Some(e)));
                     }
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(End::Failed(Some(e.into()))),
-                Poll::Ready(None) => return Poll::Ready(End::Failed(None)),
-                Poll::Pending => break,
             }
-        }
 
-        // Write what is queued, as long as the stream takes it.
-        let mut yielded = true;
-        for _ in 0..WRITE_BATCHES_PER_WAKE_UP {
-            match ws.poll_ready_unpin(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(End::Failed(Some(e.into()))),
-                Poll::Pending => {
-                    yielded = false;
-                    break;
-                }
-            }
-            match socket.outbox.poll_take(cx) {
-                Poll::Ready(Some(batch)) => {
-                    if let Err(e) = feed(&mut ws, socket.protocol, batch) {
-                        return Poll::Ready(End::Failed(Some(e.into())));
+            // Read everything the client sent.
+            loop {
+                match ws.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(msg))) => {
+                        match on_message(engine, socket, msg, heartbeat.as_mut(), timer.as_mut()) {
+                            Ok(true) => {}
+                            Ok(false) => return Poll::Ready(End::Closed),
+                            Err(e) => return Poll::Ready(End::Failed(Some(e))),
+                        }
                     }
-                    unflushed = true;
-                }
-                Poll::Ready(None) => return Poll::Ready(End::Closed),
-                Poll::Pending => {
-                    yielded = false;
-                    break;
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(End::Failed(Some(e.into()))),
+                    Poll::Ready(None) => return Poll::Ready(End::Failed(None)),
+                    Poll::Pending => break,
                 }
             }
-        }
-        if unflushed {
-            match ws.poll_flush_unpin(cx) {
-                Poll::Ready(Ok(())) => unflushed = false,
-                Poll::Ready(Err(e)) => return Poll::Ready(End::Failed(Some(e.into()))),
-                Poll::Pending => {}
+
+            // Write what is queued, as long as the stream takes it.
+            let mut yielded = true;
+            for _ in 0..WRITE_BATCHES_PER_WAKE_UP {
+                match ws.poll_ready_unpin(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(End::Failed(Some(e.into()))),
+                    Poll::Pending => {
+                        yielded = false;
+                        break;
+                    }
+                }
+                match socket.outbox.poll_take(cx) {
+                    Poll::Ready(Some(batch)) => {
+                        if let Err(e) = feed(&mut ws, socket.protocol, batch) {
+                            return Poll::Ready(End::Failed(Some(e.into())));
+                        }
+                        unflushed = true;
+                    }
+                    Poll::Ready(None) => return Poll::Ready(End::Closed),
+                    Poll::Pending => {
+                        yielded = false;
+                        break;
+                    }
+                }
             }
-        }
-        if yielded {
-            // The write budget ran out with packets still queued: come back after the others.
-            cx.waker().wake_by_ref();
-        }
-        Poll::Pending
-    })
-    .await;
+            if unflushed {
+                match ws.poll_flush_unpin(cx) {
+                    Poll::Ready(Ok(())) => unflushed = false,
+                    Poll::Ready(Err(e)) => return Poll::Ready(End::Failed(Some(e.into()))),
+                    Poll::Pending => {}
+                }
+            }
+            if yielded {
+                // The write budget ran out with packets still queued: come back after the others.
+                cx.waker().wake_by_ref();
+            }
+            Poll::Pending
+        })
+        .await
+    };
 
     match end {
         End::Closed => {
@@ -646,7 +653,7 @@ mod tests {
             Arc::new(StubHandler),
             EngineIoConfig::default(),
         ));
-        tokio::spawn(async move { run(&engine, &socket, ws, false).await })
+        tokio::spawn(run(engine, socket, ws, false))
     }
 
     async fn ws_pair() -> (WebSocketStream<DuplexStream>, WebSocketStream<DuplexStream>) {
