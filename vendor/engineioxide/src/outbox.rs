@@ -43,7 +43,8 @@ struct State {
     queue: VecDeque<PacketBuf>,
     /// Permits handed out by [`Outbox::try_reserve`] and not used yet.
     reserved: usize,
-    volatile: Option<PacketBuf>,
+    /// Boxed: a `PacketBuf` is 176 bytes, and most sockets never get a volatile packet.
+    volatile: Option<Box<PacketBuf>>,
     closed: bool,
     /// The transport task draining the outbox, if it is waiting for packets.
     waker: Option<Waker>,
@@ -144,7 +145,7 @@ impl Outbox {
         if state.closed {
             return false;
         }
-        state.volatile = Some(packets);
+        state.volatile = Some(Box::new(packets));
         wake(state);
         true
     }
@@ -157,7 +158,7 @@ impl Outbox {
         if !state.queue.is_empty() || state.volatile.is_some() {
             return Poll::Ready(Some(Batch {
                 queue: std::mem::take(&mut state.queue),
-                volatile: state.volatile.take(),
+                volatile: state.volatile.take().map(|p| *p),
             }));
         }
         if state.closed {
@@ -179,7 +180,7 @@ impl Outbox {
             return Poll::Ready(Some(packets));
         }
         if let Some(packets) = state.volatile.take() {
-            return Poll::Ready(Some(packets));
+            return Poll::Ready(Some(*packets));
         }
         if state.closed {
             return Poll::Ready(None);

@@ -167,7 +167,8 @@ impl Drop for Permit<'_> {
 #[derive(Debug, Default)]
 pub(crate) struct InternalRx {
     /// A packet the last polling response had no room for, sent first by the next one.
-    pub peeked_packet: Option<PacketBuf>,
+    /// Boxed: a `PacketBuf` is 176 bytes, and only polling sessions ever use it.
+    pub peeked_packet: Option<Box<PacketBuf>>,
 }
 
 /// A [`Socket`] represents a client connection to the server.
