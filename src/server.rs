@@ -129,7 +129,9 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
         .ping_interval(config.engine.ping_interval)
         .ping_timeout(config.engine.ping_timeout)
         .max_buffer_size(config.engine.socket_buffer)
-        .ws_read_buffer_size(1024)
+        // Every connection keeps its read buffer. Clients send pongs and the odd
+        // auth-refresh (a token: a few hundred bytes); a bigger frame grows it while read.
+        .ws_read_buffer_size(512)
         .max_payload(max_payload as u64)
         .ws_max_message_size(max_payload)
         .ws_max_frame_size(max_payload)

@@ -187,9 +187,12 @@ pub async fn run(mut opts: Options) -> anyhow::Result<CompareReport> {
         systems.retain(|s| *s != SystemKind::Node);
     }
 
-    let needs_redis = systems
-        .iter()
-        .any(|s| matches!(s, SystemKind::Fanout | SystemKind::FanoutRs256 | SystemKind::Node));
+    let needs_redis = systems.iter().any(|s| {
+        matches!(
+            s,
+            SystemKind::Fanout | SystemKind::FanoutRs256 | SystemKind::Node
+        )
+    });
     let mut redis = None;
     let mut failures = Vec::new();
     if needs_redis {

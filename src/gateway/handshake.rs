@@ -125,8 +125,9 @@ pub async fn middleware(
             }
         }
         None => {
-            detach_head(&mut req);
-            if opens_session(&req) {
+            let opens = opens_session(&req);
+            detach_head(&mut req, opens);
+            if opens {
                 let Some(slot) = handshakes.take_slot() else {
                     ::metrics::counter!(metrics::CONNECTIONS_REFUSED, "reason" => "max_pending")
                         .increment(1);
@@ -155,17 +156,32 @@ fn opens_session(req: &Request) -> bool {
             .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("EIO=")))
 }
 
-/// Copies the URI and headers of a request into allocations of their own.
+/// The headers a session's request head keeps: those read after this middleware, by the
+/// CORS layer (`origin`) and the engine (`sec-websocket-key` to accept the upgrade,
+/// `content-type` of a polling body). fanout reads none: the token comes in the Socket.IO
+/// CONNECT packet.
+const SESSION_HEADERS: [header::HeaderName; 4] = [
+    header::ORIGIN,
+    header::SEC_WEBSOCKET_KEY,
+    header::SEC_WEBSOCKET_VERSION,
+    header::CONTENT_TYPE,
+];
+
+/// Copies the URI and headers of a request into allocations of their own; for a request
+/// that opens a session (`opens`), only the [`SESSION_HEADERS`].
 ///
 /// hyper parses them as slices of its 8-16 KiB connection read buffer, and socketioxide
 /// keeps the request head of the request that opened a session for the session's whole
 /// life; without the copy, every idle connection pins a read buffer (measured: 16 KiB of
-/// its ~30 KiB, see BENCHMARKS.md). The copy costs a few hundred bytes once per session.
-fn detach_head(req: &mut Request) {
+/// its ~30 KiB, see BENCHMARKS.md). The headers nothing reads (a browser's user agent,
+/// cookies, languages, a dozen more) would still cost every session ~100 bytes each,
+/// for as long as it lives.
+fn detach_head(req: &mut Request, opens: bool) {
     use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
     let headers = std::mem::take(req.headers_mut());
-    let mut fresh = HeaderMap::with_capacity(headers.len());
-    for (name, value) in &headers {
+    let kept = |name: &HeaderName| !opens || SESSION_HEADERS.contains(name);
+    let mut fresh = HeaderMap::with_capacity(headers.keys().filter(|n| kept(n)).count());
+    for (name, value) in headers.iter().filter(|(n, _)| kept(n)) {
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(name.as_str().as_bytes()),
             HeaderValue::from_bytes(value.as_bytes()),
@@ -205,11 +221,31 @@ mod tests {
             )
             .body(axum::body::Body::empty())
             .unwrap();
-        detach_head(&mut req);
+        detach_head(&mut req, false);
         assert_eq!(req.uri(), "/socket.io/?EIO=4&transport=websocket");
         assert_eq!(req.headers()["x-custom"], "v");
         // The request no longer holds a reference to the buffer: it is uniquely owned again.
         assert!(buffer.is_unique(), "the read buffer is still referenced");
+    }
+
+    #[test]
+    fn a_session_keeps_only_the_headers_read_after_the_gateway() {
+        let mut req = Request::builder()
+            .uri("/socket.io/?EIO=4&transport=websocket")
+            .header("origin", "https://dashboard.example")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
+            .header("user-agent", "Mozilla/5.0")
+            .header("cookie", "a=b")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        detach_head(&mut req, true);
+        let mut names: Vec<_> = req.headers().keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["origin", "sec-websocket-key", "sec-websocket-version"]
+        );
     }
 
     #[test]

@@ -131,12 +131,8 @@ where
     let n = range.len();
     let mut tasks = Vec::with_capacity(n);
     for i in range {
-        let (layout, permits, tx, then) = (
-            layout.clone(),
-            permits.clone(),
-            tx.clone(),
-            then.clone(),
-        );
+        let (layout, permits, tx, then) =
+            (layout.clone(), permits.clone(), tx.clone(), then.clone());
         let token = tokens.pop().unwrap_or_default();
         tasks.push(tokio::spawn(async move {
             let permit = permits.acquire_owned().await.expect("never closed");
