@@ -92,6 +92,7 @@ impl<H: EngineIoHandler> EngineIo<H> {
         // transports (the ws `forward_to_socket` task and pending polling requests) will release
         // the `internal_rx` lock as soon as they observe the cancellation.
         socket.cancellation_token.cancel();
+        socket.outbox.interrupt();
 
         let handler = self.handler.clone();
         tokio::spawn(async move {

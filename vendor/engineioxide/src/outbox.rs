@@ -34,6 +34,9 @@ pub(crate) struct Outbox {
     state: Mutex<State>,
     /// Mirrors `State::closed`, so that [`Outbox::is_closed`] does not take the lock.
     closed: AtomicBool,
+    /// Set when the session ends ([`Outbox::interrupt`]): the transport stops taking new
+    /// work once it has drained what is queued.
+    interrupted: AtomicBool,
     /// Wakes the tasks waiting in [`Outbox::closed`].
     on_close: Notify,
 }
@@ -70,6 +73,7 @@ impl Outbox {
             capacity,
             state: Mutex::new(State::default()),
             closed: AtomicBool::new(false),
+            interrupted: AtomicBool::new(false),
             on_close: Notify::new(),
         }
     }
@@ -151,8 +155,8 @@ impl Outbox {
     }
 
     /// Takes everything queued, leaving the outbox empty (and holding no memory).
-    /// `Ready(None)` once the outbox is closed and drained; `Pending` (with the task's waker
-    /// kept) while there is nothing to send.
+    /// `Ready(None)` once the outbox is closed or interrupted, and drained; `Pending` (with
+    /// the task's waker kept) while there is nothing to send.
     pub fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Option<Batch>> {
         let mut state = self.lock();
         if !state.queue.is_empty() || state.volatile.is_some() {
@@ -161,11 +165,33 @@ impl Outbox {
                 volatile: state.volatile.take().map(|p| *p),
             }));
         }
-        if state.closed {
+        // Read under the lock that `interrupt` takes after setting it: either this sees
+        // it, or `interrupt` finds the waker registered below.
+        if state.closed || self.is_interrupted() {
             return Poll::Ready(None);
         }
         register(&mut state, cx);
         Poll::Pending
+    }
+
+    /// Keeps the task's waker, for a transport that waits on something else (its stream)
+    /// but must still learn of an interruption. Returns whether it was interrupted.
+    pub fn register(&self, cx: &mut Context<'_>) -> bool {
+        let mut state = self.lock();
+        register(&mut state, cx);
+        self.is_interrupted()
+    }
+
+    /// Tells the transport draining the outbox that the session ended, and wakes it: a
+    /// flag and a wake-up, where a cancellation future polled at every wake-up of every
+    /// connection cost a lock each time.
+    pub fn interrupt(&self) {
+        self.interrupted.store(true, Ordering::Release);
+        wake(self.lock());
+    }
+
+    pub fn is_interrupted(&self) -> bool {
+        self.interrupted.load(Ordering::Acquire)
     }
 
     /// Takes the oldest packet (then the volatile one), for the polling transport which sends
@@ -336,6 +362,35 @@ mod tests {
         assert_eq!(popped.len(), 3);
         assert!(matches!(&popped[2], Packet::Message(s) if s.as_str() == "v"));
         assert_eq!(outbox.lock().queue.capacity(), 0);
+    }
+
+    #[test]
+    fn an_interruption_wakes_the_writer_which_drains_then_stops() {
+        let outbox = Outbox::new(8);
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(outbox.poll_take(&mut cx).is_pending());
+        outbox.interrupt();
+        assert!(
+            flag.0.load(Ordering::SeqCst),
+            "the interruption wakes the writer"
+        );
+        assert!(matches!(outbox.poll_take(&mut cx), Poll::Ready(None)));
+
+        // Packets queued before the writer ran are still drained.
+        let outbox = Outbox::new(8);
+        outbox.try_push(msg("close")).unwrap();
+        outbox.interrupt();
+        let Poll::Ready(Some(batch)) = outbox.poll_take(&mut cx) else {
+            panic!("what was queued is still drained")
+        };
+        assert_eq!(texts(batch), ["close"]);
+        assert!(matches!(outbox.poll_take(&mut cx), Poll::Ready(None)));
+        assert!(
+            outbox.register(&mut cx),
+            "register reports the interruption"
+        );
     }
 
     #[tokio::test]

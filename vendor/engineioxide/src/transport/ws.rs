@@ -217,8 +217,6 @@ async fn run<H: EngineIoHandler, S>(
 
     // In a block of its own, so that its state is not kept beside the close's below.
     let end = {
-        let cancelled = socket.cancellation_token.cancelled();
-        tokio::pin!(cancelled);
         let mut heartbeat = heartbeat.then(|| Heartbeat::new(socket.protocol, &engine.config));
         let timer = tokio::time::sleep_until(
             heartbeat
@@ -229,7 +227,8 @@ async fn run<H: EngineIoHandler, S>(
         let mut unflushed = false;
 
         std::future::poll_fn(|cx| {
-            if cancelled.as_mut().poll(cx).is_ready() {
+            // The session ended (`EngineIo::close_session` interrupts the outbox).
+            if socket.outbox.is_interrupted() {
                 return Poll::Ready(End::Closed);
             }
 
@@ -264,6 +263,11 @@ async fn run<H: EngineIoHandler, S>(
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(e)) => return Poll::Ready(End::Failed(Some(e.into()))),
                     Poll::Pending => {
+                        // The stream is full: the outbox is not polled, but the end of the
+                        // session must still wake this task.
+                        if socket.outbox.register(cx) {
+                            return Poll::Ready(End::Closed);
+                        }
                         yielded = false;
                         break;
                     }
