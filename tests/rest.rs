@@ -628,8 +628,12 @@ async fn postgres_unreachable_is_503_retry_later() {
 
 /// A browser's preflight for `fetch(url, { headers: { Authorization } })`, then the request.
 async fn preflight(replica: &Replica, origin: &str) -> (HeaderMap, HeaderMap) {
+    preflight_to(replica, "/v1/executions", origin).await
+}
+
+async fn preflight_to(replica: &Replica, path: &str, origin: &str) -> (HeaderMap, HeaderMap) {
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
-    let url = format!("http://{}/v1/executions", replica.public);
+    let url = format!("http://{}{path}", replica.public);
     let pre = http
         .request(Method::OPTIONS, &url)
         .header("origin", origin)
@@ -697,4 +701,25 @@ async fn cors_preflight_allows_the_authorization_header() {
     let (pre, get) = preflight(&listed, "https://evil.example.com").await;
     assert_eq!(header(&pre, "access-control-allow-origin"), "");
     assert_eq!(header(&get, "access-control-allow-origin"), "");
+}
+
+/// A Socket.IO client with `extraHeaders` makes the browser preflight the Engine.IO
+/// handshake: the gateway must leave the preflight's headers to the CORS layer (a session's
+/// request head is trimmed only for the request that opens it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflight_of_the_socket_io_handshake_is_answered() {
+    let replica = Replica::builder().start().await;
+    let (pre, _) = preflight_to(
+        &replica,
+        "/socket.io/?EIO=4&transport=polling",
+        "https://dash.example.com",
+    )
+    .await;
+    assert_eq!(header(&pre, "access-control-allow-origin"), "*", "{pre:?}");
+    assert!(
+        header(&pre, "access-control-allow-headers")
+            .to_ascii_lowercase()
+            .contains("authorization"),
+        "{pre:?}"
+    );
 }

@@ -147,9 +147,11 @@ pub async fn middleware(
     next.run(req).await
 }
 
-/// An Engine.IO handshake: a request to the Socket.IO path that names no session.
+/// An Engine.IO handshake: a GET to the Socket.IO path that names no session (a browser's
+/// CORS preflight of it is an OPTIONS, which opens nothing and keeps its headers).
 fn opens_session(req: &Request) -> bool {
-    req.uri().path().starts_with("/socket.io")
+    req.method() == axum::http::Method::GET
+        && req.uri().path().starts_with("/socket.io")
         && req
             .uri()
             .query()
@@ -270,6 +272,12 @@ mod tests {
         assert!(opens_session(&req("/socket.io/?transport=websocket&EIO=4")));
         assert!(!opens_session(&req("/v1/executions")));
         assert!(!opens_session(&req("/socket.io/")));
+        let preflight = Request::builder()
+            .method("OPTIONS")
+            .uri("/socket.io/?EIO=4&transport=polling")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert!(!opens_session(&preflight));
     }
 
     #[test]
