@@ -668,6 +668,54 @@ mod tests {
         )
     }
 
+    #[derive(Debug)]
+    struct Sessions(std::sync::Mutex<Vec<(Sid, Option<DisconnectReason>)>>);
+    impl EngineIoHandler for Sessions {
+        type Data = ();
+        fn on_connect(self: Arc<Self>, socket: Arc<Socket<()>>) {
+            self.0.lock().unwrap().push((socket.id, None));
+        }
+        fn on_disconnect(&self, socket: Arc<Socket<()>>, reason: DisconnectReason) {
+            self.0.lock().unwrap().push((socket.id, Some(reason)));
+        }
+        fn on_message(self: &Arc<Self>, _: Str, _: Arc<Socket<()>>) {}
+        fn on_binary(self: &Arc<Self>, _: Bytes, _: Arc<Socket<()>>) {}
+    }
+
+    /// A session opened on a connection that fails before its open packet is written
+    /// exists for nothing else: it is closed, not left in the engine's map.
+    #[tokio::test]
+    async fn a_session_whose_open_packet_cannot_be_written_is_closed() {
+        let handler = Arc::new(Sessions(std::sync::Mutex::new(Vec::new())));
+        let engine = Arc::new(EngineIo::new(handler.clone(), EngineIoConfig::default()));
+        let (server, client) = tokio::io::duplex(1024);
+        drop(client);
+        let parts = Request::<()>::default().into_parts().0;
+        let res = on_init(engine.clone(), server, ProtocolVersion::V4, None, parts).await;
+        assert!(res.is_err(), "the open packet cannot be written");
+
+        let sid = handler.0.lock().unwrap()[0].0;
+        assert!(
+            engine.get_socket(sid).is_none(),
+            "the session was left open"
+        );
+        let disconnected = async {
+            loop {
+                if handler.0.lock().unwrap().len() == 2 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(TIMEOUT, disconnected)
+            .await
+            .expect("the handler hears of the session's end");
+        assert_eq!(
+            handler.0.lock().unwrap()[1],
+            (sid, Some(DisconnectReason::TransportError))
+        );
+    }
+
     /// A polling request can still hold the lock at the end of an upgrade.
     #[tokio::test]
     async fn writer_waits_for_the_lock_of_a_polling_request() {
