@@ -488,17 +488,7 @@ export class RedisCluster {
     for (const port of [toPort, fromPort, ...masters.filter((p) => p !== fromPort && p !== toPort)]) {
       await redisCommand(port, "CLUSTER", "SETSLOT", slot, "NODE", toId);
     }
-    await settle(
-      async () => {
-        const views = await this.#views();
-        const down = views.find((v) => !v.ok);
-        if (down) return `node ${down.port}: cluster_state is not ok`;
-        const owner = agreed(views, (v) => ownerIn(v, slot), `the owner of slot ${slot}`);
-        if (typeof owner === "string" || owner.value === toPort) return owner;
-        return `slot ${slot} is still on ${owner.value}`;
-      },
-      { timeout: 20_000, what: `every Redis Cluster node to see slot ${slot} on ${toPort}` },
-    );
+    await this.#settleOwner(slot, (port) => port === toPort, `every Redis Cluster node to see slot ${slot} on ${toPort}`);
     return fromPort;
   }
 
@@ -521,6 +511,19 @@ export class RedisCluster {
    * the sense of `settled()` any more: the promoted replica has no replica of its own.)
    */
   waitFailover(slot, oldPort, timeout = 20_000) {
+    return this.#settleOwner(
+      slot,
+      (port) => port !== oldPort && this.running().includes(port),
+      `a failover of slot ${slot} away from ${oldPort}`,
+      timeout,
+    );
+  }
+
+  /**
+   * Waits until every running node says `cluster_state:ok`, they agree on the owner of
+   * `slot`, and `wanted(owner)` holds; resolves to the owner's port.
+   */
+  #settleOwner(slot, wanted, what, timeout = 20_000) {
     return settle(
       async () => {
         const views = await this.#views();
@@ -528,10 +531,9 @@ export class RedisCluster {
         if (down) return `node ${down.port}: cluster_state is not ok`;
         const owner = agreed(views, (v) => ownerIn(v, slot), `the owner of slot ${slot}`);
         if (typeof owner === "string") return owner;
-        if (owner.value === oldPort || !this.running().includes(owner.value)) return `slot ${slot} is still on ${owner.value}`;
-        return owner;
+        return wanted(owner.value) ? owner : `slot ${slot} is still on ${owner.value}`;
       },
-      { timeout, what: `a failover of slot ${slot} away from ${oldPort}` },
+      { timeout, what },
     );
   }
 
