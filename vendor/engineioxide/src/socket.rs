@@ -328,7 +328,10 @@ where
         #[cfg(feature = "tracing")]
         tracing::debug!(sid = ?self.id, "heartbeat sender routine started");
 
-        let mut interval_tick = tokio::time::interval(interval);
+        // The first ping goes out one interval after the handshake, as in the reference
+        // engine (Node's engine.io): a ping at once costs every new connection a round trip.
+        let mut interval_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         interval_tick.tick().await;
         // Some clients send the pong packet in first. If that happens, we should consume it.
         self.heartbeat.notified().now_or_never();

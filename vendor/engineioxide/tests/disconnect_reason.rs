@@ -133,7 +133,8 @@ pub async fn polling_heartbeat_timeout() {
     let mut svc = create_server(MyHandler { disconnect_tx }).await;
     create_polling_connection(&mut svc).await;
 
-    let data = tokio::time::timeout(Duration::from_millis(500), rx.recv())
+    // The first ping goes out after one interval (300 ms), its pong is due 200 ms later.
+    let data = tokio::time::timeout(Duration::from_millis(1500), rx.recv())
         .await
         .expect("timeout waiting for DisconnectReason::HeartbeatTimeout")
         .unwrap();
@@ -147,7 +148,8 @@ pub async fn ws_heartbeat_timeout() {
     let mut svc = create_server(MyHandler { disconnect_tx }).await;
     let _stream = create_ws_connection(&mut svc).await;
 
-    let data = tokio::time::timeout(Duration::from_millis(500), rx.recv())
+    // The first ping goes out after one interval (300 ms), its pong is due 200 ms later.
+    let data = tokio::time::timeout(Duration::from_millis(1500), rx.recv())
         .await
         .expect("timeout waiting for DisconnectReason::HeartbeatTimeout")
         .unwrap();
@@ -194,21 +196,8 @@ pub async fn ws_upgrade_abandoned_parked_heartbeat_timeout() {
         .build();
     let mut svc = EngineIoService::with_config(Arc::new(MyHandler { disconnect_tx }), config);
 
+    // The heartbeat's first ping is one interval away: it is parked from the start.
     let sid = create_polling_connection(&mut svc).await;
-    send_req(
-        &mut svc,
-        format!("transport=polling&sid={sid}"),
-        http::Method::GET,
-        None,
-    )
-    .await; // drain the first ping; the heartbeat is now waiting for the pong.
-    send_req(
-        &mut svc,
-        format!("transport=polling&sid={sid}"),
-        http::Method::POST,
-        Some("3".into()),
-    )
-    .await; // pong — the heartbeat consumes it and parks between pings.
     let _stream = create_ws_upgrade_connection(&mut svc, sid.parse().unwrap()).await;
 
     let data = tokio::time::timeout(Duration::from_secs(1), rx.recv())

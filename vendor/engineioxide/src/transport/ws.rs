@@ -445,8 +445,9 @@ impl Heartbeat {
 
     fn first_deadline(&self) -> Instant {
         match self.protocol {
-            // As the engine's heartbeat task does: the first ping goes out at once.
-            ProtocolVersion::V4 => Instant::now(),
+            // One interval after the handshake, as in the reference engine (Node's
+            // engine.io), not at once: see the polling heartbeat in `socket.rs`.
+            ProtocolVersion::V4 => Instant::now() + self.interval,
             #[cfg(feature = "v3")]
             ProtocolVersion::V3 => Instant::now() + self.interval + self.timeout,
             #[cfg(not(feature = "v3"))]
