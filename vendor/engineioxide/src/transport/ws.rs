@@ -4,7 +4,7 @@
 //! Other functions are used internally to drive the websocket connection (one task per
 //! connection, see [`run`]) and to handle upgrade from polling to ws
 
-use std::{pin::Pin, sync::Arc, task::Poll, time::Duration};
+use std::{cell::RefCell, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, request::Parts};
@@ -16,7 +16,7 @@ use tokio::{
 use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{
-        self, Message,
+        self, Message, Utf8Bytes,
         handshake::derive_accept_key,
         protocol::{Role, WebSocketConfig},
     },
@@ -366,6 +366,7 @@ where
             // In the case that the packet was not poll in time it will remain in the buffer and therefore
             // it should be discarded here
             Packet::Noop => continue,
+            Packet::Message(msg) => Message::Text(framed(msg)),
             packet => Message::Text(String::from(packet).into()),
         };
         // The stream takes every message (it buffers them); back-pressure is its
@@ -373,6 +374,31 @@ where
         ws.start_send_unpin(msg)?;
     }
     Ok(())
+}
+
+/// The text of a message packet (`"4"` + the message), framed once per broadcast rather than
+/// once per recipient.
+///
+/// A broadcast hands each of its sockets a clone of one `Str`, and their connections are
+/// written by the runtime's few worker threads, so each thread keeps the last message it
+/// framed, keyed by the message's bytes: their address and length. The kept clone holds those
+/// bytes alive, so a message with the same key is the same bytes, never a reuse of freed
+/// memory. A message sent to one socket only misses, at the cost of a reference count.
+fn framed(msg: Str) -> Utf8Bytes {
+    thread_local! {
+        static LAST: RefCell<Option<(Str, Utf8Bytes)>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| {
+        if let Some((key, frame)) = last.as_ref()
+            && key.as_ptr() == msg.as_ptr()
+            && key.len() == msg.len()
+        {
+            return frame.clone();
+        }
+        let frame = Utf8Bytes::from(String::from(Packet::Message(msg.clone())));
+        *last = Some((msg, frame.clone()));
+        frame
+    })
 }
 
 /// Handles one message from the client. `Ok(false)` when the session is now closed.
@@ -627,6 +653,32 @@ mod tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_broadcast_message_is_framed_once_and_shared() {
+        let msg = Str::from("hello".to_string());
+        let first = framed(msg.clone());
+        let second = framed(msg.clone());
+        assert_eq!(first.as_str(), "4hello");
+        assert_eq!(second.as_str(), "4hello");
+        assert_eq!(
+            first.as_str().as_ptr(),
+            second.as_str().as_ptr(),
+            "framed twice"
+        );
+    }
+
+    #[test]
+    fn other_messages_are_framed_as_themselves() {
+        let msg = Str::from("hello world".to_string());
+        assert_eq!(framed(msg.clone()).as_str(), "4hello world");
+        // The same first byte, a shorter length: another message.
+        assert_eq!(framed(msg.slice(0..5)).as_str(), "4hello");
+        // The same text in other bytes.
+        assert_eq!(framed(Str::from("hello".to_string())).as_str(), "4hello");
+        assert_eq!(framed(Str::from("bye".to_string())).as_str(), "4bye");
+        assert_eq!(framed(msg).as_str(), "4hello world");
+    }
 
     #[derive(Debug)]
     struct StubHandler;
