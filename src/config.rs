@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use jsonwebtoken::Algorithm;
 
 use crate::auth::{VerifierConfig, VerifyKey};
+use crate::presence::Caps;
 use crate::protocol::{OrgId, UserId};
 
 #[derive(Debug, Parser)]
@@ -150,6 +151,14 @@ pub struct ServeArgs {
     /// Time a new session has to send its Socket.IO CONNECT (with its token).
     #[arg(long, env = "FANOUT_HANDSHAKE_TIMEOUT", default_value = "10s")]
     pub handshake_timeout: String,
+    /// Most authenticated sockets one user (of one organization) may hold on this
+    /// replica; beyond, `auth-error` "Too many connections". 0: no limit.
+    #[arg(long, env = "FANOUT_MAX_CONNECTIONS_PER_USER", default_value = "100")]
+    pub max_connections_per_user: String,
+    /// Most authenticated sockets one organization may hold on this replica; beyond,
+    /// `auth-error` "Too many connections". 0: no limit.
+    #[arg(long, env = "FANOUT_MAX_CONNECTIONS_PER_ORG", default_value = "0")]
+    pub max_connections_per_org: String,
     /// Log format: `text` or `json` (level from RUST_LOG).
     #[arg(long, env = "FANOUT_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -312,6 +321,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub max_pending_sessions: usize,
     pub handshake_timeout: Duration,
+    /// Caps on one user's and one organization's authenticated sockets.
+    pub caps: Caps,
 }
 
 /// JWT settings in a form that can build a verifier (and be cloned, unlike the verifier).
@@ -911,8 +922,24 @@ impl Limits {
                 10_000_000,
             )?,
             handshake_timeout,
+            caps: Caps {
+                per_user: parse_cap(
+                    "FANOUT_MAX_CONNECTIONS_PER_USER",
+                    &args.max_connections_per_user,
+                )?,
+                per_org: parse_cap(
+                    "FANOUT_MAX_CONNECTIONS_PER_ORG",
+                    &args.max_connections_per_org,
+                )?,
+            },
         })
     }
+}
+
+/// A cap on connections: a whole number, 0 for none.
+fn parse_cap(setting: &'static str, text: &str) -> Result<Option<usize>, ConfigError> {
+    let n = parse_count(setting, text, 0, 10_000_000)?;
+    Ok((n > 0).then_some(n))
 }
 
 /// Validates the arguments of `fanout migrate`: the database is required.

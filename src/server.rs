@@ -190,6 +190,7 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
         bus: bus.clone(),
         delivery: delivery.clone(),
         presence: presence.clone(),
+        caps: config.limits.caps,
         expiry: Expiry::start(io.clone(), transports.clone(), tasks),
         transports: transports.clone(),
         tasks: tasks.clone(),

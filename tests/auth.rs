@@ -58,15 +58,7 @@ async fn a_valid_token_is_greeted_with_its_identity() {
 
 /// Connects with `auth` and checks the refusal: `auth-error` with `message`, then `41`.
 async fn assert_refused(r: &Replica, auth: Option<Value>, message: &str) -> Client {
-    let mut client = Client::connect(r.public, auth.clone()).await;
-    match client.next(QUICK).await {
-        Some(Packet::Event(name, data)) if name == "auth-error" => {
-            assert_eq!(data, json!({"error": message}), "auth {auth:?}");
-        }
-        other => panic!("auth {auth:?}: expected auth-error, got {other:?}"),
-    }
-    client.expect_disconnect(QUICK).await;
-    client
+    Client::refused(r.public, auth, message).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,6 +73,14 @@ fn invalid_settings_stop_the_start_naming_the_setting() {
         ),
         (&[("FANOUT_SOCKET_BUFFER", "4")], "FANOUT_SOCKET_BUFFER"),
         (
+            &[("FANOUT_MAX_CONNECTIONS_PER_USER", "-1")],
+            "FANOUT_MAX_CONNECTIONS_PER_USER",
+        ),
+        (
+            &[("FANOUT_MAX_CONNECTIONS_PER_ORG", "many")],
+            "FANOUT_MAX_CONNECTIONS_PER_ORG",
+        ),
+        (
             &[("FANOUT_SHUTDOWN_TIMEOUT", "soon")],
             "FANOUT_SHUTDOWN_TIMEOUT",
         ),

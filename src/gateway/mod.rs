@@ -4,6 +4,9 @@
 //! - a socket is in no room until its token is verified; a rejected socket is told why
 //!   (`auth-error`) and disconnected, and receives nothing else;
 //! - the organization comes from the token only, never from anything the client sends;
+//! - a socket that would take its user or its organization over the replica's caps
+//!   (`FANOUT_MAX_CONNECTIONS_PER_USER`, `_PER_ORG`) is refused like a bad token, with
+//!   `Too many connections`, and counted nowhere;
 //! - a socket is counted in presence before its organization's subscription is requested,
 //!   and joins its rooms only once that subscription is in place, so `auth-success` means
 //!   "you will now receive your organization's messages";
@@ -26,7 +29,7 @@ use crate::auth::{Identity, Verifier};
 use crate::bus::Bus;
 use crate::delivery::Delivery;
 use crate::ops::metrics;
-use crate::presence::Presence;
+use crate::presence::{Caps, Presence};
 use crate::protocol::{OrgId, UserId};
 use crate::tasks::Tasks;
 use crate::transport::Transports;
@@ -41,6 +44,8 @@ pub struct Gateway {
     pub bus: Arc<Bus>,
     pub delivery: Arc<Delivery>,
     pub presence: Arc<Presence>,
+    /// Caps on one user's and one organization's sockets on this replica.
+    pub caps: Caps,
     pub expiry: Expiry,
     pub transports: Transports,
     pub tasks: Tasks,
@@ -83,7 +88,13 @@ impl Gateway {
 
         // Presence first, then the handler that undoes it: from here on, a disconnect at any
         // point undoes exactly what was done, once.
-        self.presence.add(&org, &user);
+        if let Err(over) = self.presence.try_add(&org, &user, self.caps) {
+            ::metrics::counter!(metrics::CONNECTIONS_REFUSED, "reason" => over.reason())
+                .increment(1);
+            ::metrics::counter!(metrics::CONNECTIONS_TOTAL, "result" => "rejected").increment(1);
+            tracing::debug!(sid = %socket.id, %org, %user, reason = over.reason(), "refused");
+            return refuse(&socket, &self.transports, &self.tasks, TOO_MANY_CONNECTIONS);
+        }
         ::metrics::gauge!(metrics::CONNECTIONS).increment(1.0);
         let admission = Arc::new(Admission {
             gw: self.clone(),
@@ -208,6 +219,9 @@ impl Admission {
         }
     }
 }
+
+/// What a client over its user's or organization's connection cap is told.
+const TOO_MANY_CONNECTIONS: &str = "Too many connections";
 
 /// How long a refused client has to read its `auth-error` before its transport is closed.
 const REFUSAL_GRACE: std::time::Duration = std::time::Duration::from_millis(250);

@@ -93,6 +93,20 @@ impl Client {
         (client, ack)
     }
 
+    /// Connects with `auth` and expects the refusal every refused client gets: `auth-error`
+    /// `{"error": message}`, then a Socket.IO DISCONNECT (`41`).
+    pub async fn refused(addr: SocketAddr, auth: Option<Value>, message: &str) -> Self {
+        let mut client = Self::connect(addr, auth.clone()).await;
+        match client.next(QUICK).await {
+            Some(Packet::Event(name, data)) if name == "auth-error" => {
+                assert_eq!(data, json!({ "error": message }), "auth {auth:?}");
+            }
+            other => panic!("auth {auth:?}: expected auth-error, got {other:?}"),
+        }
+        client.expect_disconnect(QUICK).await;
+        client
+    }
+
     /// The next packet, or `None` after `timeout`.
     pub async fn next(&mut self, timeout: Duration) -> Option<Packet> {
         if let Some(p) = self.stash.pop_front() {

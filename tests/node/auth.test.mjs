@@ -8,6 +8,7 @@ import { SECRET, delay, marker, nowSeconds, scenario, token, unsignedToken, unti
 const WELCOME = "Connected to organization channel";
 const REQUIRED = "Authentication required";
 const INVALID = "Invalid or expired token";
+const TOO_MANY = "Too many connections";
 
 /**
  * How long a refused client is watched for a reconnection attempt. Nothing can be published
@@ -171,6 +172,24 @@ describe("auth-error", () => {
       assert.deepEqual(c.all("auth-error"), [{ error: INVALID }]);
     }
     assert.equal(member.all("tick").length, stream.sent);
+  }));
+
+  test(`a user over FANOUT_MAX_CONNECTIONS_PER_USER: auth-error "Too many connections", no reconnect; a closed tab makes room`, scenario(async (bed) => {
+    const fanout = await bed.replica({ env: { FANOUT_MAX_CONNECTIONS_PER_USER: "2" } });
+    const tabs = [await bed.join(fanout, CLAIMS), await bed.join(fanout, CLAIMS, { transports: ["polling"] })];
+    for (const transports of [["websocket"], ["polling"]]) {
+      const third = bed.connect(fanout, { token: token(CLAIMS), transports });
+      assert.equal(await third.next("disconnect"), "io server disconnect");
+      assert.deepEqual(third.names(), ["connect", "auth-error", "disconnect"]);
+      assert.deepEqual(third.all("auth-error"), [{ error: TOO_MANY }]);
+      assert.equal(third.socket.active, false, "the client must not plan a reconnection");
+    }
+    // The user's admitted tabs still receive; one closes, and the next one is admitted.
+    await marker(fanout, CLAIMS.organizationId, tabs);
+    tabs.shift().socket.disconnect();
+    await until(async () => (await fanout.metric("fanout_connections")) === 1, { what: "the closed tab counted out" });
+    const next = await bed.join(fanout, CLAIMS);
+    await marker(fanout, CLAIMS.organizationId, [next, ...tabs]);
   }));
 });
 
