@@ -6,6 +6,7 @@
 //! configuration table mirrors [`ServeArgs`]; keep them in step.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -159,6 +160,10 @@ pub struct ServeArgs {
     /// `auth-error` "Too many connections". 0: no limit.
     #[arg(long, env = "FANOUT_MAX_CONNECTIONS_PER_ORG", default_value = "0")]
     pub max_connections_per_org: String,
+    /// Messages per second each ingest key may publish to this replica (a burst of one
+    /// second's worth); beyond, 429 with `Retry-After`. 0: no limit.
+    #[arg(long, env = "FANOUT_INGEST_RATE", default_value = "0")]
+    pub ingest_rate: String,
     /// Log format: `text` or `json` (level from RUST_LOG).
     #[arg(long, env = "FANOUT_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -323,6 +328,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Caps on one user's and one organization's authenticated sockets.
     pub caps: Caps,
+    /// Messages per second per ingest key; `None`: no limit.
+    pub ingest_rate: Option<NonZeroU32>,
 }
 
 /// JWT settings in a form that can build a verifier (and be cloned, unlike the verifier).
@@ -932,6 +939,12 @@ impl Limits {
                     &args.max_connections_per_org,
                 )?,
             },
+            ingest_rate: NonZeroU32::new(parse_count(
+                "FANOUT_INGEST_RATE",
+                &args.ingest_rate,
+                0,
+                10_000_000,
+            )? as u32),
         })
     }
 }

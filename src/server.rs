@@ -26,6 +26,7 @@ use crate::config::{BusBackend, Config, CorsOrigins};
 use crate::delivery::Delivery;
 use crate::gateway::{self, Expiry, Gateway, Handshakes};
 use crate::ingest::durable::Writer;
+use crate::ingest::rate::KeyRates;
 use crate::ingest::{self, IngestState};
 use crate::ops;
 use crate::ops::shutdown::Shutdown;
@@ -207,9 +208,15 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
             Handshakes::new(transports.clone(), config.limits.max_pending_sessions),
             gateway::middleware,
         ));
+    let keys = IngestKeys::new(config.auth.ingest_keys.clone());
+    let rates = config
+        .limits
+        .ingest_rate
+        .map(|rate| Arc::new(KeyRates::new(keys.len(), rate)));
     let internal_app = ingest::router(IngestState {
         bus: bus.clone(),
-        keys: Arc::new(IngestKeys::new(config.auth.ingest_keys.clone())),
+        keys: Arc::new(keys),
+        rates,
         max_payload_bytes: config.limits.max_payload_bytes,
         writer,
     })

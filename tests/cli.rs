@@ -80,6 +80,7 @@ fn invalid_settings_stop_the_start_naming_the_setting() {
             &[("FANOUT_MAX_CONNECTIONS_PER_ORG", "many")],
             "FANOUT_MAX_CONNECTIONS_PER_ORG",
         ),
+        (&[("FANOUT_INGEST_RATE", "1.5")], "FANOUT_INGEST_RATE"),
         (
             &[("FANOUT_SHUTDOWN_TIMEOUT", "soon")],
             "FANOUT_SHUTDOWN_TIMEOUT",

@@ -1,8 +1,11 @@
-//! Fair use: what one user or one organization may hold on a replica. A socket over a cap
-//! is refused the way a bad token is (`auth-error` `Too many connections`, then a
-//! DISCONNECT), is counted in `fanout_connections_refused_total{reason}`, and holds nothing
-//! afterwards: the sockets already admitted go on receiving, and a socket that leaves makes
-//! room for the next.
+//! Fair use: what one user or one organization may hold on a replica, and what one ingest
+//! key may publish to it.
+//!
+//! A socket over a cap is refused the way a bad token is (`auth-error` `Too many
+//! connections`, then a DISCONNECT), is counted in `fanout_connections_refused_total{reason}`,
+//! and holds nothing afterwards: the sockets already admitted go on receiving, and a socket
+//! that leaves makes room for the next. A key over its rate gets 429 with `Retry-After`, and
+//! nothing of the refused request is delivered.
 
 use fanout_testkit::*;
 use serde_json::json;
@@ -99,4 +102,81 @@ async fn an_organization_over_its_connection_cap_is_refused_and_counted() {
     for member in &mut members {
         assert_eq!(member.expect("tick", QUICK).await, json!("a"));
     }
+}
+
+/// One key's messages over `FANOUT_INGEST_RATE` are refused with 429 and `Retry-After`,
+/// counted under the key's position, never delivered; another key's budget is its own, and
+/// the refused key is accepted again once its budget refills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_key_over_its_rate_is_told_when_to_retry() {
+    const RATE: usize = 5;
+    let r = Replica::builder()
+        .env("FANOUT_INGEST_RATE", RATE)
+        .start()
+        .await;
+    let mut member = r.login("acme", "alice").await;
+    let publish = |key: &'static str, n: usize| {
+        let body = json!({ "organizationId": "acme", "event": "tick", "data": n });
+        let r = &r;
+        async move { r.post_raw("/v1/publish", body.to_string(), Some(key)).await }
+    };
+    // A burst of one second's worth is taken at once.
+    for n in 0..RATE {
+        let reply = publish(INGEST_KEY, n).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+    }
+    let refused = publish(INGEST_KEY, 99).await;
+    assert_eq!(refused.status, 429, "{refused:?}");
+    let error = refused.json["error"].as_str().unwrap();
+    assert!(
+        error.contains("ingest key 1")
+            && error.contains("FANOUT_INGEST_RATE")
+            && !error.contains(INGEST_KEY),
+        "{error}"
+    );
+    let retry_after: u64 = refused.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        retry_after, 1,
+        "a budget of {RATE}/s refills within a second"
+    );
+    assert_eq!(
+        r.metric("fanout_ingest_rate_limited_total", &[("key", "1")])
+            .await,
+        1.0
+    );
+
+    // The second key has a budget of its own.
+    let reply = publish(INGEST_KEY_NEXT, RATE).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+
+    // The refused message was never delivered.
+    let marker = json!({ "organizationId": "acme", "event": "marker", "data": null });
+    let reply = r
+        .post_raw("/v1/publish", marker.to_string(), Some(INGEST_KEY_NEXT))
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let got: Vec<_> = member
+        .events_until("marker", QUICK)
+        .await
+        .into_iter()
+        .map(|(_, data)| data)
+        .collect();
+    let expected: Vec<_> = (0..=RATE).map(|n| json!(n)).collect();
+    assert_eq!(got, expected);
+
+    // Within Retry-After, the first key's budget has refilled.
+    let again = tokio::time::timeout(QUICK, async {
+        loop {
+            if publish(INGEST_KEY, 100).await.status == 200 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(again.is_ok(), "ingest key 1 still refused after {QUICK:?}");
 }

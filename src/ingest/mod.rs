@@ -10,6 +10,7 @@
 //! updates the `executions` projection.
 
 pub mod durable;
+pub mod rate;
 
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -25,7 +26,7 @@ use axum::routing::post;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use crate::auth::IngestKeys;
+use crate::auth::{IngestKeys, KeyId};
 use crate::bus::{Bus, BusError};
 use crate::ops::metrics;
 use crate::protocol::{
@@ -35,6 +36,7 @@ use crate::retry::RateLimit;
 use crate::store::StoreError;
 use crate::store::write::Projection;
 use durable::Writer;
+use rate::KeyRates;
 
 #[derive(Clone)]
 pub struct IngestState {
@@ -43,6 +45,8 @@ pub struct IngestState {
     pub max_payload_bytes: usize,
     /// Set when the replica has a store: accepted messages are durable events.
     pub writer: Option<Writer>,
+    /// Set with `FANOUT_INGEST_RATE`: each key's budget of messages per second.
+    pub rates: Option<Arc<KeyRates>>,
 }
 
 /// At most one warning per this interval while ingest refuses messages (503).
@@ -69,6 +73,15 @@ pub enum IngestError {
         "missing or unknown ingest key: send \"Authorization: Bearer <key>\" with a key from FANOUT_INGEST_KEYS"
     )]
     Unauthorized,
+    #[error(
+        "ingest key {key} is over its rate of {per_second} messages/s (FANOUT_INGEST_RATE); nothing was accepted: retry after {} s",
+        retry_after_secs(*.retry_after)
+    )]
+    RateLimited {
+        key: KeyId,
+        per_second: u32,
+        retry_after: Duration,
+    },
     #[error("request body is larger than {limit} bytes (FANOUT_MAX_PAYLOAD_BYTES)")]
     TooLarge { limit: usize },
     #[error("cannot read the request body: {0}")]
@@ -99,6 +112,7 @@ impl IngestError {
     fn status(&self) -> StatusCode {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Store(StoreError::Rejected(_)) => StatusCode::BAD_REQUEST,
@@ -124,9 +138,16 @@ impl IntoResponse for IngestError {
             }
         }
         let mut resp = (status, Json(json!({ "error": self.to_string() }))).into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
+        match self {
+            Self::Unauthorized => {
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
+            }
+            Self::RateLimited { retry_after, .. } => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, retry_after_secs(retry_after).into());
+            }
+            _ => {}
         }
         resp
     }
@@ -137,11 +158,27 @@ async fn require_key(State(s): State<IngestState>, req: Request, next: Next) -> 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if s.keys.check_header(header) {
-        next.run(req).await
-    } else {
-        IngestError::Unauthorized.into_response()
+    let Some(key) = s.keys.check_header(header) else {
+        return IngestError::Unauthorized.into_response();
+    };
+    if let Some(rates) = &s.rates
+        && let Err(retry_after) = rates.check(key)
+    {
+        ::metrics::counter!(metrics::INGEST_RATE_LIMITED, "key" => key.to_string()).increment(1);
+        return IngestError::RateLimited {
+            key,
+            per_second: rates.per_second(),
+            retry_after,
+        }
+        .into_response();
     }
+    next.run(req).await
+}
+
+/// `Retry-After` in whole seconds, rounded up, at least 1.
+fn retry_after_secs(wait: Duration) -> u64 {
+    let whole = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    whole.max(1)
 }
 
 /// The body as text, with its top-level fields, or the reason it is refused.

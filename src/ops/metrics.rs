@@ -39,6 +39,7 @@ pub const PUBLIC_CONNECTIONS: &str = "fanout_public_connections";
 pub const PUBLIC_CONNECTIONS_LIMIT: &str = "fanout_public_connections_limit";
 pub const PENDING_SESSIONS: &str = "fanout_pending_sessions";
 pub const CONNECTIONS_REFUSED: &str = "fanout_connections_refused_total";
+pub const INGEST_RATE_LIMITED: &str = "fanout_ingest_rate_limited_total";
 pub const ACCEPT_ERRORS: &str = "fanout_accept_errors_total";
 pub const TASK_FAILURES: &str = "fanout_task_failures_total";
 
@@ -195,6 +196,10 @@ fn describe() {
     describe_gauge!(
         PENDING_SESSIONS,
         "Engine.IO sessions opened and not yet authenticated (FANOUT_MAX_PENDING_SESSIONS caps them)."
+    );
+    describe_counter!(
+        INGEST_RATE_LIMITED,
+        "Ingest requests answered 429 because their key was over FANOUT_INGEST_RATE, by key (its position in FANOUT_INGEST_KEYS, never the key)."
     );
     describe_counter!(
         CONNECTIONS_REFUSED,
