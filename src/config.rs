@@ -5,11 +5,12 @@
 //! line naming the setting, instead of failing later in a request. The README's
 //! configuration table mirrors [`ServeArgs`]; keep them in step.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
 use jsonwebtoken::Algorithm;
 
 use crate::auth::{VerifierConfig, VerifyKey};
@@ -164,6 +165,14 @@ pub struct ServeArgs {
     /// second's worth); beyond, 429 with `Retry-After`. 0: no limit.
     #[arg(long, env = "FANOUT_INGEST_RATE", default_value = "0")]
     pub ingest_rate: String,
+    /// New sessions per second one client host may open on this replica (a burst of one
+    /// second's worth); beyond, 429 with `Retry-After`. 0: no limit.
+    #[arg(long, env = "FANOUT_HANDSHAKE_RATE_PER_HOST", default_value = "0")]
+    pub handshake_rate_per_host: String,
+    /// Proxies whose `X-Forwarded-For` names the client host: comma-separated addresses or
+    /// CIDR ranges (`10.0.0.0/8`).
+    #[arg(long, env = "FANOUT_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
     /// Log format: `text` or `json` (level from RUST_LOG).
     #[arg(long, env = "FANOUT_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -330,6 +339,10 @@ pub struct Limits {
     pub caps: Caps,
     /// Messages per second per ingest key; `None`: no limit.
     pub ingest_rate: Option<NonZeroU32>,
+    /// New sessions per second per client host; `None`: no limit.
+    pub handshake_rate_per_host: Option<NonZeroU32>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 /// JWT settings in a form that can build a verifier (and be cloned, unlike the verifier).
@@ -945,8 +958,35 @@ impl Limits {
                 0,
                 10_000_000,
             )? as u32),
+            handshake_rate_per_host: NonZeroU32::new(parse_count(
+                "FANOUT_HANDSHAKE_RATE_PER_HOST",
+                &args.handshake_rate_per_host,
+                0,
+                10_000_000,
+            )? as u32),
+            trusted_proxies: parse_proxies(&args.trusted_proxies)?,
         })
     }
+}
+
+/// `FANOUT_TRUSTED_PROXIES`: addresses and CIDR ranges, comma-separated.
+fn parse_proxies(text: &str) -> Result<Vec<IpNet>, ConfigError> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            item.parse::<IpNet>()
+                .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        "FANOUT_TRUSTED_PROXIES",
+                        format!(
+                            "{item:?} is not an IP address or a CIDR range (such as 10.0.0.0/8)"
+                        ),
+                    )
+                })
+        })
+        .collect()
 }
 
 /// A cap on connections: a whole number, 0 for none.

@@ -4,7 +4,8 @@
 //! The Redis subscriber, the store's migration and health probe, and retention all retry a
 //! peer that may be down for a long time: [`Retry`] is that loop's one mechanism, so every
 //! such loop backs off the same way, stops at shutdown, and no outage can flood the logs.
-//! [`Backoff`] and [`RateLimit`] are its parts, for the places that need only one.
+//! [`Backoff`] and [`RateLimit`] are its parts, for the places that need only one. And what
+//! fanout tells a client it refused for a while: [`retry_after_secs`].
 
 use std::fmt::Display;
 use std::time::{Duration, Instant};
@@ -129,9 +130,25 @@ impl RateLimit {
     }
 }
 
+/// A `Retry-After` header's value for a wait: whole seconds, rounded up, at least 1 (a
+/// client told 0 would retry at once).
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let whole = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    whole.max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(7)), 7);
+    }
 
     #[test]
     fn backoff_grows_caps_and_jitters() {

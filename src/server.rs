@@ -24,7 +24,7 @@ use crate::auth::{IngestKeys, Verifier};
 use crate::bus::{Bus, ClusterSettings, RedisSettings, RedisTarget};
 use crate::config::{BusBackend, Config, CorsOrigins};
 use crate::delivery::Delivery;
-use crate::gateway::{self, Expiry, Gateway, Handshakes};
+use crate::gateway::{self, Expiry, Gateway, Handshakes, TrustedProxies};
 use crate::ingest::durable::Writer;
 use crate::ingest::rate::KeyRates;
 use crate::ingest::{self, IngestState};
@@ -205,7 +205,10 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
         .layer(sio_layer)
         .layer(cors(&config.listeners.cors_origins))
         .layer(middleware::from_fn_with_state(
-            Handshakes::new(transports.clone(), config.limits.max_pending_sessions),
+            Handshakes::new(transports.clone(), config.limits.max_pending_sessions).per_host(
+                config.limits.handshake_rate_per_host,
+                TrustedProxies(config.limits.trusted_proxies.clone()),
+            ),
             gateway::middleware,
         ));
     let keys = IngestKeys::new(config.auth.ingest_keys.clone());

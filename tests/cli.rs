@@ -82,6 +82,14 @@ fn invalid_settings_stop_the_start_naming_the_setting() {
         ),
         (&[("FANOUT_INGEST_RATE", "1.5")], "FANOUT_INGEST_RATE"),
         (
+            &[("FANOUT_HANDSHAKE_RATE_PER_HOST", "fast")],
+            "FANOUT_HANDSHAKE_RATE_PER_HOST",
+        ),
+        (
+            &[("FANOUT_TRUSTED_PROXIES", "10.0.0.0/8, proxy.local")],
+            "FANOUT_TRUSTED_PROXIES",
+        ),
+        (
             &[("FANOUT_SHUTDOWN_TIMEOUT", "soon")],
             "FANOUT_SHUTDOWN_TIMEOUT",
         ),

@@ -180,3 +180,72 @@ async fn an_ingest_key_over_its_rate_is_told_when_to_retry() {
     .await;
     assert!(again.is_ok(), "ingest key 1 still refused after {QUICK:?}");
 }
+
+/// Opens an Engine.IO session by long-polling, as a browser's first request does, with
+/// `X-Forwarded-For: forwarded_for`; answers the status and the reply's `Retry-After`.
+async fn handshake(r: &Replica, forwarded_for: &str) -> (u16, Option<String>, String) {
+    let resp = reqwest::Client::new()
+        .get(format!(
+            "http://{}/socket.io/?EIO=4&transport=polling",
+            r.public
+        ))
+        .header("x-forwarded-for", forwarded_for)
+        .send()
+        .await
+        .expect("handshake request");
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, retry_after, resp.text().await.unwrap())
+}
+
+/// Each client host may open `FANOUT_HANDSHAKE_RATE_PER_HOST` sessions per second: the next
+/// gets 429 with `Retry-After`. Behind a trusted proxy the host is the one its
+/// `X-Forwarded-For` names; from anyone else that header changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_over_its_handshake_rate_is_told_when_to_retry() {
+    const RATE: usize = 3;
+    let behind_proxy = Replica::builder()
+        .env("FANOUT_HANDSHAKE_RATE_PER_HOST", RATE)
+        .env("FANOUT_TRUSTED_PROXIES", "127.0.0.1, 10.0.0.0/8")
+        .start()
+        .await;
+    for _ in 0..RATE {
+        assert_eq!(handshake(&behind_proxy, "203.0.113.7").await.0, 200);
+    }
+    let (status, retry_after, body) = handshake(&behind_proxy, "203.0.113.7").await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"), "{body}");
+    assert!(body.contains("FANOUT_HANDSHAKE_RATE_PER_HOST"), "{body}");
+    // Another client behind the same proxy has a budget of its own; a client that claims an
+    // address in front of the proxy's own hop is still the host the proxy saw.
+    assert_eq!(handshake(&behind_proxy, "203.0.113.8").await.0, 200);
+    assert_eq!(
+        handshake(&behind_proxy, "198.51.100.1, 203.0.113.7")
+            .await
+            .0,
+        429
+    );
+    assert_eq!(
+        behind_proxy
+            .metric(
+                "fanout_connections_refused_total",
+                &[("reason", "host_rate")]
+            )
+            .await,
+        2.0
+    );
+
+    // Without trusted proxies, the header is the client's own word: every handshake here
+    // comes from 127.0.0.1, whatever it claims.
+    let direct = Replica::builder()
+        .env("FANOUT_HANDSHAKE_RATE_PER_HOST", RATE)
+        .start()
+        .await;
+    for n in 0..RATE {
+        assert_eq!(handshake(&direct, &format!("203.0.113.{n}")).await.0, 200);
+    }
+    assert_eq!(handshake(&direct, "203.0.113.99").await.0, 429);
+}

@@ -15,6 +15,7 @@
 //! [`crate::transport`]), refuses sessions fanout has ended, and detaches the head of
 //! every request that may open a session from hyper's read buffer.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -26,14 +27,19 @@ use serde_json::json;
 use socketioxide::extract::SocketRef;
 use socketioxide::socket::Sid;
 
+use super::hosts::{HostRates, TrustedProxies};
 use crate::ops::metrics;
+use crate::retry::retry_after_secs;
 use crate::transport::{Conn, Transports};
 
-/// What the middleware needs: the connections, and the count of pending sessions.
+/// What the middleware needs: the connections, the count of pending sessions, and each
+/// client host's budget of new ones.
 #[derive(Clone)]
 pub struct Handshakes {
     transports: Transports,
     pending: Arc<Pending>,
+    hosts: Option<Arc<HostRates>>,
+    trusted: Arc<TrustedProxies>,
 }
 
 struct Pending {
@@ -73,7 +79,43 @@ impl Handshakes {
                 count: AtomicUsize::new(0),
                 max: max_pending,
             }),
+            hosts: None,
+            trusted: Arc::default(),
         }
+    }
+
+    /// Each client host may open `per_second` sessions (none: no limit); the host is told by
+    /// `X-Forwarded-For` when the peer is one of `trusted`.
+    pub fn per_host(mut self, per_second: Option<NonZeroU32>, trusted: TrustedProxies) -> Self {
+        self.hosts = per_second.map(|rate| Arc::new(HostRates::new(rate)));
+        self.trusted = Arc::new(trusted);
+        self
+    }
+
+    /// Takes one session from the budget of the host `req` comes from; over it, the 429
+    /// to answer.
+    fn refuse_host(&self, req: &Request) -> Option<Response> {
+        let (Some(hosts), Some(ConnectInfo(conn))) =
+            (&self.hosts, req.extensions().get::<ConnectInfo<Conn>>())
+        else {
+            return None;
+        };
+        let host = self.trusted.client_host(conn.peer.ip(), req.headers());
+        let wait = hosts.check(host).err()?;
+        ::metrics::counter!(metrics::CONNECTIONS_REFUSED, "reason" => "host_rate").increment(1);
+        let secs = retry_after_secs(wait);
+        let error = format!(
+            "too many new connections from this host (FANOUT_HANDSHAKE_RATE_PER_HOST: {} per second); retry after {secs} s",
+            hosts.per_second()
+        );
+        Some(
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, secs.to_string())],
+                Json(json!({ "error": error })),
+            )
+                .into_response(),
+        )
     }
 
     /// Sessions opened and not yet authenticated.
@@ -126,6 +168,10 @@ pub async fn middleware(
         }
         None => {
             let opens = opens_session(&req);
+            // Before the head is trimmed: the host may be in X-Forwarded-For.
+            if opens && let Some(refusal) = handshakes.refuse_host(&req) {
+                return refusal;
+            }
             detach_head(&mut req, opens);
             if opens {
                 let Some(slot) = handshakes.take_slot() else {

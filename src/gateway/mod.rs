@@ -16,6 +16,7 @@
 
 mod expiry;
 mod handshake;
+mod hosts;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +36,7 @@ use crate::tasks::Tasks;
 use crate::transport::Transports;
 pub use expiry::Expiry;
 pub use handshake::{Handshakes, middleware};
+pub use hosts::TrustedProxies;
 
 /// The gateway and the parts of the replica it works with.
 pub struct Gateway {

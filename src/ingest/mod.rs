@@ -32,7 +32,7 @@ use crate::ops::metrics;
 use crate::protocol::{
     EventName, ExecutionStatus, InvalidId, Message, OrgId, TaskId, UserId, now_ms,
 };
-use crate::retry::RateLimit;
+use crate::retry::{RateLimit, retry_after_secs};
 use crate::store::StoreError;
 use crate::store::write::Projection;
 use durable::Writer;
@@ -173,12 +173,6 @@ async fn require_key(State(s): State<IngestState>, req: Request, next: Next) -> 
         .into_response();
     }
     next.run(req).await
-}
-
-/// `Retry-After` in whole seconds, rounded up, at least 1.
-fn retry_after_secs(wait: Duration) -> u64 {
-    let whole = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    whole.max(1)
 }
 
 /// The body as text, with its top-level fields, or the reason it is refused.
