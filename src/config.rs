@@ -169,6 +169,10 @@ pub struct ServeArgs {
     /// second's worth); beyond, 429 with `Retry-After`. 0: no limit.
     #[arg(long, env = "FANOUT_HANDSHAKE_RATE_PER_HOST", default_value = "0")]
     pub handshake_rate_per_host: String,
+    /// REST reads per second one user may make on this replica (a burst of one second's
+    /// worth); beyond, 429 with `Retry-After`. 0: no limit.
+    #[arg(long, env = "FANOUT_REST_RATE_PER_USER", default_value = "50")]
+    pub rest_rate_per_user: String,
     /// Proxies whose `X-Forwarded-For` names the client host: comma-separated addresses or
     /// CIDR ranges (`10.0.0.0/8`).
     #[arg(long, env = "FANOUT_TRUSTED_PROXIES", default_value = "")]
@@ -341,6 +345,8 @@ pub struct Limits {
     pub ingest_rate: Option<NonZeroU32>,
     /// New sessions per second per client host; `None`: no limit.
     pub handshake_rate_per_host: Option<NonZeroU32>,
+    /// REST reads per second per user; `None`: no limit.
+    pub rest_rate_per_user: Option<NonZeroU32>,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
 }
@@ -965,6 +971,12 @@ impl Limits {
                 10_000_000,
             )? as u32),
             trusted_proxies: parse_proxies(&args.trusted_proxies)?,
+            rest_rate_per_user: NonZeroU32::new(parse_count(
+                "FANOUT_REST_RATE_PER_USER",
+                &args.rest_rate_per_user,
+                0,
+                10_000_000,
+            )? as u32),
         })
     }
 }

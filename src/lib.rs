@@ -13,6 +13,7 @@ pub mod ingest;
 pub mod ops;
 pub mod presence;
 pub mod protocol;
+pub mod rates;
 pub mod retry;
 pub mod server;
 pub mod store;

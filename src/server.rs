@@ -26,11 +26,11 @@ use crate::config::{BusBackend, Config, CorsOrigins};
 use crate::delivery::Delivery;
 use crate::gateway::{self, Expiry, Gateway, Handshakes, TrustedProxies};
 use crate::ingest::durable::Writer;
-use crate::ingest::rate::KeyRates;
 use crate::ingest::{self, IngestState};
 use crate::ops;
 use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
+use crate::rates::Budgets;
 use crate::store::{Store, retention};
 use crate::tasks::{Policy, Tasks};
 use crate::transport::serve::{self, Internal};
@@ -200,22 +200,26 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
     // Restarted if it fails: it keeps no state.
     tasks.spawn("memory-trim", Policy::Restart, ops::memory::run);
 
-    let public_app = api::router(ApiState::new(verifier, store.clone()))
-        .fallback(not_found)
-        .layer(sio_layer)
-        .layer(cors(&config.listeners.cors_origins))
-        .layer(middleware::from_fn_with_state(
-            Handshakes::new(transports.clone(), config.limits.max_pending_sessions).per_host(
-                config.limits.handshake_rate_per_host,
-                TrustedProxies(config.limits.trusted_proxies.clone()),
-            ),
-            gateway::middleware,
-        ));
+    let public_app = api::router(ApiState::new(
+        verifier,
+        store.clone(),
+        config.limits.rest_rate_per_user,
+    ))
+    .fallback(not_found)
+    .layer(sio_layer)
+    .layer(cors(&config.listeners.cors_origins))
+    .layer(middleware::from_fn_with_state(
+        Handshakes::new(transports.clone(), config.limits.max_pending_sessions).per_host(
+            config.limits.handshake_rate_per_host,
+            TrustedProxies(config.limits.trusted_proxies.clone()),
+        ),
+        gateway::middleware,
+    ));
     let keys = IngestKeys::new(config.auth.ingest_keys.clone());
     let rates = config
         .limits
         .ingest_rate
-        .map(|rate| Arc::new(KeyRates::new(keys.len(), rate)));
+        .map(|rate| Arc::new(Budgets::new(rate)));
     let internal_app = ingest::router(IngestState {
         bus: bus.clone(),
         keys: Arc::new(keys),

@@ -82,6 +82,10 @@ fn invalid_settings_stop_the_start_naming_the_setting() {
         ),
         (&[("FANOUT_INGEST_RATE", "1.5")], "FANOUT_INGEST_RATE"),
         (
+            &[("FANOUT_REST_RATE_PER_USER", "-3")],
+            "FANOUT_REST_RATE_PER_USER",
+        ),
+        (
             &[("FANOUT_HANDSHAKE_RATE_PER_HOST", "fast")],
             "FANOUT_HANDSHAKE_RATE_PER_HOST",
         ),

@@ -7,6 +7,7 @@
 //! that leaves makes room for the next. A key over its rate gets 429 with `Retry-After`, and
 //! nothing of the refused request is delivered.
 
+use fanout_testkit::replica::reply;
 use fanout_testkit::*;
 use serde_json::json;
 
@@ -248,4 +249,38 @@ async fn a_host_over_its_handshake_rate_is_told_when_to_retry() {
         assert_eq!(handshake(&direct, &format!("203.0.113.{n}")).await.0, 200);
     }
     assert_eq!(handshake(&direct, "203.0.113.99").await.0, 429);
+}
+
+/// A user's REST reads over `FANOUT_REST_RATE_PER_USER` are answered 429 with
+/// `Retry-After`, before any read is made (here the replica has no history: the reads within
+/// the budget are answered 404, saying so); another user's budget is its own, and a token
+/// that is not valid is refused as before, from no one's budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_over_its_rest_rate_is_told_when_to_retry() {
+    const RATE: usize = 3;
+    let r = Replica::builder()
+        .env("FANOUT_REST_RATE_PER_USER", RATE)
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    let get = |token: String| {
+        let req = http
+            .get(format!("http://{}/v1/executions", r.public))
+            .bearer_auth(token);
+        async move { reply(req.send().await.expect("GET /v1/executions")).await }
+    };
+    for _ in 0..RATE {
+        let answer = get(valid_token("acme", "alice")).await;
+        assert_eq!(answer.status, 404, "{answer:?}");
+    }
+    let refused = get(valid_token("acme", "alice")).await;
+    assert_eq!(refused.status, 429, "{refused:?}");
+    assert_eq!(refused.headers["retry-after"], "1");
+    let error = refused.json["error"].as_str().unwrap();
+    assert!(error.contains("FANOUT_REST_RATE_PER_USER"), "{error}");
+    assert_eq!(r.metric("fanout_rest_rate_limited_total", &[]).await, 1.0);
+
+    assert_eq!(get(valid_token("acme", "bob")).await.status, 404);
+    assert_eq!(get("not-a-token".into()).await.status, 401);
+    assert_eq!(r.metric("fanout_rest_rate_limited_total", &[]).await, 1.0);
 }

@@ -17,17 +17,12 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::{IpNet, Ipv6Net};
 
-/// Forget hosts whose budget is full again once per this many checks: the map holds only
-/// hosts seen lately, whatever a scan of many addresses sends.
-const SWEEP_EVERY: u64 = 4096;
+use crate::rates::Budgets;
 
 /// The proxies whose `X-Forwarded-For` is believed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -65,37 +60,21 @@ impl TrustedProxies {
 }
 
 /// Each host's budget of new sessions.
-pub struct HostRates {
-    per_second: NonZeroU32,
-    limiter: DefaultKeyedRateLimiter<IpAddr>,
-    clock: DefaultClock,
-    checks: AtomicU64,
-}
+pub struct HostRates(Budgets<IpAddr>);
 
 impl HostRates {
     /// `per_second` new sessions per host, in bursts of up to one second's worth.
     pub fn new(per_second: NonZeroU32) -> Self {
-        Self {
-            per_second,
-            limiter: RateLimiter::hashmap(Quota::per_second(per_second)),
-            clock: DefaultClock::default(),
-            checks: AtomicU64::new(0),
-        }
+        Self(Budgets::new(per_second))
     }
 
     pub fn per_second(&self) -> u32 {
-        self.per_second.get()
+        self.0.per_second()
     }
 
     /// Takes one session from `host`'s budget, or says how long until there is one.
     pub fn check(&self, host: IpAddr) -> Result<(), Duration> {
-        if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            self.limiter.retain_recent();
-            self.limiter.shrink_to_fit();
-        }
-        self.limiter
-            .check_key(&per_subscriber(host))
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        self.0.check(&per_subscriber(host))
     }
 }
 

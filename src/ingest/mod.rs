@@ -10,7 +10,6 @@
 //! updates the `executions` projection.
 
 pub mod durable;
-pub mod rate;
 
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -32,11 +31,11 @@ use crate::ops::metrics;
 use crate::protocol::{
     EventName, ExecutionStatus, InvalidId, Message, OrgId, TaskId, UserId, now_ms,
 };
+use crate::rates::Budgets;
 use crate::retry::{RateLimit, retry_after_secs};
 use crate::store::StoreError;
 use crate::store::write::Projection;
 use durable::Writer;
-use rate::KeyRates;
 
 #[derive(Clone)]
 pub struct IngestState {
@@ -45,8 +44,9 @@ pub struct IngestState {
     pub max_payload_bytes: usize,
     /// Set when the replica has a store: accepted messages are durable events.
     pub writer: Option<Writer>,
-    /// Set with `FANOUT_INGEST_RATE`: each key's budget of messages per second.
-    pub rates: Option<Arc<KeyRates>>,
+    /// Set with `FANOUT_INGEST_RATE`: each key's budget of messages per second (a worker in
+    /// a loop would otherwise take the bus's and the history's capacity from all others).
+    pub rates: Option<Arc<Budgets<KeyId>>>,
 }
 
 /// At most one warning per this interval while ingest refuses messages (503).
@@ -162,7 +162,7 @@ async fn require_key(State(s): State<IngestState>, req: Request, next: Next) -> 
         return IngestError::Unauthorized.into_response();
     };
     if let Some(rates) = &s.rates
-        && let Err(retry_after) = rates.check(key)
+        && let Err(retry_after) = rates.check(&key)
     {
         ::metrics::counter!(metrics::INGEST_RATE_LIMITED, "key" => key.to_string()).increment(1);
         return IngestError::RateLimited {

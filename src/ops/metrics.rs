@@ -40,6 +40,7 @@ pub const PUBLIC_CONNECTIONS_LIMIT: &str = "fanout_public_connections_limit";
 pub const PENDING_SESSIONS: &str = "fanout_pending_sessions";
 pub const CONNECTIONS_REFUSED: &str = "fanout_connections_refused_total";
 pub const INGEST_RATE_LIMITED: &str = "fanout_ingest_rate_limited_total";
+pub const REST_RATE_LIMITED: &str = "fanout_rest_rate_limited_total";
 pub const ACCEPT_ERRORS: &str = "fanout_accept_errors_total";
 pub const TASK_FAILURES: &str = "fanout_task_failures_total";
 
@@ -196,6 +197,10 @@ fn describe() {
     describe_gauge!(
         PENDING_SESSIONS,
         "Engine.IO sessions opened and not yet authenticated (FANOUT_MAX_PENDING_SESSIONS caps them)."
+    );
+    describe_counter!(
+        REST_RATE_LIMITED,
+        "REST requests answered 429 because their user was over FANOUT_REST_RATE_PER_USER."
     );
     describe_counter!(
         INGEST_RATE_LIMITED,
