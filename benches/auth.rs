@@ -54,6 +54,7 @@ fn verifier(key: VerifyKey, algorithm: Algorithm) -> Verifier {
         issuer: None,
         audience: None,
         leeway_seconds: 30,
+        previous_secret: None,
     })
     .expect("bench verifier")
 }

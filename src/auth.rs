@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 
+use crate::ops::metrics;
 use crate::protocol::{InvalidId, OrgId, UserId};
 
 /// The verified identity of a connection. The organization comes from here and nowhere else.
@@ -96,9 +97,13 @@ pub enum VerifyKey {
     PublicPem(String),
 }
 
-/// Verifies tokens with one key and one algorithm.
+/// Verifies tokens with one key and one algorithm (and, for HMAC during a rotation, the
+/// previous secret too).
 pub struct Verifier {
     key: DecodingKey,
+    /// `JWT_SECRET_PREVIOUS`: tried when a token's signature does not match `key`, so tokens
+    /// signed before the backend switched secrets stay valid until they expire.
+    previous: Option<DecodingKey>,
     validation: Validation,
     algorithm: Algorithm,
     /// Kept only for HS*, so that dev mode and `fanout token` can mint with the same secret.
@@ -141,6 +146,8 @@ pub struct VerifierConfig {
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway_seconds: u64,
+    /// `JWT_SECRET_PREVIOUS`, for HS* only.
+    pub previous_secret: Option<Vec<u8>>,
 }
 
 /// Why the configured key cannot verify tokens; the message says which setting to fix.
@@ -148,6 +155,10 @@ pub struct VerifierConfig {
 pub enum KeyError {
     #[error("JWT_SECRET is empty")]
     EmptySecret,
+    #[error(
+        "JWT_SECRET_PREVIOUS is for rotating an HMAC secret: it needs JWT_SECRET (HS256/HS384/HS512), not JWT_PUBLIC_KEY"
+    )]
+    PreviousWithoutSecret,
     #[error(
         "JWT_ALGORITHM={0:?} needs JWT_PUBLIC_KEY, not JWT_SECRET (JWT_SECRET is for HS256/HS384/HS512)"
     )]
@@ -167,6 +178,7 @@ impl KeyError {
     pub fn setting(&self) -> &'static str {
         match self {
             Self::EmptySecret => "JWT_SECRET",
+            Self::PreviousWithoutSecret => "JWT_SECRET_PREVIOUS",
             Self::SecretForAsymmetric(_) | Self::PublicKeyForHmac(_) => "JWT_ALGORITHM",
             Self::InvalidPublicKey { .. } => "JWT_PUBLIC_KEY",
         }
@@ -220,6 +232,13 @@ impl Verifier {
                 (key, None)
             }
         };
+        let previous = match (&cfg.previous_secret, &cfg.key) {
+            (None, _) => None,
+            (Some(previous), VerifyKey::Secret(_)) if !previous.is_empty() => {
+                Some(DecodingKey::from_secret(previous))
+            }
+            (Some(_), _) => return Err(KeyError::PreviousWithoutSecret),
+        };
         let mut validation = Validation::new(alg);
         validation.leeway = cfg.leeway_seconds;
         validation.validate_exp = true;
@@ -244,6 +263,7 @@ impl Verifier {
         }
         Ok(Self {
             key,
+            previous,
             validation,
             algorithm: alg,
             signing,
@@ -283,31 +303,37 @@ impl Verifier {
         if header.alg != self.algorithm {
             return Err(AuthError::WrongAlgorithm(self.algorithm));
         }
-        let data =
-            jsonwebtoken::decode::<RawClaims>(token, &self.key, &self.validation).map_err(|e| {
-                match e.kind() {
-                    ErrorKind::ExpiredSignature => AuthError::Expired,
-                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-                    ErrorKind::InvalidClaimFormat(c) => AuthError::BadClaim {
-                        claim: if c == "nbf" { "nbf" } else { "exp" },
-                        problem: "is not a number".into(),
-                    },
-                    ErrorKind::InvalidSignature => AuthError::BadSignature,
-                    ErrorKind::InvalidAlgorithm => AuthError::WrongAlgorithm(self.algorithm),
-                    ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => {
-                        AuthError::WrongIssuerOrAudience
-                    }
-                    ErrorKind::MissingRequiredClaim(c) => AuthError::BadClaim {
-                        claim: if c == "exp" { "exp" } else { "iss/aud" },
-                        problem: "is missing".into(),
-                    },
-                    ErrorKind::Json(j) if j.to_string().contains("exp") => AuthError::BadClaim {
-                        claim: "exp",
-                        problem: "is missing or not a number".into(),
-                    },
-                    other => AuthError::Malformed(format!("{other:?}")),
-                }
-            })?;
+        let mut decoded = jsonwebtoken::decode::<RawClaims>(token, &self.key, &self.validation);
+        if let (Err(e), Some(previous)) = (&decoded, &self.previous)
+            && *e.kind() == ErrorKind::InvalidSignature
+        {
+            decoded = jsonwebtoken::decode::<RawClaims>(token, previous, &self.validation);
+            if decoded.is_ok() {
+                ::metrics::counter!(metrics::AUTH_PREVIOUS_SECRET).increment(1);
+            }
+        }
+        let data = decoded.map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidClaimFormat(c) => AuthError::BadClaim {
+                claim: if c == "nbf" { "nbf" } else { "exp" },
+                problem: "is not a number".into(),
+            },
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::InvalidAlgorithm => AuthError::WrongAlgorithm(self.algorithm),
+            ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => {
+                AuthError::WrongIssuerOrAudience
+            }
+            ErrorKind::MissingRequiredClaim(c) => AuthError::BadClaim {
+                claim: if c == "exp" { "exp" } else { "iss/aud" },
+                problem: "is missing".into(),
+            },
+            ErrorKind::Json(j) if j.to_string().contains("exp") => AuthError::BadClaim {
+                claim: "exp",
+                problem: "is missing or not a number".into(),
+            },
+            other => AuthError::Malformed(format!("{other:?}")),
+        })?;
         let claims = data.claims;
         let org = OrgId::from_json(&claims.organization_id)
             .map_err(|e| AuthError::claim("organizationId", e))?;
@@ -454,6 +480,7 @@ mod tests {
             issuer: None,
             audience: None,
             leeway_seconds: 0,
+            previous_secret: None,
         })
         .unwrap()
     }
@@ -574,6 +601,7 @@ mod tests {
             issuer: None,
             audience: None,
             leeway_seconds: 30,
+            previous_secret: None,
         })
         .unwrap();
         let mut c = good_claims();
@@ -652,6 +680,7 @@ mod tests {
             issuer: Some("backend".into()),
             audience: Some("dashboards".into()),
             leeway_seconds: 0,
+            previous_secret: None,
         })
         .unwrap();
         let mut c = good_claims();
@@ -691,6 +720,7 @@ mod tests {
             issuer: None,
             audience: None,
             leeway_seconds: 0,
+            previous_secret: None,
         })
         .unwrap()
     }
@@ -750,6 +780,7 @@ mod tests {
             issuer: None,
             audience: None,
             leeway_seconds: 0,
+            previous_secret: None,
         });
         assert!(e.contains("JWT_PUBLIC_KEY"), "{e}");
         let e = err(VerifierConfig {
@@ -758,6 +789,7 @@ mod tests {
             issuer: None,
             audience: None,
             leeway_seconds: 0,
+            previous_secret: None,
         });
         assert!(e.contains("JWT_SECRET"), "{e}");
         let e = err(VerifierConfig {
@@ -766,6 +798,7 @@ mod tests {
             issuer: None,
             audience: None,
             leeway_seconds: 0,
+            previous_secret: None,
         });
         assert!(e.contains("JWT_PUBLIC_KEY"), "{e}");
         let e = err(VerifierConfig {
@@ -774,6 +807,7 @@ mod tests {
             issuer: None,
             audience: None,
             leeway_seconds: 0,
+            previous_secret: None,
         });
         assert!(e.contains("ES256"), "{e}");
     }

@@ -48,6 +48,10 @@ pub struct JwtArgs {
     /// HMAC secret the backend signs tokens with (HS256 unless JWT_ALGORITHM says otherwise).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// The HMAC secret the backend signed with before JWT_SECRET: its tokens stay valid
+    /// until they expire (a rotation without a restart of the backend's sessions).
+    #[arg(long, env = "JWT_SECRET_PREVIOUS", hide_env_values = true)]
+    pub jwt_secret_previous: Option<String>,
     /// Public key for RS*/PS*/ES*/EdDSA tokens: a PEM file path or the PEM text itself.
     #[arg(long, env = "JWT_PUBLIC_KEY", allow_hyphen_values = true)]
     pub jwt_public_key: Option<String>,
@@ -355,6 +359,7 @@ pub struct Limits {
 #[derive(Debug, Clone)]
 pub struct JwtSettings {
     pub secret: Option<String>,
+    pub previous_secret: Option<String>,
     pub public_pem: Option<String>,
     pub algorithm: Algorithm,
     pub issuer: Option<String>,
@@ -374,6 +379,7 @@ impl JwtSettings {
             issuer: self.issuer.clone(),
             audience: self.audience.clone(),
             leeway_seconds: self.leeway_seconds,
+            previous_secret: self.previous_secret.clone().map(String::into_bytes),
         }
     }
 
@@ -397,6 +403,17 @@ impl JwtSettings {
             return Err(invalid(
                 "JWT_SECRET",
                 "both JWT_SECRET and JWT_PUBLIC_KEY are set; set only the one your backend signs with",
+            ));
+        }
+        if secret.is_none()
+            && args
+                .jwt_secret_previous
+                .as_ref()
+                .is_some_and(|s| !s.is_empty())
+        {
+            return Err(invalid(
+                "JWT_SECRET_PREVIOUS",
+                "is set without JWT_SECRET: it is the secret before the current one, which JWT_SECRET must name",
             ));
         }
         if secret.is_none() && public_pem.is_none() {
@@ -431,6 +448,7 @@ impl JwtSettings {
         })?;
         let settings = Self {
             secret,
+            previous_secret: args.jwt_secret_previous.clone().filter(|s| !s.is_empty()),
             public_pem,
             algorithm,
             issuer: args.jwt_issuer.clone().filter(|s| !s.is_empty()),
@@ -880,6 +898,7 @@ impl AuthSettings {
         }
         let jwt = JwtSettings {
             secret: Some(dev.secret.clone()),
+            previous_secret: None,
             public_pem: None,
             algorithm: Algorithm::HS256,
             issuer: None,

@@ -351,3 +351,48 @@ async fn large_client_messages_are_read_whole() {
     r.publish("acme", "after", json!(1)).await;
     assert_eq!(client.expect("after", QUICK).await, json!(1));
 }
+
+/// Rotating an HMAC secret without a flag day: the backend signs with the new secret
+/// (`JWT_SECRET`) while tokens it signed with the old one (`JWT_SECRET_PREVIOUS`) stay valid
+/// until they expire, on sockets, `auth-refresh` and REST alike. Each acceptance by the old
+/// secret is counted, so operators see when it can go; a third secret is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_previous_hmac_secret_stays_valid_during_a_rotation() {
+    const NEW: &str = "the-new-secret-the-backend-signs-with-now";
+    let r = Replica::builder()
+        .env("JWT_SECRET", NEW)
+        .env("JWT_SECRET_PREVIOUS", SECRET)
+        .start()
+        .await;
+    let exp = now_secs() + 600;
+    let claims = |user: &str| claims(json!("acme"), json!(user), exp);
+    let previous_count = || async { r.metric("fanout_auth_previous_secret_total", &[]).await };
+
+    // Signed with the previous secret (the harness's default): admitted, and counted.
+    let (mut old, hello) = Client::authenticated(r.public, &token_with(&claims("alice"))).await;
+    assert_eq!(hello["userId"], json!("alice"));
+    assert_eq!(previous_count().await, 1.0);
+    // Signed with the new one: admitted, not counted.
+    let (mut new, _) = Client::authenticated(r.public, &sign(&claims("bob"), NEW)).await;
+    assert_eq!(previous_count().await, 1.0);
+    r.publish("acme", "tick", json!(1)).await;
+    assert_eq!(old.expect("tick", QUICK).await, json!(1));
+    assert_eq!(new.expect("tick", QUICK).await, json!(1));
+
+    // The old session refreshes onto a token of the new secret.
+    let later = exp + 600;
+    let fresh = sign(&self::claims(json!("acme"), json!("alice"), later), NEW);
+    let ack = old
+        .emit_with_ack("auth-refresh", json!({ "token": fresh }), QUICK)
+        .await;
+    assert_eq!(ack, json!([{"ok": true, "exp": later}]));
+
+    // A third secret is refused as ever.
+    assert_refused(
+        &r,
+        Some(json!({ "token": sign(&claims("mallory"), "some-other-secret-entirely-0123") })),
+        "Invalid or expired token",
+    )
+    .await;
+    assert_eq!(previous_count().await, 1.0);
+}

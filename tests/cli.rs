@@ -105,6 +105,18 @@ fn invalid_settings_stop_the_start_naming_the_setting() {
             "FANOUT_CORS_ORIGINS",
         ),
         (&[("JWT_LEEWAY_SECONDS", "-1")], "JWT_LEEWAY_SECONDS"),
+        (
+            &[("JWT_SECRET", ""), ("JWT_SECRET_PREVIOUS", "old")],
+            "JWT_SECRET_PREVIOUS",
+        ),
+        (
+            &[
+                ("JWT_SECRET", ""),
+                ("JWT_PUBLIC_KEY", include_str!("keys/rsa_public.pem")),
+                ("JWT_SECRET_PREVIOUS", "old"),
+            ],
+            "JWT_SECRET_PREVIOUS",
+        ),
         (&[("JWT_ALGORITHM", "HS257")], "JWT_ALGORITHM"),
         (&[("FANOUT_INGEST_KEYS", "")], "FANOUT_INGEST_KEYS"),
         (&[("FANOUT_INGEST_KEYS", " , ")], "FANOUT_INGEST_KEYS"),

@@ -41,6 +41,7 @@ pub const PENDING_SESSIONS: &str = "fanout_pending_sessions";
 pub const CONNECTIONS_REFUSED: &str = "fanout_connections_refused_total";
 pub const INGEST_RATE_LIMITED: &str = "fanout_ingest_rate_limited_total";
 pub const REST_RATE_LIMITED: &str = "fanout_rest_rate_limited_total";
+pub const AUTH_PREVIOUS_SECRET: &str = "fanout_auth_previous_secret_total";
 pub const ACCEPT_ERRORS: &str = "fanout_accept_errors_total";
 pub const TASK_FAILURES: &str = "fanout_task_failures_total";
 
@@ -197,6 +198,10 @@ fn describe() {
     describe_gauge!(
         PENDING_SESSIONS,
         "Engine.IO sessions opened and not yet authenticated (FANOUT_MAX_PENDING_SESSIONS caps them)."
+    );
+    describe_counter!(
+        AUTH_PREVIOUS_SECRET,
+        "Tokens accepted because they were signed with JWT_SECRET_PREVIOUS: when it stays at zero for longer than tokens live, the previous secret can go."
     );
     describe_counter!(
         REST_RATE_LIMITED,
