@@ -30,6 +30,8 @@ pub enum Error {
     UnknownSessionID(Sid),
     #[error("transport mismatch")]
     TransportMismatch,
+    #[error("the client sent more packets than its budget allows")]
+    TooManyPackets,
 }
 
 /// Convert an error into an http response
@@ -57,6 +59,10 @@ impl<B> From<Error> for Response<ResponseBody<B>> {
                 .body(ResponseBody::empty_response())
                 .unwrap(),
 
+            Error::TooManyPackets => Response::builder()
+                .status(429)
+                .body(ResponseBody::empty_response())
+                .unwrap(),
             Error::UnknownSessionID(_) => {
                 conn_err_resp("{\"code\":\"1\",\"message\":\"Session ID unknown\"}")
             }

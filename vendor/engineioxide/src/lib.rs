@@ -3,6 +3,7 @@
 #![doc = include_str!("../README.md")]
 
 pub use engineioxide_core::{ProtocolVersion, Str, TransportType};
+pub use inbound::InboundLimit;
 pub use socket::{DisconnectReason, Socket};
 
 #[doc(hidden)]
@@ -24,5 +25,6 @@ pub mod sid {
 mod body;
 mod engine;
 mod errors;
+mod inbound;
 mod outbox;
 mod transport;

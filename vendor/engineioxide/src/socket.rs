@@ -64,7 +64,9 @@ use std::{
     time::Duration,
 };
 
-use crate::{config::EngineIoConfig, errors::Error, outbox::Outbox};
+use crate::{
+    InboundLimit, config::EngineIoConfig, errors::Error, inbound::Inbound, outbox::Outbox,
+};
 use bytes::Bytes;
 use engineioxide_core::{Packet, PacketBuf, ProtocolVersion, Str, TransportType};
 use futures_util::FutureExt;
@@ -101,7 +103,9 @@ impl From<&Error> for Option<DisconnectReason> {
         use Error::*;
         match err {
             WsTransport(_) => Some(DisconnectReason::TransportError),
-            BadPacket(_) | PacketParse(_) => Some(DisconnectReason::PacketParsingError),
+            BadPacket(_) | PacketParse(_) | TooManyPackets => {
+                Some(DisconnectReason::PacketParsingError)
+            }
             HeartbeatTimeout => Some(DisconnectReason::HeartbeatTimeout),
             _ => None,
         }
@@ -226,6 +230,10 @@ where
 
     /// If the client supports binary packets (via polling XHR2)
     pub(crate) supports_binary: bool,
+
+    /// The budget of packets this client may send, when the request that opened the session
+    /// carried an [`InboundLimit`](crate::InboundLimit). Boxed: most sockets are idle.
+    pub(crate) inbound: Option<Box<Inbound>>,
 }
 
 impl<D> Socket<D>
@@ -254,10 +262,21 @@ where
             close_fn,
 
             data: D::default(),
+            inbound: req_parts
+                .extensions
+                .get::<InboundLimit>()
+                .map(|limit| Box::new(Inbound::new(limit.clone()))),
             req_parts,
 
             supports_binary,
         }
+    }
+
+    /// Takes one received packet from the client's budget; `false` when it has none left.
+    pub(crate) fn take_inbound(&self) -> bool {
+        self.inbound
+            .as_ref()
+            .is_none_or(|inbound| inbound.take(self.id))
     }
 
     /// Sends a packet to the connection.
@@ -590,6 +609,7 @@ where
             req_parts: http::Request::<()>::default().into_parts().0,
 
             supports_binary: true,
+            inbound: None,
         };
         let sock = Arc::new(sock);
 

@@ -179,6 +179,12 @@ where
     futures_util::pin_mut!(packets);
 
     while let Some(packet) = packets.next().await {
+        if !socket.take_inbound() {
+            #[cfg(feature = "tracing")]
+            tracing::debug!(%sid, "over its packet budget, closing session");
+            engine.close_session(sid, DisconnectReason::PacketParsingError);
+            return Err(Error::TooManyPackets);
+        }
         match packet {
             Ok(Packet::Close) => {
                 #[cfg(feature = "tracing")]

@@ -18,7 +18,7 @@ use tokio_tungstenite::{
     tungstenite::{
         self, Message, Utf8Bytes,
         handshake::derive_accept_key,
-        protocol::{Role, WebSocketConfig},
+        protocol::{CloseFrame, Role, WebSocketConfig, frame::coding::CloseCode},
     },
 };
 use tokio_util::future::FutureExt as _;
@@ -244,6 +244,9 @@ async fn run<H: EngineIoHandler, S>(
             loop {
                 match ws.poll_next_unpin(cx) {
                     Poll::Ready(Some(Ok(msg))) => {
+                        if !socket.take_inbound() {
+                            return Poll::Ready(End::Failed(Some(Error::TooManyPackets)));
+                        }
                         match on_message(engine, socket, msg, heartbeat.as_mut(), timer.as_mut()) {
                             Ok(true) => {}
                             Ok(false) => return Poll::Ready(End::Closed),
@@ -302,6 +305,11 @@ async fn run<H: EngineIoHandler, S>(
         .await
     };
 
+    // A client closed for its budget is told why, in the close frame.
+    let close_frame = matches!(end, End::Failed(Some(Error::TooManyPackets))).then(|| CloseFrame {
+        code: CloseCode::Policy,
+        reason: "too many packets".into(),
+    });
     match end {
         End::Closed => {
             #[cfg(feature = "tracing")]
@@ -332,7 +340,7 @@ async fn run<H: EngineIoHandler, S>(
         #[cfg(feature = "tracing")]
         tracing::trace!(sid = %socket.id, "ws closing flush");
         ws.flush().await.ok();
-        ws.close(None).await.ok();
+        ws.close(close_frame).await.ok();
     };
     tokio::time::timeout(engine.config.ping_timeout, close)
         .await
