@@ -177,6 +177,10 @@ pub struct ServeArgs {
     /// worth); beyond, 429 with `Retry-After`. 0: no limit.
     #[arg(long, env = "FANOUT_REST_RATE_PER_USER", default_value = "50")]
     pub rest_rate_per_user: String,
+    /// Packets per second one client may send on its connection (a burst of one second's
+    /// worth); beyond, it is disconnected. 0: no limit.
+    #[arg(long, env = "FANOUT_MAX_PACKETS_PER_SECOND", default_value = "100")]
+    pub max_packets_per_second: String,
     /// Proxies whose `X-Forwarded-For` names the client host: comma-separated addresses or
     /// CIDR ranges (`10.0.0.0/8`).
     #[arg(long, env = "FANOUT_TRUSTED_PROXIES", default_value = "")]
@@ -351,6 +355,8 @@ pub struct Limits {
     pub handshake_rate_per_host: Option<NonZeroU32>,
     /// REST reads per second per user; `None`: no limit.
     pub rest_rate_per_user: Option<NonZeroU32>,
+    /// Packets per second a client may send; `None`: no limit.
+    pub max_packets_per_second: Option<NonZeroU32>,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
 }
@@ -990,6 +996,12 @@ impl Limits {
                 10_000_000,
             )? as u32),
             trusted_proxies: parse_proxies(&args.trusted_proxies)?,
+            max_packets_per_second: NonZeroU32::new(parse_count(
+                "FANOUT_MAX_PACKETS_PER_SECOND",
+                &args.max_packets_per_second,
+                0,
+                10_000_000,
+            )? as u32),
             rest_rate_per_user: NonZeroU32::new(parse_count(
                 "FANOUT_REST_RATE_PER_USER",
                 &args.rest_rate_per_user,

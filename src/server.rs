@@ -209,10 +209,12 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
     .layer(sio_layer)
     .layer(cors(&config.listeners.cors_origins))
     .layer(middleware::from_fn_with_state(
-        Handshakes::new(transports.clone(), config.limits.max_pending_sessions).per_host(
-            config.limits.handshake_rate_per_host,
-            TrustedProxies(config.limits.trusted_proxies.clone()),
-        ),
+        Handshakes::new(transports.clone(), config.limits.max_pending_sessions)
+            .per_host(
+                config.limits.handshake_rate_per_host,
+                TrustedProxies(config.limits.trusted_proxies.clone()),
+            )
+            .packets_per_second(config.limits.max_packets_per_second),
         gateway::middleware,
     ));
     let keys = IngestKeys::new(config.auth.ingest_keys.clone());

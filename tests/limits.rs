@@ -284,3 +284,39 @@ async fn a_user_over_its_rest_rate_is_told_when_to_retry() {
     assert_eq!(get("not-a-token".into()).await.status, 401);
     assert_eq!(r.metric("fanout_rest_rate_limited_total", &[]).await, 1.0);
 }
+
+/// A client sending more than `FANOUT_MAX_PACKETS_PER_SECOND` is disconnected and counted;
+/// another member of its organization goes on receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_packet_rate_is_disconnected() {
+    const RATE: usize = 50;
+    let r = Replica::builder()
+        .env("FANOUT_MAX_PACKETS_PER_SECOND", RATE)
+        .start()
+        .await;
+    let mut calm = r.login("acme", "alice").await;
+    let noisy = r.login("acme", "mallory").await;
+    // A dashboard's few packets are far inside the budget: an auth-refresh is answered.
+    let mut noisy = noisy;
+    let ack = noisy
+        .emit_with_ack(
+            "auth-refresh",
+            json!({ "token": valid_token("acme", "mallory") }),
+            QUICK,
+        )
+        .await;
+    assert_eq!(ack[0]["ok"], json!(true), "{ack}");
+    for n in 0..RATE * 4 {
+        noisy.emit("noise", json!(n));
+    }
+    noisy.expect_closed(QUICK).await;
+    r.wait_metric(
+        "fanout_connections_refused_total",
+        &[("reason", "packet_rate")],
+        |n| n == 1.0,
+    )
+    .await;
+    r.wait_metric("fanout_connections", &[], |n| n == 1.0).await;
+    r.publish("acme", "tick", json!(1)).await;
+    assert_eq!(calm.expect("tick", QUICK).await, json!(1));
+}

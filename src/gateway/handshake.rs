@@ -11,6 +11,9 @@
 //! socketioxide keeps that request's head for the session's whole life, so the slot is freed
 //! when the session is dropped, however it ends, or earlier, when its token is verified.
 //!
+//! A session also gets its budget of packets (`FANOUT_MAX_PACKETS_PER_SECOND`), which the
+//! engine enforces: it reads it from the request that opened the session.
+//!
 //! The middleware also remembers which connection carries each session (see
 //! [`crate::transport`]), refuses sessions fanout has ended, and detaches the head of
 //! every request that may open a session from hyper's read buffer.
@@ -23,6 +26,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Json, Response};
+use engineioxide::InboundLimit;
 use serde_json::json;
 use socketioxide::extract::SocketRef;
 use socketioxide::socket::Sid;
@@ -32,14 +36,15 @@ use crate::ops::metrics;
 use crate::retry::retry_after_secs;
 use crate::transport::{Conn, Transports};
 
-/// What the middleware needs: the connections, the count of pending sessions, and each
-/// client host's budget of new ones.
+/// What the middleware needs: the connections, the count of pending sessions, each client
+/// host's budget of new ones, and the budget of packets each session gets.
 #[derive(Clone)]
 pub struct Handshakes {
     transports: Transports,
     pending: Arc<Pending>,
     hosts: Option<Arc<HostRates>>,
     trusted: Arc<TrustedProxies>,
+    packets: Option<InboundLimit>,
 }
 
 struct Pending {
@@ -81,7 +86,22 @@ impl Handshakes {
             }),
             hosts: None,
             trusted: Arc::default(),
+            packets: None,
         }
+    }
+
+    /// Each session may send `per_second` packets (none: no limit); one over it is closed by
+    /// the engine, and counted here.
+    pub fn packets_per_second(mut self, per_second: Option<NonZeroU32>) -> Self {
+        self.packets = per_second.map(|per_second| InboundLimit {
+            per_second,
+            on_exceeded: Some(Arc::new(|sid| {
+                ::metrics::counter!(metrics::CONNECTIONS_REFUSED, "reason" => "packet_rate")
+                    .increment(1);
+                tracing::debug!(%sid, "closed: over its packet budget");
+            })),
+        });
+        self
     }
 
     /// Each client host may open `per_second` sessions (none: no limit); the host is told by
@@ -187,6 +207,9 @@ pub async fn middleware(
                         .into_response();
                 };
                 req.extensions_mut().insert(slot);
+                if let Some(packets) = &handshakes.packets {
+                    req.extensions_mut().insert(packets.clone());
+                }
             }
         }
     }

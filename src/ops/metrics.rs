@@ -213,7 +213,7 @@ fn describe() {
     );
     describe_counter!(
         CONNECTIONS_REFUSED,
-        "Connections and handshakes refused or closed by a limit, by reason (max_connections, max_pending, header_timeout, host_rate: handshakes over FANOUT_HANDSHAKE_RATE_PER_HOST; user_limit, org_limit: authenticated sockets over FANOUT_MAX_CONNECTIONS_PER_USER or _PER_ORG)."
+        "Connections and handshakes refused or closed by a limit, by reason (max_connections, max_pending, header_timeout, host_rate: handshakes over FANOUT_HANDSHAKE_RATE_PER_HOST; packet_rate: clients closed for sending over FANOUT_MAX_PACKETS_PER_SECOND; user_limit, org_limit: authenticated sockets over FANOUT_MAX_CONNECTIONS_PER_USER or _PER_ORG)."
     );
     describe_counter!(
         TASK_FAILURES,
