@@ -983,31 +983,17 @@ impl Limits {
                     &args.max_connections_per_org,
                 )?,
             },
-            ingest_rate: NonZeroU32::new(parse_count(
-                "FANOUT_INGEST_RATE",
-                &args.ingest_rate,
-                0,
-                10_000_000,
-            )? as u32),
-            handshake_rate_per_host: NonZeroU32::new(parse_count(
+            ingest_rate: parse_rate("FANOUT_INGEST_RATE", &args.ingest_rate)?,
+            handshake_rate_per_host: parse_rate(
                 "FANOUT_HANDSHAKE_RATE_PER_HOST",
                 &args.handshake_rate_per_host,
-                0,
-                10_000_000,
-            )? as u32),
+            )?,
             trusted_proxies: parse_proxies(&args.trusted_proxies)?,
-            max_packets_per_second: NonZeroU32::new(parse_count(
+            max_packets_per_second: parse_rate(
                 "FANOUT_MAX_PACKETS_PER_SECOND",
                 &args.max_packets_per_second,
-                0,
-                10_000_000,
-            )? as u32),
-            rest_rate_per_user: NonZeroU32::new(parse_count(
-                "FANOUT_REST_RATE_PER_USER",
-                &args.rest_rate_per_user,
-                0,
-                10_000_000,
-            )? as u32),
+            )?,
+            rest_rate_per_user: parse_rate("FANOUT_REST_RATE_PER_USER", &args.rest_rate_per_user)?,
         })
     }
 }
@@ -1030,6 +1016,12 @@ fn parse_proxies(text: &str) -> Result<Vec<IpNet>, ConfigError> {
                 })
         })
         .collect()
+}
+
+/// A rate (per second): a whole number, 0 for no limit.
+fn parse_rate(setting: &'static str, text: &str) -> Result<Option<NonZeroU32>, ConfigError> {
+    let n = parse_count(setting, text, 0, 10_000_000)?;
+    Ok(NonZeroU32::new(n as u32))
 }
 
 /// A cap on connections: a whole number, 0 for none.

@@ -17,6 +17,12 @@ fn auth(org: &str, user: &str) -> Option<serde_json::Value> {
     Some(json!({ "token": valid_token(org, user) }))
 }
 
+/// `fanout_connections_refused_total{reason}` on `r`.
+async fn refused(r: &Replica, reason: &str) -> f64 {
+    r.metric("fanout_connections_refused_total", &[("reason", reason)])
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_over_its_connection_cap_is_refused_and_counted() {
     let r = Replica::builder()
@@ -26,14 +32,7 @@ async fn a_user_over_its_connection_cap_is_refused_and_counted() {
     let first = r.login("acme", "alice").await;
     let mut second = r.login("acme", "alice").await;
     Client::refused(r.public, auth("acme", "alice"), TOO_MANY).await;
-    assert_eq!(
-        r.metric(
-            "fanout_connections_refused_total",
-            &[("reason", "user_limit")]
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(refused(&r, "user_limit").await, 1.0);
     // Other users of the organization, and the same user id in another organization, are
     // other users.
     let mut bob = r.login("acme", "bob").await;
@@ -51,14 +50,7 @@ async fn a_user_over_its_connection_cap_is_refused_and_counted() {
     let mut third = r.login("acme", "alice").await;
     r.publish("acme", "tick", json!(2)).await;
     assert_eq!(third.expect("tick", QUICK).await, json!(2));
-    assert_eq!(
-        r.metric(
-            "fanout_connections_refused_total",
-            &[("reason", "user_limit")]
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(refused(&r, "user_limit").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,28 +65,14 @@ async fn an_organization_over_its_connection_cap_is_refused_and_counted() {
     }
     Client::refused(r.public, auth("acme", "dave"), TOO_MANY).await;
     Client::refused(r.public, auth("acme", "alice"), TOO_MANY).await;
-    assert_eq!(
-        r.metric(
-            "fanout_connections_refused_total",
-            &[("reason", "org_limit")]
-        )
-        .await,
-        2.0
-    );
+    assert_eq!(refused(&r, "org_limit").await, 2.0);
     // Another organization has a cap of its own.
     let mut globex = r.login("globex", "dave").await;
     r.publish("globex", "tick", json!("g")).await;
     assert_eq!(globex.expect("tick", QUICK).await, json!("g"));
 
     // The default cap per user (100) is not what refused them.
-    assert_eq!(
-        r.metric(
-            "fanout_connections_refused_total",
-            &[("reason", "user_limit")]
-        )
-        .await,
-        0.0
-    );
+    assert_eq!(refused(&r, "user_limit").await, 0.0);
     members.pop().unwrap().disconnect();
     r.wait_metric("fanout_connections", &[], |n| n == 3.0).await;
     let mut dave = r.login("acme", "dave").await;
@@ -229,15 +207,7 @@ async fn a_host_over_its_handshake_rate_is_told_when_to_retry() {
             .0,
         429
     );
-    assert_eq!(
-        behind_proxy
-            .metric(
-                "fanout_connections_refused_total",
-                &[("reason", "host_rate")]
-            )
-            .await,
-        2.0
-    );
+    assert_eq!(refused(&behind_proxy, "host_rate").await, 2.0);
 
     // Without trusted proxies, the header is the client's own word: every handshake here
     // comes from 127.0.0.1, whatever it claims.
