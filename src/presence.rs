@@ -55,13 +55,10 @@ impl Presence {
         Self::default()
     }
 
-    /// Counts a socket in. Returns true when it is the organization's first on this replica.
+    /// Counts a socket in, whatever the caps. Returns true when it is the organization's
+    /// first on this replica.
     pub fn add(&self, org: &OrgId, user: &UserId) -> bool {
-        let mut orgs = self.orgs.lock().unwrap();
-        let entry = orgs.entry(org.clone()).or_default();
-        entry.sockets += 1;
-        *entry.users.entry(user.clone()).or_default() += 1;
-        entry.sockets == 1
+        self.try_add(org, user, Caps::default()) == Ok(true)
     }
 
     /// Counts a socket in unless that takes its user or its organization over `caps`.

@@ -17,6 +17,11 @@ fn auth(org: &str, user: &str) -> Option<serde_json::Value> {
     Some(json!({ "token": valid_token(org, user) }))
 }
 
+/// A replica with `setting` set to `value`.
+async fn replica_with(setting: &str, value: impl ToString) -> Replica {
+    Replica::builder().env(setting, value).start().await
+}
+
 /// `fanout_connections_refused_total{reason}` on `r`.
 async fn refused(r: &Replica, reason: &str) -> f64 {
     r.metric("fanout_connections_refused_total", &[("reason", reason)])
@@ -25,10 +30,7 @@ async fn refused(r: &Replica, reason: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_over_its_connection_cap_is_refused_and_counted() {
-    let r = Replica::builder()
-        .env("FANOUT_MAX_CONNECTIONS_PER_USER", 2)
-        .start()
-        .await;
+    let r = replica_with("FANOUT_MAX_CONNECTIONS_PER_USER", 2).await;
     let first = r.login("acme", "alice").await;
     let mut second = r.login("acme", "alice").await;
     Client::refused(r.public, auth("acme", "alice"), TOO_MANY).await;
@@ -55,10 +57,7 @@ async fn a_user_over_its_connection_cap_is_refused_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_organization_over_its_connection_cap_is_refused_and_counted() {
-    let r = Replica::builder()
-        .env("FANOUT_MAX_CONNECTIONS_PER_ORG", 3)
-        .start()
-        .await;
+    let r = replica_with("FANOUT_MAX_CONNECTIONS_PER_ORG", 3).await;
     let mut members = Vec::new();
     for user in ["alice", "bob", "carol"] {
         members.push(r.login("acme", user).await);
@@ -89,10 +88,7 @@ async fn an_organization_over_its_connection_cap_is_refused_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ingest_key_over_its_rate_is_told_when_to_retry() {
     const RATE: usize = 5;
-    let r = Replica::builder()
-        .env("FANOUT_INGEST_RATE", RATE)
-        .start()
-        .await;
+    let r = replica_with("FANOUT_INGEST_RATE", RATE).await;
     let mut member = r.login("acme", "alice").await;
     let publish = |key: &'static str, n: usize| {
         let body = json!({ "organizationId": "acme", "event": "tick", "data": n });
@@ -211,10 +207,7 @@ async fn a_host_over_its_handshake_rate_is_told_when_to_retry() {
 
     // Without trusted proxies, the header is the client's own word: every handshake here
     // comes from 127.0.0.1, whatever it claims.
-    let direct = Replica::builder()
-        .env("FANOUT_HANDSHAKE_RATE_PER_HOST", RATE)
-        .start()
-        .await;
+    let direct = replica_with("FANOUT_HANDSHAKE_RATE_PER_HOST", RATE).await;
     for n in 0..RATE {
         assert_eq!(handshake(&direct, &format!("203.0.113.{n}")).await.0, 200);
     }
@@ -228,10 +221,7 @@ async fn a_host_over_its_handshake_rate_is_told_when_to_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_over_its_rest_rate_is_told_when_to_retry() {
     const RATE: usize = 3;
-    let r = Replica::builder()
-        .env("FANOUT_REST_RATE_PER_USER", RATE)
-        .start()
-        .await;
+    let r = replica_with("FANOUT_REST_RATE_PER_USER", RATE).await;
     let http = reqwest::Client::new();
     let get = |token: String| {
         let req = http
@@ -260,14 +250,10 @@ async fn a_user_over_its_rest_rate_is_told_when_to_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_over_its_packet_rate_is_disconnected() {
     const RATE: usize = 50;
-    let r = Replica::builder()
-        .env("FANOUT_MAX_PACKETS_PER_SECOND", RATE)
-        .start()
-        .await;
+    let r = replica_with("FANOUT_MAX_PACKETS_PER_SECOND", RATE).await;
     let mut calm = r.login("acme", "alice").await;
-    let noisy = r.login("acme", "mallory").await;
+    let mut noisy = r.login("acme", "mallory").await;
     // A dashboard's few packets are far inside the budget: an auth-refresh is answered.
-    let mut noisy = noisy;
     let ack = noisy
         .emit_with_ack(
             "auth-refresh",

@@ -61,7 +61,9 @@ impl Inbound {
         let interval = self.interval();
         let mut tat = self.tat.lock().unwrap();
         let start = (*tat).max(now);
-        // A second's worth of packets may be ahead of now, not more.
+        // A second's worth of packets may be ahead of now, not more. (Half an interval of
+        // slack: `interval` is rounded down to whole nanoseconds, and `per_second` of them
+        // must fit in the second.)
         if start + interval > now + Duration::from_secs(1) + interval / 2 {
             drop(tat);
             if let Some(f) = &self.limit.on_exceeded {
