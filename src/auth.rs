@@ -5,8 +5,6 @@
 //! at. Rejection reasons are detailed for logs and metrics, but clients only ever see the
 //! two messages of the existing contract, so a probe learns nothing about why.
 
-use std::collections::HashSet;
-
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -409,63 +407,6 @@ pub fn bearer(text: &str) -> Option<Bearer<'_>> {
     })
 }
 
-/// Checks ingest bearer keys in constant time (per key), so timing reveals nothing about
-/// how much of a guessed key was right.
-pub struct IngestKeys {
-    keys: Vec<Vec<u8>>,
-}
-
-/// Which ingest key a request presented: its position in `FANOUT_INGEST_KEYS`, from 1.
-/// What metrics and messages name a key by, never its secret.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct KeyId(pub usize);
-
-impl std::fmt::Display for KeyId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
-impl IngestKeys {
-    /// The keys in their order, without empty ones and repeats (a repeat keeps the place of
-    /// its first).
-    pub fn new(keys: impl IntoIterator<Item = String>) -> Self {
-        let mut seen = HashSet::new();
-        Self {
-            keys: keys
-                .into_iter()
-                .filter(|k| !k.is_empty() && seen.insert(k.clone()))
-                .map(String::into_bytes)
-                .collect(),
-        }
-    }
-
-    /// How many distinct keys there are.
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-
-    /// The key an `Authorization` header value of the form `Bearer <key>` presents.
-    pub fn check_header(&self, header: Option<&str>) -> Option<KeyId> {
-        let Some(Bearer::Token(presented)) = header.and_then(bearer) else {
-            return None;
-        };
-        use subtle::{ConditionallySelectable, ConstantTimeEq};
-        // Check every key (no early return, no branch on a match) so the time taken says
-        // neither whether nor which one matched.
-        let mut found = 0u64;
-        for (i, key) in self.keys.iter().enumerate() {
-            let id = i as u64 + 1;
-            found.conditional_assign(&id, key.as_slice().ct_eq(presented.as_bytes()));
-        }
-        (found != 0).then_some(KeyId(found as usize))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -810,24 +751,5 @@ mod tests {
             previous_secret: None,
         });
         assert!(e.contains("ES256"), "{e}");
-    }
-
-    #[test]
-    fn ingest_keys() {
-        let keys = IngestKeys::new(["k1", "k2", "", "k1", "k3"].into_iter().map(String::from));
-        assert_eq!(keys.len(), 3);
-        assert_eq!(keys.check_header(Some("Bearer k1")), Some(KeyId(1)));
-        assert_eq!(keys.check_header(Some("bearer k2")), Some(KeyId(2)));
-        // A repeat keeps the place of its first: k3 is the third key.
-        assert_eq!(keys.check_header(Some("Bearer k3")), Some(KeyId(3)));
-        for refused in [
-            Some("Bearer k4"),
-            Some("Bearer "),
-            Some("k1"),
-            Some("Basic k1"),
-            None,
-        ] {
-            assert_eq!(keys.check_header(refused), None, "{refused:?}");
-        }
     }
 }

@@ -7,6 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -14,6 +15,7 @@ use ipnet::IpNet;
 use jsonwebtoken::Algorithm;
 
 use crate::auth::{VerifierConfig, VerifyKey};
+use crate::ingest::keys::{KeySet, KeysFile};
 use crate::presence::Caps;
 use crate::protocol::{OrgId, UserId};
 
@@ -124,6 +126,10 @@ pub struct ServeArgs {
     /// Comma-separated bearer keys accepted by the ingest API (several, for rotation).
     #[arg(long, env = "FANOUT_INGEST_KEYS", hide_env_values = true)]
     pub ingest_keys: Option<String>,
+    /// A file of named ingest keys scoped to organizations, one per line: `name key org1,org2`
+    /// or `name key *`; re-read when it changes.
+    #[arg(long, env = "FANOUT_INGEST_KEYS_FILE")]
+    pub ingest_keys_file: Option<PathBuf>,
     /// Origins allowed by CORS: `*` or a comma-separated list of origins.
     #[arg(long, env = "FANOUT_CORS_ORIGINS", default_value = "*")]
     pub cors_origins: String,
@@ -323,7 +329,10 @@ pub struct StoreSettings {
 #[derive(Debug, Clone)]
 pub struct AuthSettings {
     pub jwt: JwtSettings,
+    /// `FANOUT_INGEST_KEYS`: unscoped.
     pub ingest_keys: Vec<String>,
+    /// `FANOUT_INGEST_KEYS_FILE`, as read at start.
+    pub ingest_keys_file: Option<KeysFile>,
     /// Set when no JWT key was configured and fanout generated a secret and an ingest key.
     pub dev_mode: Option<DevMode>,
 }
@@ -879,16 +888,30 @@ impl AuthSettings {
             .filter(|k| !k.is_empty())
             .map(String::from)
             .collect();
+        let ingest_keys_file = match &args.ingest_keys_file {
+            Some(path) => Some(KeysFile::load(path.clone()).map_err(|e| {
+                invalid(
+                    "FANOUT_INGEST_KEYS_FILE",
+                    format!("({}) {e}", path.display()),
+                )
+            })?),
+            None => None,
+        };
         if let Some(jwt) = JwtSettings::from_args(&args.jwt)? {
-            if ingest_keys.is_empty() {
+            if ingest_keys.is_empty() && ingest_keys_file.is_none() {
                 return Err(invalid(
                     "FANOUT_INGEST_KEYS",
-                    "is empty; with a JWT key configured, set at least one ingest key (comma-separated) for workers",
+                    "is empty; with a JWT key configured, set at least one ingest key (comma-separated) for workers, or FANOUT_INGEST_KEYS_FILE",
                 ));
+            }
+            let named = ingest_keys_file.as_ref().map(|f| f.keys.as_slice());
+            if let Err(e) = KeySet::new(&ingest_keys, named.unwrap_or_default()) {
+                return Err(invalid("FANOUT_INGEST_KEYS_FILE", e.to_string()));
             }
             return Ok(Self {
                 jwt,
                 ingest_keys,
+                ingest_keys_file,
                 dev_mode: None,
             });
         }
@@ -911,9 +934,14 @@ impl AuthSettings {
             audience: None,
             leeway_seconds: 0,
         };
+        let named = ingest_keys_file.as_ref().map(|f| f.keys.as_slice());
+        if let Err(e) = KeySet::new(&ingest_keys, named.unwrap_or_default()) {
+            return Err(invalid("FANOUT_INGEST_KEYS_FILE", e.to_string()));
+        }
         Ok(Self {
             jwt,
             ingest_keys,
+            ingest_keys_file,
             dev_mode: Some(dev),
         })
     }

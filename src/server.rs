@@ -20,12 +20,13 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::admin::{self, AdminState};
 use crate::api::{self, ApiState};
-use crate::auth::{IngestKeys, Verifier};
+use crate::auth::Verifier;
 use crate::bus::{Bus, ClusterSettings, RedisSettings, RedisTarget};
 use crate::config::{BusBackend, Config, CorsOrigins};
 use crate::delivery::Delivery;
 use crate::gateway::{self, Expiry, Gateway, Handshakes, TrustedProxies};
 use crate::ingest::durable::Writer;
+use crate::ingest::keys::Keys;
 use crate::ingest::{self, IngestState};
 use crate::ops;
 use crate::ops::shutdown::Shutdown;
@@ -51,6 +52,8 @@ pub enum StartError {
     Bus(#[from] crate::bus::BusSetupError),
     #[error(transparent)]
     Key(#[from] crate::auth::KeyError),
+    #[error("FANOUT_INGEST_KEYS_FILE: {0}")]
+    IngestKeys(#[from] crate::ingest::keys::KeysError),
     #[error("task {0} failed (see the log above); the replica stopped")]
     TaskFailed(&'static str),
 }
@@ -217,14 +220,24 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
             .packets_per_second(config.limits.max_packets_per_second),
         gateway::middleware,
     ));
-    let keys = IngestKeys::new(config.auth.ingest_keys.clone());
+    let keys = Arc::new(Keys::new(
+        config.auth.ingest_keys.clone(),
+        config.auth.ingest_keys_file.clone(),
+    )?);
+    if keys.has_file() {
+        // Restarted if it fails: it rereads the file; the set in force stays meanwhile.
+        let keys = keys.clone();
+        tasks.spawn("ingest-keys-reload", Policy::Restart, move |shutdown| {
+            keys.clone().watch(shutdown)
+        });
+    }
     let rates = config
         .limits
         .ingest_rate
         .map(|rate| Arc::new(Budgets::new(rate)));
     let internal_app = ingest::router(IngestState {
         bus: bus.clone(),
-        keys: Arc::new(keys),
+        keys,
         rates,
         max_payload_bytes: config.limits.max_payload_bytes,
         writer,

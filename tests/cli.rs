@@ -23,17 +23,11 @@ fn base_env() -> Vec<(String, String)> {
 
 /// Runs `fanout` with `args` and the base environment changed by `changes` (an empty value
 /// removes the variable); checks that it refused to start naming `setting`.
-fn assert_refused(args: &[&str], changes: &[(&str, &str)], setting: &str) {
-    let mut env = base_env();
-    for (key, value) in changes {
-        env.retain(|(k, _)| k != key);
-        if !value.is_empty() {
-            env.push((key.to_string(), value.to_string()));
-        }
-    }
+fn assert_refused(args: &[&str], changes: &[(&str, &str)], setting: &str) -> String {
+    let env = env_with(changes);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let out = run_to_end(args, &env);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -46,6 +40,19 @@ fn assert_refused(args: &[&str], changes: &[(&str, &str)], setting: &str) {
         "{changes:?} {args:?}: expected one line starting with {prefix:?}, got {stderr:?}"
     );
     assert!(out.stdout.is_empty(), "{changes:?}: nothing on stdout");
+    stderr
+}
+
+/// The base environment changed by `changes` (an empty value removes the variable).
+fn env_with(changes: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut env = base_env();
+    for (key, value) in changes {
+        env.retain(|(k, _)| k != key);
+        if !value.is_empty() {
+            env.push((key.to_string(), value.to_string()));
+        }
+    }
+    env
 }
 
 #[test]
@@ -142,6 +149,54 @@ fn invalid_settings_stop_the_start_naming_the_setting() {
         "FANOUT_SOCKET_BUFFER",
     );
     assert_refused(&["--listen", "1.2.3.4"], &[], "FANOUT_LISTEN");
+}
+
+/// A keys file that cannot be used stops the start, naming the setting and the line, never
+/// showing a key.
+#[test]
+fn a_bad_ingest_keys_file_stops_the_start_naming_the_line() {
+    let dir = std::env::temp_dir().join(format!("fanout-cli-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let secret = "a-key-of-twenty-characters";
+    let missing = dir.join("missing").display().to_string();
+    let bad_line = file("bad-line", &format!("# workers\nci {secret} acme extra\n"));
+    let in_both = file("in-both", &format!("ci {INGEST_KEY}-0123456789 acme\n"));
+    let empty = file("empty", "# nothing yet\n");
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("FANOUT_INGEST_KEYS_FILE", &missing)], "cannot read it"),
+        (
+            &[("FANOUT_INGEST_KEYS_FILE", &bad_line)],
+            "line 2: has 4 fields",
+        ),
+        (
+            &[
+                ("FANOUT_INGEST_KEYS_FILE", &in_both),
+                ("FANOUT_INGEST_KEYS", &format!("{INGEST_KEY}-0123456789")),
+            ],
+            "also in FANOUT_INGEST_KEYS",
+        ),
+        (
+            &[
+                ("FANOUT_INGEST_KEYS_FILE", &empty),
+                ("FANOUT_INGEST_KEYS", ""),
+            ],
+            "holds no key",
+        ),
+    ];
+    for (changes, expected) in cases {
+        let stderr = assert_refused(&[], changes, "FANOUT_INGEST_KEYS_FILE");
+        assert!(stderr.contains(expected), "{changes:?}: {stderr}");
+        assert!(
+            !stderr.contains(secret) && !stderr.contains(INGEST_KEY),
+            "{stderr}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -10,6 +10,7 @@
 //! updates the `executions` projection.
 
 pub mod durable;
+pub mod keys;
 
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -17,7 +18,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
@@ -25,7 +26,6 @@ use axum::routing::post;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use crate::auth::{IngestKeys, KeyId};
 use crate::bus::{Bus, BusError};
 use crate::ops::metrics;
 use crate::protocol::{
@@ -36,17 +36,18 @@ use crate::retry::{RateLimit, retry_after_secs};
 use crate::store::StoreError;
 use crate::store::write::Projection;
 use durable::Writer;
+use keys::{Grant, KeyName, Keys};
 
 #[derive(Clone)]
 pub struct IngestState {
     pub bus: Arc<Bus>,
-    pub keys: Arc<IngestKeys>,
+    pub keys: Arc<Keys>,
     pub max_payload_bytes: usize,
     /// Set when the replica has a store: accepted messages are durable events.
     pub writer: Option<Writer>,
     /// Set with `FANOUT_INGEST_RATE`: each key's budget of messages per second (a worker in
     /// a loop would otherwise take the bus's and the history's capacity from all others).
-    pub rates: Option<Arc<Budgets<KeyId>>>,
+    pub rates: Option<Arc<Budgets<KeyName>>>,
 }
 
 /// At most one warning per this interval while ingest refuses messages (503).
@@ -70,15 +71,19 @@ pub fn router(state: IngestState) -> Router {
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error(
-        "missing or unknown ingest key: send \"Authorization: Bearer <key>\" with a key from FANOUT_INGEST_KEYS"
+        "missing or unknown ingest key: send \"Authorization: Bearer <key>\" with a key from FANOUT_INGEST_KEYS or FANOUT_INGEST_KEYS_FILE"
     )]
     Unauthorized,
+    #[error(
+        "ingest key {key:?} does not cover organization {org:?} (its scope in FANOUT_INGEST_KEYS_FILE); nothing was accepted"
+    )]
+    Forbidden { key: String, org: String },
     #[error(
         "ingest key {key} is over its rate of {per_second} messages/s (FANOUT_INGEST_RATE); nothing was accepted: retry after {} s",
         retry_after_secs(*.retry_after)
     )]
     RateLimited {
-        key: KeyId,
+        key: KeyName,
         per_second: u32,
         retry_after: Duration,
     },
@@ -112,6 +117,7 @@ impl IngestError {
     fn status(&self) -> StatusCode {
         match self {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -158,20 +164,24 @@ async fn require_key(State(s): State<IngestState>, req: Request, next: Next) -> 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let Some(key) = s.keys.check_header(header) else {
+    let Some(grant) = s.keys.current().check_header(header).cloned() else {
         return IngestError::Unauthorized.into_response();
     };
+    ::metrics::counter!(metrics::INGEST_KEY_USED, "key" => grant.name.to_string()).increment(1);
     if let Some(rates) = &s.rates
-        && let Err(retry_after) = rates.check(&key)
+        && let Err(retry_after) = rates.check(&grant.name)
     {
-        ::metrics::counter!(metrics::INGEST_RATE_LIMITED, "key" => key.to_string()).increment(1);
+        ::metrics::counter!(metrics::INGEST_RATE_LIMITED, "key" => grant.name.to_string())
+            .increment(1);
         return IngestError::RateLimited {
-            key,
+            key: grant.name,
             per_second: rates.per_second(),
             retry_after,
         }
         .into_response();
     }
+    let mut req = req;
+    req.extensions_mut().insert(grant);
     next.run(req).await
 }
 
@@ -215,9 +225,28 @@ fn require(fields: &Map<String, Value>, field: &'static str) -> Result<(), Inges
 /// `status` is the answer's status when the message reached the bus.
 async fn send(
     state: &IngestState,
+    grant: &Grant,
     msg: Message,
     status: &'static str,
 ) -> Result<Json<Value>, IngestError> {
+    if !grant.covers(&msg.org) {
+        ::metrics::counter!(metrics::INGEST_FORBIDDEN, "key" => grant.name.to_string())
+            .increment(1);
+        let err = IngestError::Forbidden {
+            key: grant.name.to_string(),
+            org: msg.org.as_str().to_owned(),
+        };
+        // A worker with the wrong key repeats: one line per period, with a count.
+        static WARN: LazyLock<Mutex<RateLimit>> =
+            LazyLock::new(|| Mutex::new(RateLimit::new(WARN_EVERY)));
+        if let Some(suppressed) = WARN.lock().unwrap().check() {
+            tracing::warn!(
+                suppressed_since_last = suppressed,
+                "ingest refused a message: {err}"
+            );
+        }
+        return Err(err);
+    }
     let Some(writer) = &state.writer else {
         state.bus.publish(msg).await?;
         ::metrics::counter!(metrics::PUBLISHED, "source" => "http").increment(1);
@@ -291,6 +320,7 @@ fn task_id(value: Option<&Value>) -> Result<String, IngestError> {
 /// The body itself becomes the event's data, byte for byte.
 async fn broadcast_body(
     state: &IngestState,
+    grant: &Grant,
     body: Body,
     event: &'static str,
     required: &[&'static str],
@@ -312,30 +342,33 @@ async fn broadcast_body(
         sig: None,
         stamp: None,
     };
-    send(state, msg, "broadcasted").await
+    send(state, grant, msg, "broadcasted").await
 }
 
 /// `POST /executions/update`: the body is broadcast as `execution-updated`.
 async fn execution_update(
     State(s): State<IngestState>,
+    Extension(grant): Extension<Grant>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, IngestError> {
     let body = read_body(body, s.max_payload_bytes)?;
-    broadcast_body(&s, body, EXECUTION_UPDATED, &["taskId", "status"]).await
+    broadcast_body(&s, &grant, body, EXECUTION_UPDATED, &["taskId", "status"]).await
 }
 
 /// `POST /executions/log`: the body is broadcast as `execution-log`.
 async fn execution_log(
     State(s): State<IngestState>,
+    Extension(grant): Extension<Grant>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, IngestError> {
     let body = read_body(body, s.max_payload_bytes)?;
-    broadcast_body(&s, body, EXECUTION_LOG, &["taskId", "log"]).await
+    broadcast_body(&s, &grant, body, EXECUTION_LOG, &["taskId", "log"]).await
 }
 
 /// `POST /v1/publish`: `{ organizationId, event, data, userId? }`.
 async fn publish(
     State(s): State<IngestState>,
+    Extension(grant): Extension<Grant>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, IngestError> {
     let Body { fields, text } = read_body(body, s.max_payload_bytes)?;
@@ -379,5 +412,5 @@ async fn publish(
         sig: None,
         stamp: None,
     };
-    send(&s, msg, "published").await
+    send(&s, &grant, msg, "published").await
 }

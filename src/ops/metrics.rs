@@ -40,6 +40,11 @@ pub const PUBLIC_CONNECTIONS_LIMIT: &str = "fanout_public_connections_limit";
 pub const PENDING_SESSIONS: &str = "fanout_pending_sessions";
 pub const CONNECTIONS_REFUSED: &str = "fanout_connections_refused_total";
 pub const INGEST_RATE_LIMITED: &str = "fanout_ingest_rate_limited_total";
+pub const INGEST_FORBIDDEN: &str = "fanout_ingest_forbidden_total";
+pub const INGEST_KEY_USED: &str = "fanout_ingest_key_requests_total";
+pub const INGEST_KEYS: &str = "fanout_ingest_keys";
+pub const INGEST_KEYS_RELOADS: &str = "fanout_ingest_keys_reloads_total";
+pub const INGEST_KEYS_FILE_STALE: &str = "fanout_ingest_keys_file_stale";
 pub const REST_RATE_LIMITED: &str = "fanout_rest_rate_limited_total";
 pub const AUTH_PREVIOUS_SECRET: &str = "fanout_auth_previous_secret_total";
 pub const ACCEPT_ERRORS: &str = "fanout_accept_errors_total";
@@ -209,7 +214,27 @@ fn describe() {
     );
     describe_counter!(
         INGEST_RATE_LIMITED,
-        "Ingest requests answered 429 because their key was over FANOUT_INGEST_RATE, by key (its position in FANOUT_INGEST_KEYS, never the key)."
+        "Ingest requests answered 429 because their key was over FANOUT_INGEST_RATE, by key (its name in FANOUT_INGEST_KEYS_FILE or its position in FANOUT_INGEST_KEYS, never the key)."
+    );
+    describe_counter!(
+        INGEST_FORBIDDEN,
+        "Ingest requests answered 403 because their key's scope (FANOUT_INGEST_KEYS_FILE) does not cover the message's organization, by key name."
+    );
+    describe_counter!(
+        INGEST_KEY_USED,
+        "Ingest requests that presented a valid key, by key name: which keys are still in use before one is retired."
+    );
+    describe_gauge!(
+        INGEST_KEYS,
+        "Ingest keys in force (FANOUT_INGEST_KEYS and FANOUT_INGEST_KEYS_FILE)."
+    );
+    describe_counter!(
+        INGEST_KEYS_RELOADS,
+        "Changes of FANOUT_INGEST_KEYS_FILE read while running, by result (ok: in force; error: refused, the previous keys stay)."
+    );
+    describe_gauge!(
+        INGEST_KEYS_FILE_STALE,
+        "1 while FANOUT_INGEST_KEYS_FILE holds a version that could not be loaded (the previous keys are in force), else 0."
     );
     describe_counter!(
         CONNECTIONS_REFUSED,
