@@ -13,6 +13,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
+use crate::auth::jwks::Jwks;
 use crate::bus::Bus;
 use crate::ops::metrics;
 use crate::store::Store;
@@ -26,6 +27,9 @@ pub struct AdminState {
     /// The history, when configured: its state is reported, but does not make the
     /// replica unready (see `readyz`).
     pub store: Option<Store>,
+    /// `JWT_JWKS_URL`'s keys: none yet makes the replica unready; failing fetches are
+    /// reported (the keys in force stay).
+    pub jwks: Option<Arc<Jwks>>,
     /// The public connections, against their cap.
     pub transports: Transports,
     /// The replica's tasks: one that failed makes it unready; their shutdown signal.
@@ -61,6 +65,13 @@ fn unready(s: &AdminState) -> Option<String> {
             "task failed: {}; restarting (or exiting, for a task the replica cannot do without)",
             failed.join(", ")
         ))
+    } else if let Some(health) = s.jwks.as_ref().map(|j| j.health())
+        && health.loaded_at.is_none()
+    {
+        Some(format!(
+            "no key fetched from JWT_JWKS_URL yet ({}); every token is refused until one is",
+            health.failing.as_deref().unwrap_or("fetching")
+        ))
     } else if !s.bus.is_up() {
         Some("redis subscriber is down; reconnecting".into())
     } else if s.transports.is_full() {
@@ -87,23 +98,35 @@ async fn readyz(State(s): State<AdminState>) -> Response {
         )
             .into_response();
     }
-    match &s.store {
-        None => Json(json!({"status": "ready", "bus": bus})).into_response(),
-        Some(store) if store.is_up() => {
-            Json(json!({"status": "ready", "bus": bus, "store": "up"})).into_response()
-        }
-        Some(store) => Json(json!({
-            "status": "ready",
-            "bus": bus,
-            "store": "down",
-            "reason": if store.is_migrated() {
+    let mut body = json!({"status": "ready", "bus": bus});
+    if let Some(store) = &s.store {
+        if store.is_up() {
+            body["store"] = json!("up");
+        } else {
+            body["store"] = json!("down");
+            body["reason"] = json!(if store.is_migrated() {
                 "PostgreSQL is unreachable: durable ingest answers 503 and replay sends resync-required until it is back"
             } else {
                 "the database is not migrated yet (PostgreSQL unreachable?): durable ingest answers 503"
-            },
-        }))
-        .into_response(),
+            });
+        }
     }
+    // A JWKS that cannot be fetched any more keeps its keys in force: reported, still ready.
+    if let Some(jwks) = &s.jwks {
+        let health = jwks.health();
+        body["jwks"] = json!(if health.failing.is_some() {
+            "stale"
+        } else {
+            "ok"
+        });
+        if let (Some(error), Some(at)) = (health.failing, health.loaded_at) {
+            let age = at.elapsed().unwrap_or_default().as_secs();
+            body["jwks_reason"] = json!(format!(
+                "JWT_JWKS_URL cannot be fetched ({error}); the keys fetched {age} s ago stay in force"
+            ));
+        }
+    }
+    Json(body).into_response()
 }
 
 async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {

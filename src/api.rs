@@ -155,11 +155,14 @@ impl IntoResponse for ApiError {
 impl ApiState {
     /// The organization of the request's bearer token, once its user's budget allows one
     /// more read.
-    fn authenticate(&self, headers: &HeaderMap) -> Result<OrgId, ApiError> {
-        let verified = bearer(headers).and_then(|token| {
-            self.verifier
-                .verify(Some(&serde_json::Value::String(token.to_owned())))
-        });
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<OrgId, ApiError> {
+        let verified = match bearer(headers) {
+            Ok(token) => {
+                let token = serde_json::Value::String(token.to_owned());
+                self.verifier.verify_fresh(Some(&token)).await
+            }
+            Err(e) => Err(e),
+        };
         let identity = verified.map_err(|e| {
             ::metrics::counter!(metrics::AUTH_FAILURES, "reason" => e.reason()).increment(1);
             tracing::debug!(reason = e.reason(), error = %e, "REST request refused");
@@ -293,7 +296,7 @@ async fn list_executions(
     headers: HeaderMap,
     query: Result<Query<Params>, QueryRejection>,
 ) -> Result<Json<ExecutionList>, ApiError> {
-    let org = s.authenticate(&headers)?;
+    let org = s.authenticate(&headers).await?;
     let store = s.store()?;
     let params = Params::read(query)?;
     let status = params
@@ -336,7 +339,7 @@ async fn get_execution(
     Path(task_id): Path<String>,
     query: Result<Query<Params>, QueryRejection>,
 ) -> Result<Json<Box<RawValue>>, ApiError> {
-    let org = s.authenticate(&headers)?;
+    let org = s.authenticate(&headers).await?;
     let store = s.store()?;
     Params::read(query)?;
     let task_id = task(&task_id)?;
@@ -356,7 +359,7 @@ async fn get_logs(
     Path(task_id): Path<String>,
     query: Result<Query<Params>, QueryRejection>,
 ) -> Result<Json<LogList>, ApiError> {
-    let org = s.authenticate(&headers)?;
+    let org = s.authenticate(&headers).await?;
     let store = s.store()?;
     let params = Params::read(query)?;
     let task_id = task(&task_id)?;

@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use jsonwebtoken::Algorithm;
 
+use crate::auth::jwks::JwksConfig;
 use crate::auth::{VerifierConfig, VerifyKey};
 use crate::ingest::keys::{KeySet, KeysFile};
 use crate::presence::Caps;
@@ -57,7 +58,18 @@ pub struct JwtArgs {
     /// Public key for RS*/PS*/ES*/EdDSA tokens: a PEM file path or the PEM text itself.
     #[arg(long, env = "JWT_PUBLIC_KEY", allow_hyphen_values = true)]
     pub jwt_public_key: Option<String>,
-    /// The one accepted algorithm. Default HS256 with JWT_SECRET, RS256 with JWT_PUBLIC_KEY.
+    /// A JWKS endpoint whose keys (by `kid`) verify tokens, refreshed while running; instead
+    /// of JWT_SECRET or JWT_PUBLIC_KEY.
+    #[arg(long, env = "JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// How often JWT_JWKS_URL is fetched again.
+    #[arg(long, env = "JWT_JWKS_REFRESH", default_value = "5m")]
+    pub jwt_jwks_refresh: String,
+    /// The least time between two fetches caused by tokens naming an unknown `kid`.
+    #[arg(long, env = "JWT_JWKS_MIN_REFRESH", default_value = "10s")]
+    pub jwt_jwks_min_refresh: String,
+    /// The one accepted algorithm. Default HS256 with JWT_SECRET, RS256 with JWT_PUBLIC_KEY
+    /// or JWT_JWKS_URL.
     #[arg(long, env = "JWT_ALGORITHM")]
     pub jwt_algorithm: Option<String>,
     /// Required `iss` claim.
@@ -376,6 +388,7 @@ pub struct JwtSettings {
     pub secret: Option<String>,
     pub previous_secret: Option<String>,
     pub public_pem: Option<String>,
+    pub jwks: Option<JwksConfig>,
     pub algorithm: Algorithm,
     pub issuer: Option<String>,
     pub audience: Option<String>,
@@ -385,10 +398,11 @@ pub struct JwtSettings {
 impl JwtSettings {
     pub fn verifier_config(&self) -> VerifierConfig {
         VerifierConfig {
-            key: match (&self.secret, &self.public_pem) {
-                (_, Some(pem)) => VerifyKey::PublicPem(pem.clone()),
-                (Some(secret), None) => VerifyKey::Secret(secret.clone().into_bytes()),
-                (None, None) => unreachable!("validated: one key is always set"),
+            key: match (&self.secret, &self.public_pem, &self.jwks) {
+                (_, _, Some(jwks)) => VerifyKey::Jwks(jwks.clone()),
+                (_, Some(pem), None) => VerifyKey::PublicPem(pem.clone()),
+                (Some(secret), None, None) => VerifyKey::Secret(secret.clone().into_bytes()),
+                (None, None, None) => unreachable!("validated: one key is always set"),
             },
             algorithm: self.algorithm,
             issuer: self.issuer.clone(),
@@ -414,12 +428,51 @@ impl JwtSettings {
                 )
             })?),
         };
+        let jwks_url = args.jwt_jwks_url.clone().filter(|s| !s.trim().is_empty());
         if secret.is_some() && public_pem.is_some() {
             return Err(invalid(
                 "JWT_SECRET",
                 "both JWT_SECRET and JWT_PUBLIC_KEY are set; set only the one your backend signs with",
             ));
         }
+        if jwks_url.is_some() && (secret.is_some() || public_pem.is_some()) {
+            return Err(invalid(
+                "JWT_JWKS_URL",
+                format!(
+                    "is set with {}; set only the one your backend signs with",
+                    if secret.is_some() {
+                        "JWT_SECRET"
+                    } else {
+                        "JWT_PUBLIC_KEY"
+                    }
+                ),
+            ));
+        }
+        let jwks = match jwks_url {
+            None => None,
+            Some(url) => {
+                let refresh = parse_duration("JWT_JWKS_REFRESH", &args.jwt_jwks_refresh)?;
+                if refresh < Duration::from_secs(1) {
+                    return Err(invalid(
+                        "JWT_JWKS_REFRESH",
+                        "must be at least 1s (the default, 5m, suits most identity providers)",
+                    ));
+                }
+                let min_refresh =
+                    parse_duration("JWT_JWKS_MIN_REFRESH", &args.jwt_jwks_min_refresh)?;
+                if min_refresh > refresh {
+                    return Err(invalid(
+                        "JWT_JWKS_MIN_REFRESH",
+                        "must not be longer than JWT_JWKS_REFRESH",
+                    ));
+                }
+                Some(JwksConfig {
+                    url,
+                    refresh,
+                    min_refresh,
+                })
+            }
+        };
         if secret.is_none()
             && args
                 .jwt_secret_previous
@@ -431,11 +484,13 @@ impl JwtSettings {
                 "is set without JWT_SECRET: it is the secret before the current one, which JWT_SECRET must name",
             ));
         }
-        if secret.is_none() && public_pem.is_none() {
+        if secret.is_none() && public_pem.is_none() && jwks.is_none() {
             if let Some(alg) = &args.jwt_algorithm {
                 return Err(invalid(
                     "JWT_ALGORITHM",
-                    format!("{alg:?} is set but neither JWT_SECRET nor JWT_PUBLIC_KEY is"),
+                    format!(
+                        "{alg:?} is set but none of JWT_SECRET, JWT_PUBLIC_KEY and JWT_JWKS_URL is"
+                    ),
                 ));
             }
             return Ok(None);
@@ -465,6 +520,7 @@ impl JwtSettings {
             secret,
             previous_secret: args.jwt_secret_previous.clone().filter(|s| !s.is_empty()),
             public_pem,
+            jwks,
             algorithm,
             issuer: args.jwt_issuer.clone().filter(|s| !s.is_empty()),
             audience: args.jwt_audience.clone().filter(|s| !s.is_empty()),
@@ -929,6 +985,7 @@ impl AuthSettings {
             secret: Some(dev.secret.clone()),
             previous_secret: None,
             public_pem: None,
+            jwks: None,
             algorithm: Algorithm::HS256,
             issuer: None,
             audience: None,

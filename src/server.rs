@@ -188,6 +188,14 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
         .as_ref()
         .map(|store| Writer::start(store.clone(), bus.clone(), tasks));
     let verifier = Arc::new(Verifier::new(config.auth.jwt.verifier_config())?);
+    let jwks = verifier.jwks().cloned();
+    if let Some(jwks) = &jwks {
+        // Restarted if it fails: the keys in force stay meanwhile.
+        let jwks = jwks.clone();
+        tasks.spawn("jwks-refresh", Policy::Restart, move |shutdown| {
+            jwks.clone().run(shutdown)
+        });
+    }
     Arc::new(Gateway {
         verifier: verifier.clone(),
         leeway_ms: config.auth.jwt.leeway_seconds * 1000,
@@ -244,6 +252,7 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
     })
     .merge(admin::router(AdminState {
         store,
+        jwks,
         bus,
         transports: transports.clone(),
         tasks: tasks.clone(),

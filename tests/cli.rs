@@ -125,6 +125,38 @@ fn invalid_settings_stop_the_start_naming_the_setting() {
             "JWT_SECRET_PREVIOUS",
         ),
         (&[("JWT_ALGORITHM", "HS257")], "JWT_ALGORITHM"),
+        (
+            &[("JWT_JWKS_URL", "https://idp.example/jwks.json")],
+            "JWT_JWKS_URL",
+        ),
+        (
+            &[("JWT_SECRET", ""), ("JWT_JWKS_URL", "ftp://idp.example/jwks")],
+            "JWT_JWKS_URL",
+        ),
+        (
+            &[
+                ("JWT_SECRET", ""),
+                ("JWT_JWKS_URL", "https://idp.example/jwks.json"),
+                ("JWT_ALGORITHM", "HS256"),
+            ],
+            "JWT_ALGORITHM",
+        ),
+        (
+            &[
+                ("JWT_SECRET", ""),
+                ("JWT_JWKS_URL", "https://idp.example/jwks.json"),
+                ("JWT_JWKS_REFRESH", "0s"),
+            ],
+            "JWT_JWKS_REFRESH",
+        ),
+        (
+            &[
+                ("JWT_SECRET", ""),
+                ("JWT_JWKS_URL", "https://idp.example/jwks.json"),
+                ("JWT_JWKS_MIN_REFRESH", "1h"),
+            ],
+            "JWT_JWKS_MIN_REFRESH",
+        ),
         (&[("FANOUT_INGEST_KEYS", "")], "FANOUT_INGEST_KEYS"),
         (&[("FANOUT_INGEST_KEYS", " , ")], "FANOUT_INGEST_KEYS"),
         (

@@ -74,7 +74,7 @@ impl Gateway {
             return;
         }
         let token = auth.as_ref().and_then(|a| a.get("token"));
-        let identity = match self.verifier.verify(token) {
+        let identity = match self.verifier.verify_fresh(token).await {
             Ok(id) => id,
             Err(e) => {
                 ::metrics::counter!(metrics::AUTH_FAILURES, "reason" => e.reason()).increment(1);
@@ -163,7 +163,7 @@ impl Gateway {
             move |socket: SocketRef, TryData(payload): TryData<Value>, ack: AckSender| async move {
                 let payload = payload.ok();
                 let token = payload.as_ref().and_then(|p| p.get("token"));
-                let reply = match gw.verifier.verify(token) {
+                let reply = match gw.verifier.verify_fresh(token).await {
                     Err(e) => {
                         ::metrics::counter!(metrics::AUTH_FAILURES, "reason" => "refresh_rejected")
                             .increment(1);

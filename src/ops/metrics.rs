@@ -47,6 +47,9 @@ pub const INGEST_KEYS_RELOADS: &str = "fanout_ingest_keys_reloads_total";
 pub const INGEST_KEYS_FILE_STALE: &str = "fanout_ingest_keys_file_stale";
 pub const REST_RATE_LIMITED: &str = "fanout_rest_rate_limited_total";
 pub const AUTH_PREVIOUS_SECRET: &str = "fanout_auth_previous_secret_total";
+pub const JWKS_REFRESHES: &str = "fanout_jwks_refreshes_total";
+pub const JWKS_KEYS: &str = "fanout_jwks_keys";
+pub const JWKS_LOADED_AT: &str = "fanout_jwks_loaded_timestamp_seconds";
 pub const ACCEPT_ERRORS: &str = "fanout_accept_errors_total";
 pub const TASK_FAILURES: &str = "fanout_task_failures_total";
 
@@ -207,6 +210,15 @@ fn describe() {
     describe_counter!(
         AUTH_PREVIOUS_SECRET,
         "Tokens accepted because they were signed with JWT_SECRET_PREVIOUS: when it stays at zero for longer than tokens live, the previous secret can go."
+    );
+    describe_counter!(
+        JWKS_REFRESHES,
+        "Fetches of JWT_JWKS_URL, by trigger (schedule: the first and every JWT_JWKS_REFRESH; unknown_kid: a token named a key the set lacks) and result (ok; error: the set in force stays; skipped: an unknown kid within JWT_JWKS_MIN_REFRESH of the last fetch)."
+    );
+    describe_gauge!(JWKS_KEYS, "Keys of JWT_JWKS_URL in force.");
+    describe_gauge!(
+        JWKS_LOADED_AT,
+        "When the JWKS keys in force were fetched (Unix seconds): time() minus it is their age while fetches fail."
     );
     describe_counter!(
         REST_RATE_LIMITED,

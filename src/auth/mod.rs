@@ -5,11 +5,16 @@
 //! at. Rejection reasons are detailed for logs and metrics, but clients only ever see the
 //! two messages of the existing contract, so a probe learns nothing about why.
 
+pub mod jwks;
+
+use std::sync::Arc;
+
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::ops::metrics;
 use crate::protocol::{InvalidId, OrgId, UserId};
+use jwks::{Jwks, JwksConfig};
 
 /// The verified identity of a connection. The organization comes from here and nowhere else.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +52,8 @@ pub enum AuthError {
     Malformed(String),
     #[error("bad signature")]
     BadSignature,
+    #[error("signed with a key (kid) that JWT_JWKS_URL does not hold")]
+    UnknownKey,
     #[error("algorithm not accepted (only {0:?} is)")]
     WrongAlgorithm(Algorithm),
     #[error("wrong issuer or audience")]
@@ -66,6 +73,7 @@ impl AuthError {
             Self::NotYetValid => "not_yet_valid",
             Self::Malformed(_) => "malformed",
             Self::BadSignature => "bad_signature",
+            Self::UnknownKey => "unknown_kid",
             Self::WrongAlgorithm(_) => "wrong_algorithm",
             Self::WrongIssuerOrAudience => "wrong_issuer_or_audience",
             Self::BadClaim { .. } => "bad_claims",
@@ -93,12 +101,22 @@ pub enum VerifyKey {
     Secret(Vec<u8>),
     /// `JWT_PUBLIC_KEY` as PEM text, for RS*, PS*, ES* and EdDSA.
     PublicPem(String),
+    /// `JWT_JWKS_URL`: keys by `kid`, fetched and refreshed (see [`jwks`]).
+    Jwks(JwksConfig),
+}
+
+/// Where the signature keys come from.
+enum Keys {
+    /// One key, from the configuration.
+    Fixed(DecodingKey),
+    /// A JWKS endpoint's, by `kid`.
+    Jwks(Arc<Jwks>),
 }
 
 /// Verifies tokens with one key and one algorithm (and, for HMAC during a rotation, the
 /// previous secret too).
 pub struct Verifier {
-    key: DecodingKey,
+    keys: Keys,
     /// `JWT_SECRET_PREVIOUS`: tried when a token's signature does not match `key`, so tokens
     /// signed before the backend switched secrets stay valid until they expire.
     previous: Option<DecodingKey>,
@@ -169,6 +187,12 @@ pub enum KeyError {
         "JWT_PUBLIC_KEY is not a valid public key for JWT_ALGORITHM={alg:?} ({reason}); expected a PEM block starting with \"-----BEGIN PUBLIC KEY-----\""
     )]
     InvalidPublicKey { alg: Algorithm, reason: String },
+    #[error(
+        "JWT_ALGORITHM={0:?} is an HMAC algorithm, whose secret a JWKS must not publish: with JWT_JWKS_URL choose RS256/ES256/EdDSA, or use JWT_SECRET"
+    )]
+    JwksForHmac(Algorithm),
+    #[error("JWT_JWKS_URL {0}")]
+    JwksUrl(String),
 }
 
 impl KeyError {
@@ -177,8 +201,11 @@ impl KeyError {
         match self {
             Self::EmptySecret => "JWT_SECRET",
             Self::PreviousWithoutSecret => "JWT_SECRET_PREVIOUS",
-            Self::SecretForAsymmetric(_) | Self::PublicKeyForHmac(_) => "JWT_ALGORITHM",
+            Self::SecretForAsymmetric(_) | Self::PublicKeyForHmac(_) | Self::JwksForHmac(_) => {
+                "JWT_ALGORITHM"
+            }
             Self::InvalidPublicKey { .. } => "JWT_PUBLIC_KEY",
+            Self::JwksUrl(_) => "JWT_JWKS_URL",
         }
     }
 }
@@ -199,19 +226,24 @@ impl Verifier {
     pub fn new(cfg: VerifierConfig) -> Result<Self, KeyError> {
         use jsonwebtoken::Algorithm::*;
         let alg = cfg.algorithm;
-        let (key, signing) = match (&cfg.key, alg) {
+        let (keys, signing) = match (&cfg.key, alg) {
             (VerifyKey::Secret(secret), HS256 | HS384 | HS512) => {
                 if secret.is_empty() {
                     return Err(KeyError::EmptySecret);
                 }
                 (
-                    DecodingKey::from_secret(secret),
+                    Keys::Fixed(DecodingKey::from_secret(secret)),
                     Some(EncodingKey::from_secret(secret)),
                 )
             }
             (VerifyKey::Secret(_), _) => return Err(KeyError::SecretForAsymmetric(alg)),
             (VerifyKey::PublicPem(_), HS256 | HS384 | HS512) => {
                 return Err(KeyError::PublicKeyForHmac(alg));
+            }
+            (VerifyKey::Jwks(_), HS256 | HS384 | HS512) => return Err(KeyError::JwksForHmac(alg)),
+            (VerifyKey::Jwks(config), _) => {
+                let jwks = Jwks::new(config.clone(), alg).map_err(|e| KeyError::JwksUrl(e.0))?;
+                (Keys::Jwks(Arc::new(jwks)), None)
             }
             (VerifyKey::PublicPem(pem), _) => {
                 let bytes = pem.as_bytes();
@@ -227,7 +259,7 @@ impl Verifier {
                     alg,
                     reason: e.to_string(),
                 })?;
-                (key, None)
+                (Keys::Fixed(key), None)
             }
         };
         let previous = match (&cfg.previous_secret, &cfg.key) {
@@ -260,7 +292,7 @@ impl Verifier {
             None => validation.validate_aud = false,
         }
         Ok(Self {
-            key,
+            keys,
             previous,
             validation,
             algorithm: alg,
@@ -272,6 +304,30 @@ impl Verifier {
 
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
+    }
+
+    /// The JWKS the keys come from, when they come from one: its task must be started.
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        match &self.keys {
+            Keys::Jwks(jwks) => Some(jwks),
+            Keys::Fixed(_) => None,
+        }
+    }
+
+    /// [`Verifier::verify`], and when the token names a `kid` the JWKS does not hold, the same
+    /// again after the JWKS was fetched anew (at most once per `JWT_JWKS_MIN_REFRESH`): the
+    /// backend may have just started signing with a new key.
+    pub async fn verify_fresh(
+        &self,
+        token: Option<&serde_json::Value>,
+    ) -> Result<Identity, AuthError> {
+        match (self.verify(token), &self.keys) {
+            (Err(AuthError::UnknownKey), Keys::Jwks(jwks)) => {
+                jwks.refresh(jwks::Trigger::UnknownKid).await;
+                self.verify(token)
+            }
+            (result, _) => result,
+        }
     }
 
     /// Verifies `token` (the `auth.token` value a client sent, any JSON).
@@ -301,7 +357,15 @@ impl Verifier {
         if header.alg != self.algorithm {
             return Err(AuthError::WrongAlgorithm(self.algorithm));
         }
-        let mut decoded = jsonwebtoken::decode::<RawClaims>(token, &self.key, &self.validation);
+        let fetched;
+        let key = match &self.keys {
+            Keys::Fixed(key) => key,
+            Keys::Jwks(jwks) => {
+                fetched = jwks.key_for(header.kid.as_deref())?;
+                &*fetched
+            }
+        };
+        let mut decoded = jsonwebtoken::decode::<RawClaims>(token, key, &self.validation);
         if let (Err(e), Some(previous)) = (&decoded, &self.previous)
             && *e.kind() == ErrorKind::InvalidSignature
         {
@@ -647,12 +711,12 @@ mod tests {
         assert!(verify(&v, &t).is_ok());
     }
 
-    const RSA_PUBLIC: &str = include_str!("../tests/keys/rsa_public.pem");
-    const RSA_PRIVATE: &str = include_str!("../tests/keys/rsa_private.pem");
-    const ED_PUBLIC: &str = include_str!("../tests/keys/ed25519_public.pem");
-    const ED_PRIVATE: &str = include_str!("../tests/keys/ed25519_private.pem");
-    const EC_PUBLIC: &str = include_str!("../tests/keys/ec_public.pem");
-    const EC_PRIVATE: &str = include_str!("../tests/keys/ec_private.pem");
+    const RSA_PUBLIC: &str = include_str!("../../tests/keys/rsa_public.pem");
+    const RSA_PRIVATE: &str = include_str!("../../tests/keys/rsa_private.pem");
+    const ED_PUBLIC: &str = include_str!("../../tests/keys/ed25519_public.pem");
+    const ED_PRIVATE: &str = include_str!("../../tests/keys/ed25519_private.pem");
+    const EC_PUBLIC: &str = include_str!("../../tests/keys/ec_public.pem");
+    const EC_PRIVATE: &str = include_str!("../../tests/keys/ec_private.pem");
 
     fn pem_verifier(pem: &str, alg: Algorithm) -> Verifier {
         Verifier::new(VerifierConfig {
