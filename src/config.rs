@@ -130,6 +130,10 @@ pub struct ServeArgs {
     /// `resync-required` and refetches over REST.
     #[arg(long, env = "FANOUT_REPLAY_MAX", default_value = "1000")]
     pub replay_max: String,
+    /// Replay reads from PostgreSQL at once (one organization takes at most half); 0: no
+    /// bound.
+    #[arg(long, env = "FANOUT_REPLAY_CONCURRENCY", default_value = "4")]
+    pub replay_concurrency: String,
     /// Age after which durable events are deleted (e.g. 7d, 12h).
     #[arg(long, env = "FANOUT_EVENT_RETENTION", default_value = "7d")]
     pub event_retention: String,
@@ -333,6 +337,8 @@ pub struct StoreSettings {
     pub database: Option<tokio_postgres::Config>,
     /// Most events replayed to one client before it is told to resync.
     pub replay_max: u64,
+    /// Replay reads from the store at once (`None`: no bound).
+    pub replay_concurrency: Option<usize>,
     /// Age after which durable events are deleted.
     pub event_retention: Duration,
 }
@@ -926,6 +932,7 @@ impl StoreSettings {
         Ok(Self {
             database: parse_database_url(args.database_url.as_deref())?,
             replay_max: parse_count("FANOUT_REPLAY_MAX", &args.replay_max, 0, 1_000_000)? as u64,
+            replay_concurrency: parse_cap("FANOUT_REPLAY_CONCURRENCY", &args.replay_concurrency)?,
             event_retention,
         })
     }

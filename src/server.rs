@@ -23,7 +23,7 @@ use crate::api::{self, ApiState};
 use crate::auth::Verifier;
 use crate::bus::{Bus, ClusterSettings, RedisSettings, RedisTarget};
 use crate::config::{BusBackend, Config, CorsOrigins};
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, ReplayLimits};
 use crate::gateway::{self, Expiry, Gateway, Handshakes, TrustedProxies};
 use crate::ingest::durable::Writer;
 use crate::ingest::keys::Keys;
@@ -153,7 +153,14 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
     };
     let mut delivery = Delivery::new(io.clone(), presence.clone(), transports.clone());
     if let Some(store) = &store {
-        delivery = delivery.with_history(store.clone(), config.store.replay_max, tasks);
+        delivery = delivery.with_history(
+            store.clone(),
+            ReplayLimits {
+                max_events: config.store.replay_max,
+                concurrency: config.store.replay_concurrency,
+            },
+            tasks,
+        );
     }
     let delivery = Arc::new(delivery);
     let redis = |target| {

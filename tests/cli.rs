@@ -130,7 +130,10 @@ fn invalid_settings_stop_the_start_naming_the_setting() {
             "JWT_JWKS_URL",
         ),
         (
-            &[("JWT_SECRET", ""), ("JWT_JWKS_URL", "ftp://idp.example/jwks")],
+            &[
+                ("JWT_SECRET", ""),
+                ("JWT_JWKS_URL", "ftp://idp.example/jwks"),
+            ],
             "JWT_JWKS_URL",
         ),
         (

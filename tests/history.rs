@@ -580,6 +580,56 @@ async fn a_replay_longer_than_the_socket_queue_is_sent_whole() {
     );
 }
 
+/// With one replay read at a time (`FANOUT_REPLAY_CONCURRENCY=1`), reconnect storms of two
+/// organizations at once still give every client exactly what it missed, then live events;
+/// nobody is left waiting for a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_replays_share_bounded_slots_and_miss_nothing() {
+    const EVENTS: u64 = 120;
+    const CLIENTS: usize = 10;
+    let db = TestDb::create().await;
+    let r = Replica::builder()
+        .database(&db)
+        .env("FANOUT_REPLAY_CONCURRENCY", 1)
+        .start_with_store()
+        .await;
+    for org in ["acme", "globex"] {
+        for i in 1..=EVENTS {
+            post_update(&r, &update(org, &format!("t{i}"), "RUNNING", json!({}))).await;
+        }
+    }
+    let storm = ["acme", "globex"].into_iter().flat_map(|org| {
+        let r = &r;
+        (0..CLIENTS).map(move |i| async move {
+            let mut client = resume(r, org, &format!("u{i}"), json!(0)).await;
+            let seqs: Vec<u64> = durable_events(&mut client, EVENTS as usize)
+                .await
+                .iter()
+                .map(|(s, _)| *s)
+                .collect();
+            assert_eq!(seqs, (1..=EVENTS).collect::<Vec<_>>(), "{org} u{i}");
+            (org, client)
+        })
+    });
+    let mut clients = futures_util::future::join_all(storm).await;
+    for org in ["acme", "globex"] {
+        post_update(&r, &update(org, "live", "PASSED", json!({}))).await;
+    }
+    for (org, client) in &mut clients {
+        let (seq, data) = durable_events(client, 1).await.remove(0);
+        assert_eq!(
+            (seq, &data["taskId"]),
+            (EVENTS + 1, &json!("live")),
+            "{org}"
+        );
+    }
+    assert_eq!(
+        r.metric("fanout_replayed_events_total", &[]).await,
+        (2 * CLIENTS as u64 * EVENTS) as f64
+    );
+    assert_eq!(r.metric("fanout_replays_waiting", &[]).await, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_data_is_stored_as_written() {
     let db = TestDb::create().await;

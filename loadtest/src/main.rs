@@ -18,6 +18,7 @@ mod procs;
 mod publish;
 mod report;
 mod scenario;
+mod storm;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -68,6 +69,10 @@ enum Command {
     /// What anonymous clients can make a replica spend: oversized WebSocket messages, a
     /// handshake flood, descriptor exhaustion; for one or several builds side by side.
     Hostile(HostileArgs),
+    /// One organization's reconnect storm (every socket replaying from `lastSeq: 0`) against
+    /// a quiet organization's ingest, delivery and replay on the same replica, for each
+    /// `FANOUT_REPLAY_CONCURRENCY` given, side by side.
+    Storm(StormArgs),
     /// One process's share of a `connect` run too large for one open-file limit.
     #[command(hide = true)]
     ConnectShard(ShardArgs),
@@ -345,6 +350,41 @@ struct HostileArgs {
     out: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct StormArgs {
+    /// Values of FANOUT_REPLAY_CONCURRENCY to compare, comma-separated (0: unbounded).
+    #[arg(long, value_delimiter = ',', default_value = "0,4")]
+    settings: Vec<usize>,
+    /// Rounds; each runs every setting once, in turn.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Sockets of the storming organization.
+    #[arg(long, default_value_t = 500)]
+    sockets: usize,
+    /// Events each of them is replayed (at most FANOUT_REPLAY_MAX, 1000 by default).
+    #[arg(long, default_value_t = 1000)]
+    events: u64,
+    /// The quiet organization's ingest, events/s.
+    #[arg(long, default_value_t = 100)]
+    rate: u64,
+    /// How far behind the quiet organization's reconnecting client is.
+    #[arg(long, default_value_t = 100)]
+    quiet_behind: u64,
+    /// Seconds of quiet ingest before the storm.
+    #[arg(long, default_value_t = 3.0)]
+    baseline_seconds: f64,
+    /// PostgreSQL server on which the run creates (and drops) its database.
+    #[arg(
+        long,
+        env = "FANOUT_TEST_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// The fanout binary [default: next to this executable].
+    #[arg(long)]
+    fanout_bin: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -427,6 +467,23 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         Command::Ingest(a) => {
             let report = ingest::run(ingest_options(a)?).await?;
             ingest::finish(&report)
+        }
+        Command::Storm(a) => {
+            let opts = storm::Options {
+                settings: a.settings,
+                rounds: a.rounds,
+                sockets: a.sockets,
+                events: a.events,
+                rate: a.rate,
+                quiet_behind: a.quiet_behind,
+                baseline_seconds: a.baseline_seconds,
+                database_url: a.database_url,
+                fanout_bin: fanout_bin(a.fanout_bin)?,
+            };
+            let rounds = storm::run(opts.clone()).await?;
+            println!("{}", storm::table(&rounds, &opts).render());
+            let problems: Vec<String> = rounds.iter().flat_map(|r| r.failures.clone()).collect();
+            finish_scenario(None, &(), problems)
         }
         Command::Hostile(a) => {
             let builds = if a.builds.is_empty() {

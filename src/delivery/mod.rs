@@ -16,7 +16,7 @@ use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
 
 use history::History;
-pub use history::Seam;
+pub use history::{ReplayLimits, Seam};
 pub use rooms::Rooms;
 
 use crate::bus::Sink;
@@ -43,11 +43,11 @@ impl Delivery {
 
     /// With a store: durable events are delivered in sequence order and can be replayed;
     /// a task checks every few seconds that the bus missed nothing.
-    pub fn with_history(mut self, store: Store, replay_max: u64, tasks: &Tasks) -> Self {
+    pub fn with_history(mut self, store: Store, replay: ReplayLimits, tasks: &Tasks) -> Self {
         let history = Arc::new(History::new(
             store,
             self.rooms.clone(),
-            replay_max,
+            replay,
             tasks.clone(),
         ));
         history.watch_tails();

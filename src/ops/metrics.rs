@@ -33,6 +33,7 @@ pub const UNPUBLISHED: &str = "fanout_durable_unpublished_total";
 pub const GAP_FILLS: &str = "fanout_gap_fills_total";
 pub const REPLAYS: &str = "fanout_replays_total";
 pub const REPLAYED_EVENTS: &str = "fanout_replayed_events_total";
+pub const REPLAYS_WAITING: &str = "fanout_replays_waiting";
 pub const RESYNCS: &str = "fanout_resyncs_total";
 pub const RETENTION_DELETED: &str = "fanout_events_deleted_total";
 pub const PUBLIC_CONNECTIONS: &str = "fanout_public_connections";
@@ -219,6 +220,10 @@ fn describe() {
     describe_gauge!(
         JWKS_LOADED_AT,
         "When the JWKS keys in force were fetched (Unix seconds): time() minus it is their age while fetches fail."
+    );
+    describe_gauge!(
+        REPLAYS_WAITING,
+        "Replay reads waiting for one of the FANOUT_REPLAY_CONCURRENCY slots (or their organization's share of them): a reconnect storm in progress."
     );
     describe_counter!(
         REST_RATE_LIMITED,

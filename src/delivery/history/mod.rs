@@ -23,6 +23,7 @@
 //! [`order`]; this module runs them: the tasks, the locks, the store reads, the sockets.
 
 mod order;
+mod slots;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,6 +45,7 @@ use crate::store::Store;
 use crate::store::events::CHUNK;
 use crate::tasks::{Policy, Tasks};
 use order::{FillStep, Order, ReplayStep};
+use slots::Slots;
 
 /// How long an event that arrived early waits for the ones before it to arrive on their
 /// own before they are read from the store.
@@ -64,11 +66,22 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// first) waits for this replica to catch up.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
+/// How replays are bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayLimits {
+    /// `FANOUT_REPLAY_MAX`: most events replayed to one client.
+    pub max_events: u64,
+    /// `FANOUT_REPLAY_CONCURRENCY`: replay reads at once (`None`: unbounded).
+    pub concurrency: Option<usize>,
+}
+
 pub(super) struct History {
     store: Store,
     rooms: Arc<Rooms>,
     tasks: Tasks,
     replay_max: u64,
+    /// `FANOUT_REPLAY_CONCURRENCY`: replay reads at once, shared fairly; `None`: unbounded.
+    slots: Option<Slots>,
     streams: Mutex<HashMap<OrgId, Arc<Stream>>>,
     /// Warnings about durable envelopes dropped for their signature, at most one per period.
     warn: Mutex<RateLimit>,
@@ -142,12 +155,13 @@ impl Stream {
 }
 
 impl History {
-    pub(super) fn new(store: Store, rooms: Arc<Rooms>, replay_max: u64, tasks: Tasks) -> Self {
+    pub(super) fn new(store: Store, rooms: Arc<Rooms>, replay: ReplayLimits, tasks: Tasks) -> Self {
         Self {
             store,
             rooms,
             tasks,
-            replay_max,
+            replay_max: replay.max_events,
+            slots: replay.concurrency.map(Slots::new),
             streams: Mutex::new(HashMap::new()),
             warn: Mutex::new(RateLimit::new(WARN_EVERY)),
         }
@@ -358,7 +372,13 @@ impl History {
             };
             match step {
                 ReplayStep::Read { from: after, to } => {
-                    let range = match self.store.range(org, after, to, Some(user)).await {
+                    let slot = match &self.slots {
+                        Some(slots) => Some(slots.acquire(org).await),
+                        None => None,
+                    };
+                    let read = self.store.range(org, after, to, Some(user)).await;
+                    drop(slot);
+                    let range = match read {
                         Ok(range) => range,
                         Err(e) => {
                             tracing::warn!(%org, "replay failed: {e}");
