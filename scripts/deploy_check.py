@@ -367,10 +367,15 @@ def check_rules(name: str, docs: list[dict], required: set[str], failures: Failu
         w,
         "JWT_SECRET (or JWT_PUBLIC_KEY) must be a required secretKeyRef: no dev mode on a missing key",
     )
+    # Or the keys come from a file mounted from a Secret (ingestKeysFile), whose volume
+    # cannot be missing either: a pod without its Secret does not start.
+    keys_file = env.get("FANOUT_INGEST_KEYS_FILE", {}).get("value", "")
+    mounts = [m.get("mountPath", "") for m in c.get("volumeMounts", [])]
     failures.check(
-        required_secret("FANOUT_INGEST_KEYS"),
+        required_secret("FANOUT_INGEST_KEYS")
+        or (bool(keys_file) and any(keys_file.startswith(m + "/") for m in mounts)),
         w,
-        "FANOUT_INGEST_KEYS must be a required secretKeyRef",
+        "FANOUT_INGEST_KEYS must be a required secretKeyRef (or FANOUT_INGEST_KEYS_FILE a file in a mounted Secret)",
     )
     buses = [key for key in ("REDIS_URL", "REDIS_SENTINEL_URLS", "REDIS_CLUSTER_URLS") if config.get(key)]
     failures.check(
