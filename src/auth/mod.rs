@@ -478,16 +478,20 @@ mod tests {
 
     const SECRET: &[u8] = b"test-secret-that-is-long-enough-for-hs256";
 
-    fn hs_verifier() -> Verifier {
-        Verifier::new(VerifierConfig {
-            key: VerifyKey::Secret(SECRET.to_vec()),
-            algorithm: Algorithm::HS256,
+    /// A verifier's settings with no issuer, audience, leeway or previous secret.
+    fn plain(key: VerifyKey, algorithm: Algorithm) -> VerifierConfig {
+        VerifierConfig {
+            key,
+            algorithm,
             issuer: None,
             audience: None,
             leeway_seconds: 0,
             previous_secret: None,
-        })
-        .unwrap()
+        }
+    }
+
+    fn hs_verifier() -> Verifier {
+        Verifier::new(plain(VerifyKey::Secret(SECRET.to_vec()), Algorithm::HS256)).unwrap()
     }
 
     fn now() -> u64 {
@@ -788,32 +792,17 @@ mod tests {
             previous_secret: None,
         });
         assert!(e.contains("JWT_PUBLIC_KEY"), "{e}");
-        let e = err(VerifierConfig {
-            key: VerifyKey::PublicPem(RSA_PUBLIC.into()),
-            algorithm: Algorithm::HS256,
-            issuer: None,
-            audience: None,
-            leeway_seconds: 0,
-            previous_secret: None,
-        });
+        let e = err(plain(
+            VerifyKey::PublicPem(RSA_PUBLIC.into()),
+            Algorithm::HS256,
+        ));
         assert!(e.contains("JWT_SECRET"), "{e}");
-        let e = err(VerifierConfig {
-            key: VerifyKey::Secret(b"s".to_vec()),
-            algorithm: Algorithm::RS256,
-            issuer: None,
-            audience: None,
-            leeway_seconds: 0,
-            previous_secret: None,
-        });
+        let e = err(plain(VerifyKey::Secret(b"s".to_vec()), Algorithm::RS256));
         assert!(e.contains("JWT_PUBLIC_KEY"), "{e}");
-        let e = err(VerifierConfig {
-            key: VerifyKey::PublicPem(RSA_PUBLIC.into()),
-            algorithm: Algorithm::ES256,
-            issuer: None,
-            audience: None,
-            leeway_seconds: 0,
-            previous_secret: None,
-        });
+        let e = err(plain(
+            VerifyKey::PublicPem(RSA_PUBLIC.into()),
+            Algorithm::ES256,
+        ));
         assert!(e.contains("ES256"), "{e}");
     }
 }
