@@ -105,8 +105,14 @@ pub struct FaultReport {
     pub at_s: f64,
     /// From the fault until the part was back (serving again).
     pub down_s: f64,
-    /// Requests sent during the fault's window that were not answered 200.
+    /// Requests sent during the fault's window that were not answered 200, by class.
     pub failed_answers: u64,
+    pub failed_503: u64,
+    pub failed_connection: u64,
+    pub failed_other: u64,
+    /// The first and the last of them, with when (seconds since the load started).
+    pub first_failure: Option<(f64, String)>,
+    pub last_failure: Option<(f64, String)>,
     /// From the fault: every replica's ingest answering 200 again (0 if it never stopped).
     pub ingest_recovered_s: Option<f64>,
     /// From the fault: every member has every event answered 200 before the fault.
@@ -457,7 +463,19 @@ fn fault_reports(
                 .iter()
                 .filter(|a| (from..until).contains(&a.sent_ms))
                 .collect();
-            let failed = window.iter().filter(|a| a.class != Class::Ok).count() as u64;
+            let failures: Vec<&&Answer> = window.iter().filter(|a| a.class != Class::Ok).collect();
+            let count =
+                |c: &[Class]| failures.iter().filter(|a| c.contains(&a.class)).count() as u64;
+            let described = |a: &&&Answer| {
+                (
+                    a.sent_ms as f64 / 1000.0,
+                    format!(
+                        "replica {}: {}",
+                        a.replica + 1,
+                        a.detail.as_deref().unwrap_or("timed out")
+                    ),
+                )
+            };
             // Per replica: the first 200 to a request sent after its last failure.
             let mut recovered = Some(from);
             for r in 0..REPLICAS as u8 {
@@ -484,7 +502,12 @@ fn fault_reports(
                 kind: f.kind,
                 at_s: from as f64 / 1000.0,
                 down_s: (f.repaired - f.at).as_secs_f64(),
-                failed_answers: failed,
+                failed_answers: failures.len() as u64,
+                failed_503: count(&[Class::Unavailable]),
+                failed_connection: count(&[Class::ConnectionError, Class::Timeout]),
+                failed_other: count(&[Class::OtherStatus]),
+                first_failure: failures.first().map(described),
+                last_failure: failures.last().map(described),
                 ingest_recovered_s: recovered.map(|r| (r - from) as f64 / 1000.0),
                 members_before_fault_s: since(f.before_fault),
                 members_to_repair_s: f.to_repair.map(|t| (t - f.repaired).as_secs_f64()),
@@ -621,7 +644,7 @@ pub fn faults_table(r: &ChaosReport) -> Table {
         "fault",
         "at s",
         "down s",
-        "failed answers",
+        "failed answers: 503 / conn. / other",
         "ingest 200 on every replica, s after fault",
         "members have every event accepted before the fault, s after fault",
         "... accepted until the part was back, s after it was back",
@@ -633,7 +656,12 @@ pub fn faults_table(r: &ChaosReport) -> Table {
             f.kind.label().to_string(),
             num(Some(f.at_s), 1),
             num(Some(f.down_s), 1),
-            int(f.failed_answers),
+            format!(
+                "{} / {} / {}",
+                int(f.failed_503),
+                int(f.failed_connection),
+                int(f.failed_other)
+            ),
             never(f.ingest_recovered_s),
             never(f.members_before_fault_s),
             never(f.members_to_repair_s),

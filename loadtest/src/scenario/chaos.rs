@@ -79,7 +79,7 @@ pub enum Class {
 }
 
 /// One ingest request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Answer {
     /// Milliseconds since the load started.
     pub sent_ms: u32,
@@ -92,6 +92,8 @@ pub struct Answer {
     pub seq: Option<u64>,
     /// A 200 `"published": false`: committed, the bus did not take it.
     pub unpublished: bool,
+    /// For any other answer: the status and body, or the error.
+    pub detail: Option<String>,
 }
 
 /// One member's life.
@@ -544,6 +546,7 @@ async fn publisher(
             s,
             seq: None,
             unpublished: false,
+            detail: None,
         };
         answer.class = match result {
             Ok(Ok((status, reply))) if status == StatusCode::OK => {
@@ -557,9 +560,18 @@ async fn publisher(
                 shared.last_ok_sent[replica].fetch_max(sent_ms as u64 + 1, Ordering::AcqRel);
                 Class::Ok
             }
-            Ok(Ok((StatusCode::SERVICE_UNAVAILABLE, _))) => Class::Unavailable,
-            Ok(Ok(_)) => Class::OtherStatus,
-            Ok(Err(_)) => Class::ConnectionError,
+            Ok(Ok((status, reply))) => {
+                answer.detail = Some(format!("{status}: {}", String::from_utf8_lossy(&reply)));
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    Class::Unavailable
+                } else {
+                    Class::OtherStatus
+                }
+            }
+            Ok(Err(e)) => {
+                answer.detail = Some(format!("{e:#}"));
+                Class::ConnectionError
+            }
             Err(_) => {
                 clients[replica] = HttpClient::new(ingest[replica]);
                 Class::Timeout
