@@ -105,7 +105,7 @@ pub struct FaultReport {
     pub at_s: f64,
     /// From the fault until the part was back (serving again).
     pub down_s: f64,
-    /// Requests sent during the fault's window that were not answered 200, by class.
+    /// Requests that failed (not 200) during the fault's window (by answer time), by class.
     pub failed_answers: u64,
     pub failed_503: u64,
     pub failed_connection: u64,
@@ -148,6 +148,13 @@ pub struct Totals {
     /// Distinct `seq`s delivered whose request was not answered 200 (its outcome unknown
     /// to the publisher: the replica died, or the answer timed out, after the commit).
     pub delivered_unanswered: u64,
+    /// Those, by what their request got instead, with one example each.
+    pub delivered_unanswered_by_answer: Vec<(String, u64, String)>,
+    /// Sends the publishers skipped because they ran more than 50 ms late.
+    pub skipped_sends: u64,
+    pub requests_per_s: f64,
+    /// Events answered 200 per second before the first fault.
+    pub steady_events_per_s: Option<f64>,
     pub resyncs: Vec<(String, u64)>,
     pub resyncs_unexplained: u64,
     pub sessions: u64,
@@ -392,7 +399,7 @@ async fn drive(
         });
         tokio::time::sleep(secs(opts.calm_s)).await;
     }
-    let (answers_tail, _) = load.stop_ingest().await;
+    let (answers_tail, lost_publishers, skipped) = load.stop_ingest().await;
     let last = answered_max(&answers_tail, opts.orgs);
     eprintln!(
         "  {:6.1} s: ingest stopped; waiting for every member to have every event",
@@ -406,6 +413,8 @@ async fn drive(
     let load_s = t0.elapsed().as_secs_f64();
     let mut outcome = load.finish().await;
     outcome.answers = answers_tail;
+    outcome.lost_publishers = lost_publishers;
+    outcome.skipped = skipped;
     for (i, p) in replicas.iter_mut().enumerate() {
         if let Some(status) = p.exited() {
             failures.push(format!("replica {} died ({status})", i + 1));
@@ -424,7 +433,16 @@ async fn drive(
             )
         })
         .collect();
-    let totals = totals(&outcome, opts.orgs, load_s, &pg_windows);
+    let mut totals = totals(&outcome, opts.orgs, load_s, &pg_windows);
+    if let Some(first) = injected.first() {
+        let until = ms_since(t0, first.at);
+        let ok = outcome
+            .answers
+            .iter()
+            .filter(|a| a.class == Class::Ok && a.done_ms < until)
+            .count();
+        totals.steady_events_per_s = Some(ok as f64 * 1000.0 / until.max(1) as f64);
+    }
     let faults = fault_reports(&injected, &outcome, t0, load_s);
     failures.extend(problems(&totals, &outcome));
     Ok((load_s, faults, totals, failures))
@@ -461,7 +479,8 @@ fn fault_reports(
             let window: Vec<&Answer> = outcome
                 .answers
                 .iter()
-                .filter(|a| (from..until).contains(&a.sent_ms))
+                // By answer time: a request in flight when a part failed belongs to its fault.
+                .filter(|a| (from..until).contains(&a.done_ms))
                 .collect();
             let failures: Vec<&&Answer> = window.iter().filter(|a| a.class != Class::Ok).collect();
             let count =
@@ -549,7 +568,8 @@ fn totals(outcome: &Outcome, orgs: usize, load_s: f64, pg_windows: &[(u32, u32)]
     }
     t.achieved_events_per_s = t.answered_200 as f64 / load_s.max(1e-9);
     let mut resyncs: std::collections::BTreeMap<String, u64> = Default::default();
-    let mut unanswered: Vec<std::collections::HashSet<u64>> = vec![Default::default(); orgs];
+    // Per organization: seq → body number, of the seqs delivered without a 200.
+    let mut unanswered: Vec<std::collections::HashMap<u64, u64>> = vec![Default::default(); orgs];
     for m in &outcome.members {
         let owed = &answered[m.org];
         t.expected_deliveries += owed.len() as u64;
@@ -570,7 +590,7 @@ fn totals(outcome: &Outcome, orgs: usize, load_s: f64, pg_windows: &[(u32, u32)]
             } else {
                 t.delivered += 1;
                 if !owed.contains_key(&(seq as u64)) {
-                    unanswered[m.org].insert(seq as u64);
+                    unanswered[m.org].insert(seq as u64, g - 1);
                 }
             }
         }
@@ -596,6 +616,35 @@ fn totals(outcome: &Outcome, orgs: usize, load_s: f64, pg_windows: &[(u32, u32)]
         }
     }
     t.delivered_unanswered = unanswered.iter().map(|s| s.len() as u64).sum();
+    // What the request of each such event got instead (found by its body number).
+    let failed: std::collections::HashMap<(u32, u64), &Answer> = outcome
+        .answers
+        .iter()
+        .filter(|a| a.class != Class::Ok)
+        .map(|a| ((a.org, a.s), a))
+        .collect();
+    let mut by: std::collections::BTreeMap<String, (u64, String)> = Default::default();
+    for (org, events) in unanswered.iter().enumerate() {
+        for s in events.values() {
+            let (class, detail) = match failed.get(&(org as u32, *s)) {
+                Some(a) => (
+                    format!("{:?}", a.class),
+                    format!(
+                        "replica {} at {:.1} s: {}",
+                        a.replica + 1,
+                        a.sent_ms as f64 / 1000.0,
+                        a.detail.as_deref().unwrap_or("timed out")
+                    ),
+                ),
+                None => ("no request found".into(), format!("org-{org} body {s}")),
+            };
+            let e = by.entry(class).or_insert((0, detail));
+            e.0 += 1;
+        }
+    }
+    t.delivered_unanswered_by_answer = by.into_iter().map(|(k, (n, d))| (k, n, d)).collect();
+    t.skipped_sends = outcome.skipped;
+    t.requests_per_s = t.requests as f64 / load_s.max(1e-9);
     t.resyncs = resyncs.into_iter().collect();
     t
 }
@@ -690,8 +739,20 @@ pub fn totals_table(r: &ChaosReport) -> Table {
     row("connection errors", int(t.connection_errors));
     row("timeouts (10 s)", int(t.timeouts));
     row(
-        "events/s answered 200 (whole run)",
-        num(Some(t.achieved_events_per_s), 0),
+        "requests/s sent, events/s answered 200 (whole run, outages included)",
+        format!(
+            "{} / {}",
+            num(Some(t.requests_per_s), 0),
+            num(Some(t.achieved_events_per_s), 0)
+        ),
+    );
+    row(
+        "events/s answered 200 before the first fault",
+        num(t.steady_events_per_s, 0),
+    );
+    row(
+        "sends skipped (a publisher more than 50 ms late)",
+        int(t.skipped_sends),
     );
     row(
         "deliveries owed (200s × members)",
@@ -706,7 +767,16 @@ pub fn totals_table(r: &ChaosReport) -> Table {
     row("foreign (another organization's)", int(t.foreign));
     row(
         "seqs delivered whose request got no 200 (outcome unknown to the publisher)",
-        int(t.delivered_unanswered),
+        if t.delivered_unanswered_by_answer.is_empty() {
+            int(t.delivered_unanswered)
+        } else {
+            let by: Vec<String> = t
+                .delivered_unanswered_by_answer
+                .iter()
+                .map(|(class, n, _)| format!("{n} {class}"))
+                .collect();
+            format!("{} ({})", int(t.delivered_unanswered), by.join(", "))
+        },
     );
     let resyncs = if t.resyncs.is_empty() {
         "0".to_string()

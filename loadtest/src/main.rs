@@ -347,20 +347,20 @@ struct ChaosArgs {
     /// [default: 2,10; smoke: 1,4].
     #[arg(long, value_delimiter = ',', num_args = 2)]
     session: Option<Vec<f64>>,
-    /// Seconds of load before the first fault [default: 15; smoke: 5].
+    /// Seconds of load before the first fault [default: 20; smoke: 5].
     #[arg(long)]
     warm: Option<f64>,
     /// Seconds each part stays down [default: 5; smoke: 3].
     #[arg(long)]
     down: Option<f64>,
-    /// Seconds of load after a recovery before the next fault [default: 20; smoke: 8].
+    /// Seconds of load after a recovery before the next fault [default: 30; smoke: 8].
     #[arg(long)]
     calm: Option<f64>,
     #[arg(long, default_value_t = 200)]
     payload_bytes: usize,
     /// Ports: replicas base, base+1, base+2 (internal base+100, ...); Redis base+200.
     /// PostgreSQL takes a free port of its own.
-    #[arg(long, default_value_t = 18_200)]
+    #[arg(long, default_value_t = 18_600)]
     base_port: u16,
     /// Write everything as JSON to this file.
     #[arg(long)]
@@ -621,9 +621,9 @@ fn chaos_options(a: ChaosArgs) -> anyhow::Result<chaos::Options> {
         publishers,
         payload_bytes: a.payload_bytes,
         session_s: session,
-        warm_s: a.warm.unwrap_or(pick(15.0, 5.0)),
+        warm_s: a.warm.unwrap_or(pick(20.0, 5.0)),
         down_s: a.down.unwrap_or(pick(5.0, 3.0)),
-        calm_s: a.calm.unwrap_or(pick(20.0, 8.0)),
+        calm_s: a.calm.unwrap_or(pick(30.0, 8.0)),
         base_port: a.base_port,
         out: a.out,
         fanout_bin: fanout_bin(a.fanout_bin)?,

@@ -169,7 +169,7 @@ pub struct Load {
     stop_members: watch::Sender<bool>,
     stop_ingest: watch::Sender<bool>,
     members: Vec<JoinHandle<MemberOut>>,
-    publishers: Vec<JoinHandle<Vec<Answer>>>,
+    publishers: Vec<JoinHandle<(Vec<Answer>, u64)>>,
 }
 
 /// Everything the load saw.
@@ -179,6 +179,8 @@ pub struct Outcome {
     /// Publisher tasks that failed (a panic: a bug of the generator).
     pub lost_publishers: usize,
     pub lost_members: usize,
+    /// Sends the publishers skipped because they ran late.
+    pub skipped: u64,
 }
 
 impl Load {
@@ -331,24 +333,28 @@ impl Load {
         }
     }
 
-    /// Stops the publishers and collects their answers; members keep going.
-    pub async fn stop_ingest(&mut self) -> (Vec<Answer>, usize) {
+    /// Stops the publishers and collects their answers (sorted by send time), how many
+    /// publisher tasks failed and how many sends were skipped; members keep going.
+    pub async fn stop_ingest(&mut self) -> (Vec<Answer>, usize, u64) {
         let _ = self.stop_ingest.send(true);
         let mut answers = Vec::new();
-        let mut lost = 0;
+        let (mut lost, mut skipped) = (0, 0);
         for t in self.publishers.drain(..) {
             match t.await {
-                Ok(a) => answers.extend(a),
+                Ok((a, s)) => {
+                    answers.extend(a);
+                    skipped += s;
+                }
                 Err(_) => lost += 1,
             }
         }
         answers.sort_by_key(|a| a.sent_ms);
-        (answers, lost)
+        (answers, lost, skipped)
     }
 
     /// Stops the members and collects what they saw.
     pub async fn finish(mut self) -> Outcome {
-        let (answers, lost_publishers) = self.stop_ingest().await;
+        let (answers, lost_publishers, skipped) = self.stop_ingest().await;
         let _ = self.stop_members.send(true);
         let mut members = Vec::new();
         let mut lost_members = 0;
@@ -363,6 +369,7 @@ impl Load {
             answers,
             lost_publishers,
             lost_members,
+            skipped,
         }
     }
 }
@@ -510,7 +517,7 @@ async fn publisher(
     payload_bytes: usize,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
-) -> Vec<Answer> {
+) -> (Vec<Answer>, u64) {
     let mut clients: Vec<HttpClient> = ingest.iter().map(|a| HttpClient::new(*a)).collect();
     let mut body = BodyWriter::new(payload_bytes);
     let mut next_s = vec![0u64; orgs.len()];
@@ -579,5 +586,5 @@ async fn publisher(
         };
         answers.push(answer);
     }
-    answers
+    (answers, skipped)
 }
