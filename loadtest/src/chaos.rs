@@ -828,3 +828,82 @@ pub fn finish(r: &ChaosReport) -> anyhow::Result<bool> {
     );
     report::finish(r.options.out.as_deref(), r, &r.failures)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::chaos::MemberOut;
+
+    fn answer(org: u32, s: u64, seq: Option<u64>, class: Class) -> Answer {
+        Answer {
+            sent_ms: 1000,
+            done_ms: 1001,
+            replica: 0,
+            class,
+            org,
+            s,
+            seq,
+            unpublished: false,
+            detail: (class != Class::Ok).then(|| "connection closed".to_string()),
+        }
+    }
+
+    #[test]
+    fn every_answered_event_is_owed_to_every_member() {
+        // org 0 answered seqs 1, 2, 4 (bodies 0, 1, 3); body 2 was committed as seq 3, but
+        // its request failed.
+        let answers = vec![
+            answer(0, 0, Some(1), Class::Ok),
+            answer(0, 1, Some(2), Class::Ok),
+            answer(0, 2, None, Class::ConnectionError),
+            answer(0, 3, Some(4), Class::Ok),
+        ];
+        let member = |got: Vec<u64>, resyncs: Vec<(String, u32)>| MemberOut {
+            org: 0,
+            got,
+            resyncs,
+            ..Default::default()
+        };
+        let outcome = Outcome {
+            members: vec![
+                // Everything, the unanswered seq 3 included.
+                member(vec![0, 1, 2, 3, 4], vec![]),
+                // Seq 2 never came, seq 3 (unanswered) neither, and seq 4 has another body.
+                member(
+                    vec![0, 1, 0, 0, 9],
+                    vec![
+                        ("history_unavailable".into(), 5_000),
+                        ("history_unavailable".into(), 50_000),
+                        ("too_far_behind".into(), 5_000),
+                    ],
+                ),
+                // Nothing after seq 1.
+                member(vec![0, 1], vec![]),
+            ],
+            answers,
+            lost_publishers: 0,
+            lost_members: 0,
+            skipped: 0,
+        };
+        let t = totals(&outcome, 1, 10.0, &[(4_000, 20_000)]);
+        assert_eq!(t.answered_200, 3);
+        assert_eq!(t.connection_errors, 1);
+        assert_eq!(t.expected_deliveries, 9);
+        assert_eq!(
+            t.missing, 3,
+            "seq 2 of the second member, seqs 2 and 4 of the third"
+        );
+        assert_eq!(t.mismatched, 1);
+        assert_eq!(
+            t.holes, 1,
+            "the unanswered seq 3 below the second member's highest"
+        );
+        assert_eq!(t.delivered_unanswered, 1);
+        assert_eq!(t.delivered_unanswered_by_answer[0].0, "ConnectionError");
+        assert_eq!(
+            t.resyncs_unexplained, 2,
+            "only history_unavailable during the PostgreSQL window is explained"
+        );
+        assert_eq!(problems(&t, &outcome).len(), 4);
+    }
+}

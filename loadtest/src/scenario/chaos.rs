@@ -588,3 +588,30 @@ async fn publisher(
     }
     (answers, skipped)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(org: &str, s: u64) -> String {
+        BodyWriter::new(0).write(org, 0, 0, s, 1).to_string()
+    }
+
+    #[test]
+    fn members_count_repeats_reorderings_and_strangers() {
+        let highest = AtomicU64::new(0);
+        let mut m = MemberOut::default();
+        for (s, seq) in [(0, 1), (1, 2), (1, 2), (3, 4), (2, 3)] {
+            m.on_body(body("org-1", s).as_bytes(), Some(seq), "org-1", &highest);
+        }
+        m.on_body(body("org-2", 9).as_bytes(), Some(5), "org-1", &highest);
+        m.on_body(body("org-1", 9).as_bytes(), None, "org-1", &highest);
+        m.on_body(b"{", Some(6), "org-1", &highest);
+        assert_eq!(m.duplicates, 1);
+        // 4 after 2 skipped ahead, 3 after 4 came late.
+        assert_eq!(m.out_of_order, 2);
+        assert_eq!((m.foreign, m.without_seq, m.malformed), (1, 1, 1));
+        assert_eq!(&m.got[..5], &[0, 1, 2, 3, 4]);
+        assert_eq!(highest.load(Ordering::Relaxed), 4);
+    }
+}
