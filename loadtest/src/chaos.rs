@@ -261,7 +261,10 @@ pub async fn run(opts: Options) -> anyhow::Result<ChaosReport> {
         procs::log_dir().display()
     );
     let mut redis = start_redis(&opts.redis_server, ports.redis()).await?;
-    let mut pg = PgServer::start().await;
+    // The kit's server panics with what to install when it cannot start: an error here.
+    let mut pg = tokio::spawn(PgServer::start())
+        .await
+        .map_err(|e| anyhow::anyhow!("the private PostgreSQL server did not start: {e}"))?;
     let run = tokio::select! {
         r = drive(&opts, &ports, &mut redis, &mut pg) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
