@@ -83,6 +83,29 @@ impl Conn {
         org: &str,
         token: &str,
     ) -> Result<Self, OpenError> {
+        Self::open_with(system, source, dst, org, token, None).await
+    }
+
+    /// [`Conn::open`] for a durable client that resumes its stream: `lastSeq` in the
+    /// CONNECT payload, so the server replays every event of `org` after it before the live
+    /// ones (`socketio` only).
+    pub async fn resume(
+        dst: SocketAddr,
+        org: &str,
+        token: &str,
+        last_seq: u64,
+    ) -> Result<Self, OpenError> {
+        Self::open_with(System::Socketio, None, dst, org, token, Some(last_seq)).await
+    }
+
+    async fn open_with(
+        system: System,
+        source: Option<Ipv4Addr>,
+        dst: SocketAddr,
+        org: &str,
+        token: &str,
+        last_seq: Option<u64>,
+    ) -> Result<Self, OpenError> {
         let tcp = net::connect(source, dst)
             .await
             .map_err(OpenError::Connect)?;
@@ -105,15 +128,23 @@ impl Conn {
             }
         };
         match system {
-            System::Socketio => conn.authenticate(org, token).await?,
+            System::Socketio => conn.authenticate(org, token, last_seq).await?,
             System::Raw => conn.await_ready().await?,
         }
         Ok(conn)
     }
 
     /// Sends the CONNECT with the token and reads until `auth-success`.
-    async fn authenticate(&mut self, org: &str, token: &str) -> Result<(), OpenError> {
-        let auth = serde_json::json!({ "token": token });
+    async fn authenticate(
+        &mut self,
+        org: &str,
+        token: &str,
+        last_seq: Option<u64>,
+    ) -> Result<(), OpenError> {
+        let auth = match last_seq {
+            Some(n) => serde_json::json!({ "token": token, "lastSeq": n }),
+            None => serde_json::json!({ "token": token }),
+        };
         self.send(socketio::connect(Some(&auth))).await?;
         loop {
             let text = self.next_text().await?;
@@ -167,7 +198,18 @@ impl Conn {
     /// Receives until the connection ends, handing each message body to `on_body` with the
     /// sequence number of a durable event (fanout with a history); answers pings meanwhile.
     /// Returns how the connection ended.
-    pub async fn run(mut self, mut on_body: impl FnMut(&[u8], Option<u64>)) -> String {
+    pub async fn run(self, on_body: impl FnMut(&[u8], Option<u64>)) -> String {
+        self.run_with_events(on_body, |_| true).await
+    }
+
+    /// [`Conn::run`] that also hands every other event (its arguments, `["name",...]`) to
+    /// `on_event`, which ends the run by returning false (the connection is then dropped,
+    /// unread frames with it).
+    pub async fn run_with_events(
+        mut self,
+        mut on_body: impl FnMut(&[u8], Option<u64>),
+        mut on_event: impl FnMut(&str) -> bool,
+    ) -> String {
         loop {
             match self.ws.next().await {
                 Some(Ok(Message::Text(text))) => match self.system {
@@ -190,6 +232,9 @@ impl Conn {
                             }
                             Frame::Close => {
                                 return "closed by the server (Engine.IO close)".into();
+                            }
+                            Frame::Event { args, .. } if !on_event(args) => {
+                                return "ended by the client".into();
                             }
                             _ => {}
                         }

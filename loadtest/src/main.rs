@@ -6,6 +6,7 @@
 //! run that could not take place.
 
 mod baseline;
+mod chaos;
 mod client;
 mod compare;
 mod hostile;
@@ -73,6 +74,11 @@ enum Command {
     /// a quiet organization's ingest, delivery and replay on the same replica, for each
     /// `FANOUT_REPLAY_CONCURRENCY` given, side by side.
     Storm(StormArgs),
+    /// Three durable replicas under ingest and reconnecting clients while a replica is
+    /// killed (-9), Redis restarted and PostgreSQL restarted: every event answered 200
+    /// delivered to every member exactly once and in order, and the time each fault takes
+    /// to recover from. Starts its own Redis, PostgreSQL and replicas.
+    Chaos(ChaosArgs),
     /// One process's share of a `connect` run too large for one open-file limit.
     #[command(hide = true)]
     ConnectShard(ShardArgs),
@@ -325,6 +331,53 @@ struct IngestArgs {
 }
 
 #[derive(Args)]
+struct ChaosArgs {
+    /// CI size: 60 members in 12 orgs, 300 events/s, 3-second outages, every fault;
+    /// non-zero exit if a check fails.
+    #[arg(long)]
+    smoke: bool,
+    /// Organizations [default: 60; smoke: 12].
+    #[arg(long)]
+    orgs: Option<usize>,
+    /// Members (Socket.IO clients), spread over the organizations [default: 300; smoke: 60].
+    #[arg(long)]
+    members: Option<usize>,
+    /// Ingest rate, events/s in total [default: 1200; smoke: 300].
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Paced publishers, each owning some organizations [default: 24; smoke: 6].
+    #[arg(long)]
+    publishers: Option<usize>,
+    /// A member's sessions last a random time in MIN,MAX seconds before it reconnects
+    /// [default: 2,10; smoke: 1,4].
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    session: Option<Vec<f64>>,
+    /// Seconds of load before the first fault [default: 20; smoke: 5].
+    #[arg(long)]
+    warm: Option<f64>,
+    /// Seconds each part stays down [default: 5; smoke: 3].
+    #[arg(long)]
+    down: Option<f64>,
+    /// Seconds of load after a recovery before the next fault [default: 30; smoke: 8].
+    #[arg(long)]
+    calm: Option<f64>,
+    #[arg(long, default_value_t = 200)]
+    payload_bytes: usize,
+    /// Ports: replicas base, base+1, base+2 (internal base+100, ...); Redis base+200.
+    /// PostgreSQL takes a free port of its own.
+    #[arg(long, default_value_t = 18_600)]
+    base_port: u16,
+    /// Write everything as JSON to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// fanout binary [default: `fanout` next to this executable].
+    #[arg(long)]
+    fanout_bin: Option<PathBuf>,
+    #[arg(long, default_value = "redis-server")]
+    redis_server: PathBuf,
+}
+
+#[derive(Args)]
 struct HostileArgs {
     /// A build to measure, as LABEL=PATH (repeat to compare builds side by side) [default:
     /// `fanout` next to this executable].
@@ -485,6 +538,10 @@ async fn run(command: Command) -> anyhow::Result<bool> {
             let problems: Vec<String> = rounds.iter().flat_map(|r| r.failures.clone()).collect();
             finish_scenario(None, &(), problems)
         }
+        Command::Chaos(a) => {
+            let report = chaos::run(chaos_options(a)?).await?;
+            chaos::finish(&report)
+        }
         Command::Hostile(a) => {
             let builds = if a.builds.is_empty() {
                 vec![("fanout".to_string(), fanout_bin(None)?)]
@@ -587,6 +644,44 @@ fn ingest_options(a: IngestArgs) -> anyhow::Result<ingest::Options> {
         replicas: a.replicas,
         base_port: a.base_port,
         database_url: a.database_url,
+        out: a.out,
+        fanout_bin: fanout_bin(a.fanout_bin)?,
+        redis_server: a.redis_server,
+    })
+}
+
+fn chaos_options(a: ChaosArgs) -> anyhow::Result<chaos::Options> {
+    let smoke = a.smoke;
+    let pick = |full: f64, small: f64| if smoke { small } else { full };
+    let orgs = a.orgs.unwrap_or(if smoke { 12 } else { 60 });
+    let members = a.members.unwrap_or(if smoke { 60 } else { 300 });
+    let publishers = a.publishers.unwrap_or(if smoke { 6 } else { 24 });
+    anyhow::ensure!(orgs > 0, "--orgs must be positive");
+    anyhow::ensure!(members >= orgs, "--members must be at least --orgs");
+    anyhow::ensure!(
+        (1..=orgs).contains(&publishers),
+        "--publishers must be 1..=--orgs (each publisher owns its organizations)"
+    );
+    let session = match a.session.as_deref() {
+        Some(&[lo, hi]) => (lo, hi),
+        _ => (pick(2.0, 1.0), pick(10.0, 4.0)),
+    };
+    anyhow::ensure!(
+        0.1 <= session.0 && session.0 <= session.1,
+        "--session MIN,MAX: 0.1 <= MIN <= MAX seconds"
+    );
+    Ok(chaos::Options {
+        smoke,
+        orgs,
+        members,
+        events_per_s: a.rate.unwrap_or(if smoke { 300 } else { 1200 }),
+        publishers,
+        payload_bytes: a.payload_bytes,
+        session_s: session,
+        warm_s: a.warm.unwrap_or(pick(20.0, 5.0)),
+        down_s: a.down.unwrap_or(pick(5.0, 3.0)),
+        calm_s: a.calm.unwrap_or(pick(30.0, 8.0)),
+        base_port: a.base_port,
         out: a.out,
         fanout_bin: fanout_bin(a.fanout_bin)?,
         redis_server: a.redis_server,

@@ -184,6 +184,16 @@ enum BatchError {
     Rejected(String),
 }
 
+impl BatchError {
+    /// The store's own reason, not its whole message: the answer wraps it once more.
+    fn unavailable(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(reason) => Self::Unavailable(reason),
+            e => Self::Unavailable(e.to_string()),
+        }
+    }
+}
+
 impl From<BatchError> for StoreError {
     fn from(e: BatchError) -> Self {
         match e {
@@ -212,8 +222,24 @@ async fn commit_with_retry(store: &Store, events: &[NewEvent]) -> Result<Vec<u64
             Err(CommitError::Conflict(e)) | Err(CommitError::Other(e)) => {
                 return Err(BatchError::Unavailable(e));
             }
-            Err(CommitError::Store(e)) => return Err(BatchError::Unavailable(e.to_string())),
+            Err(CommitError::Store(e)) => return Err(BatchError::unavailable(e)),
             Err(CommitError::Data(e)) => return Err(BatchError::Rejected(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unavailable_store_is_said_once() {
+        let e = StoreError::from(BatchError::unavailable(StoreError::Unavailable(
+            "the schema is not migrated yet".into(),
+        )));
+        assert_eq!(
+            e.to_string(),
+            "PostgreSQL is unavailable (the schema is not migrated yet); nothing was stored, retry later"
+        );
     }
 }

@@ -60,13 +60,17 @@ pub enum StoreError {
 }
 
 /// The error and its causes on one line: tokio-postgres puts the useful part (the server's
-/// message, the OS error) in the source.
+/// message, the OS error) in the source. A cause the text already shows is not repeated:
+/// tokio-postgres's and deadpool's errors print their source themselves.
 pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text
@@ -330,4 +334,50 @@ pub fn summary(applied: &[Migration]) -> String {
         .map(|m| format!("{} ({})", m.version, m.name))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that prints its cause itself, as tokio-postgres's does, or not.
+    #[derive(Debug)]
+    struct Chain(&'static str, Option<Box<Chain>>, bool);
+
+    impl std::fmt::Display for Chain {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)?;
+            match &self.1 {
+                Some(cause) if self.2 => write!(f, ": {cause}"),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    impl std::error::Error for Chain {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|c| c as _)
+        }
+    }
+
+    #[test]
+    fn causes_are_described_once() {
+        let fatal = Chain("FATAL: the database system is starting up", None, false);
+        let db = Chain("db error", Some(Box::new(fatal)), true);
+        let pool = Chain(
+            "Error occurred while creating a new object",
+            Some(Box::new(db)),
+            true,
+        );
+        assert_eq!(
+            describe(&pool),
+            "Error occurred while creating a new object: db error: FATAL: the database system is starting up"
+        );
+        let io = Chain("connection refused", None, false);
+        let quiet = Chain("error connecting to server", Some(Box::new(io)), false);
+        assert_eq!(
+            describe(&quiet),
+            "error connecting to server: connection refused"
+        );
+    }
 }

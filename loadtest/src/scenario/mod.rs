@@ -5,6 +5,7 @@
 //! server `(i / orgs) % servers`, so each organization has members on every replica (a message
 //! must cross the fleet), and to source address `i % sources`.
 
+pub mod chaos;
 pub mod connect;
 pub mod fanout;
 pub mod ingest;
