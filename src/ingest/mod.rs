@@ -181,16 +181,21 @@ struct Body {
     fields: Map<String, Value>,
 }
 
-fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Body, IngestError> {
-    let bytes = body.map_err(|e| {
+/// The bytes of the body, or why they could not be read (over the size limit, cut off).
+fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, IngestError> {
+    body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             IngestError::TooLarge { limit }
         } else {
             IngestError::Body(e.body_text())
         }
-    })?;
-    let text = String::from_utf8(bytes.to_vec())
-        .map_err(|_| IngestError::InvalidJson("not UTF-8".into()))?;
+    })
+}
+
+fn read_body(bytes: &[u8]) -> Result<Body, IngestError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| IngestError::InvalidJson("not UTF-8".into()))?
+        .to_owned();
     match serde_json::from_str::<Value>(&text) {
         Ok(Value::Object(fields)) => Ok(Body { text, fields }),
         Ok(_) => Err(IngestError::NotAnObject),
@@ -236,7 +241,10 @@ async fn send(
 /// What a durable event changes besides the event log, checking what that needs: an
 /// execution event names its task, and an update a known status. Events for one user
 /// stay out of the organization-wide projections.
-fn projection(msg: &Message) -> Result<Projection, IngestError> {
+///
+/// Public (hidden) for the fuzz targets in `fuzz/`: it parses the worker's `data`.
+#[doc(hidden)]
+pub fn projection(msg: &Message) -> Result<Projection, IngestError> {
     let event = msg.event.as_str();
     if msg.user.is_some() || (event != EXECUTION_UPDATED && event != EXECUTION_LOG) {
         return Ok(Projection::None);
@@ -288,20 +296,43 @@ fn task_id(value: Option<&Value>) -> Result<String, IngestError> {
     Ok(text)
 }
 
+/// The ingest route a body was sent to: each makes its message differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `POST /executions/update`: the body is the data of `execution-updated`.
+    ExecutionUpdate,
+    /// `POST /executions/log`: the body is the data of `execution-log`.
+    ExecutionLog,
+    /// `POST /v1/publish`: `{ organizationId, event, data, userId? }`.
+    Publish,
+}
+
+/// The message a worker's body makes on `route`, or the 400 that says what to fix. No I/O:
+/// the one parser of ingest bodies, which is why it is public (hidden): the fuzz targets in
+/// `fuzz/` drive it directly.
+#[doc(hidden)]
+pub fn decode(route: Route, body: &[u8]) -> Result<Message, IngestError> {
+    let body = read_body(body)?;
+    match route {
+        Route::ExecutionUpdate => broadcast_body(body, EXECUTION_UPDATED, &["taskId", "status"]),
+        Route::ExecutionLog => broadcast_body(body, EXECUTION_LOG, &["taskId", "log"]),
+        Route::Publish => publish_body(body),
+    }
+}
+
 /// The body itself becomes the event's data, byte for byte.
-async fn broadcast_body(
-    state: &IngestState,
+fn broadcast_body(
     body: Body,
     event: &'static str,
     required: &[&'static str],
-) -> Result<Json<Value>, IngestError> {
+) -> Result<Message, IngestError> {
     let org = org_of(&body.fields)?;
     for field in required {
         require(&body.fields, field)?;
     }
     let data =
         RawValue::from_string(body.text).map_err(|e| IngestError::InvalidJson(e.to_string()))?;
-    let msg = Message {
+    Ok(Message {
         org,
         event: EventName::parse(event).expect("built-in event names are valid"),
         data,
@@ -311,34 +342,11 @@ async fn broadcast_body(
         seq: None,
         sig: None,
         stamp: None,
-    };
-    send(state, msg, "broadcasted").await
+    })
 }
 
-/// `POST /executions/update`: the body is broadcast as `execution-updated`.
-async fn execution_update(
-    State(s): State<IngestState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, IngestError> {
-    let body = read_body(body, s.max_payload_bytes)?;
-    broadcast_body(&s, body, EXECUTION_UPDATED, &["taskId", "status"]).await
-}
-
-/// `POST /executions/log`: the body is broadcast as `execution-log`.
-async fn execution_log(
-    State(s): State<IngestState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, IngestError> {
-    let body = read_body(body, s.max_payload_bytes)?;
-    broadcast_body(&s, body, EXECUTION_LOG, &["taskId", "log"]).await
-}
-
-/// `POST /v1/publish`: `{ organizationId, event, data, userId? }`.
-async fn publish(
-    State(s): State<IngestState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, IngestError> {
-    let Body { fields, text } = read_body(body, s.max_payload_bytes)?;
+/// `{ organizationId, event, data, userId? }`: `data` is the event's data.
+fn publish_body(Body { fields, text }: Body) -> Result<Message, IngestError> {
     let org = org_of(&fields)?;
     let event = match fields.get("event") {
         Some(Value::String(name)) => {
@@ -368,7 +376,7 @@ async fn publish(
         None | Some(Value::Null) => None,
         Some(v) => Some(UserId::from_json(v).map_err(|e| IngestError::field("userId", e))?),
     };
-    let msg = Message {
+    Ok(Message {
         org,
         event,
         data,
@@ -378,6 +386,35 @@ async fn publish(
         seq: None,
         sig: None,
         stamp: None,
-    };
+    })
+}
+
+/// `POST /executions/update`: the body is broadcast as `execution-updated`.
+async fn execution_update(
+    State(s): State<IngestState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, IngestError> {
+    let msg = decode(
+        Route::ExecutionUpdate,
+        &body_bytes(body, s.max_payload_bytes)?,
+    )?;
+    send(&s, msg, "broadcasted").await
+}
+
+/// `POST /executions/log`: the body is broadcast as `execution-log`.
+async fn execution_log(
+    State(s): State<IngestState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, IngestError> {
+    let msg = decode(Route::ExecutionLog, &body_bytes(body, s.max_payload_bytes)?)?;
+    send(&s, msg, "broadcasted").await
+}
+
+/// `POST /v1/publish`: `{ organizationId, event, data, userId? }`.
+async fn publish(
+    State(s): State<IngestState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, IngestError> {
+    let msg = decode(Route::Publish, &body_bytes(body, s.max_payload_bytes)?)?;
     send(&s, msg, "published").await
 }
