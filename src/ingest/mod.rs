@@ -29,7 +29,8 @@ use crate::auth::{IngestKeys, KeyId};
 use crate::bus::{Bus, BusError};
 use crate::ops::metrics;
 use crate::protocol::{
-    EventName, ExecutionStatus, InvalidId, Message, OrgId, TaskId, UserId, now_ms,
+    EventName, ExecutionStatus, InvalidId, MAX_JSON_DEPTH, Message, OrgId, TaskId, UserId,
+    json_depth, now_ms,
 };
 use crate::rates::Budgets;
 use crate::retry::{RateLimit, retry_after_secs};
@@ -90,6 +91,11 @@ pub enum IngestError {
     InvalidJson(String),
     #[error("request body must be a JSON object")]
     NotAnObject,
+    #[error(
+        "request body nests deeper than {} levels of arrays and objects: it is the event's data, which the bus envelope nests one level deeper",
+        MAX_JSON_DEPTH - 1
+    )]
+    TooDeep,
     #[error("\"{field}\" {problem}")]
     Field {
         field: &'static str,
@@ -330,6 +336,11 @@ fn broadcast_body(
     for field in required {
         require(&body.fields, field)?;
     }
+    // serde_json took the body at up to MAX_JSON_DEPTH levels; as the envelope's `data` it
+    // is one level deeper, which subscribers refuse: refused here, not lost there.
+    if json_depth(&body.text) >= MAX_JSON_DEPTH {
+        return Err(IngestError::TooDeep);
+    }
     let data =
         RawValue::from_string(body.text).map_err(|e| IngestError::InvalidJson(e.to_string()))?;
     Ok(Message {
@@ -417,4 +428,57 @@ async fn publish(
 ) -> Result<Json<Value>, IngestError> {
     let msg = decode(Route::Publish, &body_bytes(body, s.max_payload_bytes)?)?;
     send(&s, msg, "published").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{BusKey, ENVELOPE_OVERHEAD, Stamp};
+
+    fn nested(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    /// Found by the fuzz target `ingest_bodies`: a body is the data of its envelope, one
+    /// level deeper, so it may nest one level less than serde_json allows.
+    #[test]
+    fn update_bodies_nest_no_deeper_than_their_envelope_can() {
+        let body = |depth: usize| {
+            format!(
+                r#"{{"organizationId":"acme","taskId":"t1","status":"RUNNING","x":{}}}"#,
+                nested(depth)
+            )
+        };
+        let err = decode(Route::ExecutionUpdate, body(126).as_bytes()).unwrap_err();
+        assert!(matches!(err, IngestError::TooDeep), "{err}");
+        assert_eq!(err.into_response().status(), StatusCode::BAD_REQUEST);
+        let msg = decode(Route::ExecutionUpdate, body(125).as_bytes()).unwrap();
+        Message::from_envelope(msg.org.clone(), &msg.to_envelope(), usize::MAX).unwrap();
+        // `data` of a publish is already a level down: serde_json's limit is the envelope's.
+        let publish = format!(
+            r#"{{"organizationId":"acme","event":"e","data":{}}}"#,
+            nested(126)
+        );
+        let msg = decode(Route::Publish, publish.as_bytes()).unwrap();
+        Message::from_envelope(msg.org.clone(), &msg.to_envelope(), usize::MAX).unwrap();
+    }
+
+    /// Found by the fuzz target `ingest_bodies`: the envelope of a body of the largest size
+    /// is larger than the body, by at most `ENVELOPE_OVERHEAD`.
+    #[test]
+    fn envelopes_exceed_their_body_by_at_most_the_overhead() {
+        let frame = r#"{"organizationId":"a","taskId":"t","status":"PENDING"}"#;
+        let mut msg = decode(Route::ExecutionUpdate, frame.as_bytes()).unwrap();
+        msg.seq = Some(u64::MAX);
+        msg.sig = BusKey::new(&[1; 32]).unwrap().sign(&msg);
+        msg.stamp = Some(Stamp {
+            origin: u64::MAX,
+            epoch: u32::MAX,
+            n: u64::MAX,
+        });
+        let envelope = msg.to_envelope();
+        assert!(envelope.len() > frame.len());
+        assert!(envelope.len() <= frame.len() + ENVELOPE_OVERHEAD);
+        Message::from_envelope(msg.org, &envelope, frame.len() + ENVELOPE_OVERHEAD).unwrap();
+    }
 }
