@@ -270,6 +270,14 @@ impl fmt::Display for Stamp {
 /// to bus envelopes too.
 pub const MAX_JSON_DEPTH: usize = 127;
 
+/// The most an envelope fanout publishes adds to the ingest body it carries: the envelope's
+/// own fields (`event`, `ts`, `src`, a durable event's `seq` and `sig`, an ephemeral one's
+/// `stamp`) around a body that is all of `data` (`POST /executions/update`), 230 bytes at
+/// their longest. Subscribers read envelopes up to `FANOUT_MAX_PAYLOAD_BYTES` plus this, so
+/// that every body ingest accepts reaches them (the fuzz target `ingest_bodies` holds the
+/// bound).
+pub const ENVELOPE_OVERHEAD: usize = 256;
+
 /// How deeply `json` nests arrays and objects. `json` must be valid JSON: brackets inside
 /// strings are skipped, nothing else is checked.
 pub fn json_depth(json: &str) -> usize {

@@ -557,6 +557,61 @@ async fn envelopes_from_redis_meet_the_json_depth_limit_of_http_ingest() {
             .await,
         1.0
     );
+    // The update routes broadcast the body itself as the data, one level deeper in the
+    // envelope: a body that could not travel is refused (it was accepted, then dropped by
+    // every subscriber as too deep).
+    let update = |depth: usize| {
+        format!(
+            r#"{{"organizationId":"acme","taskId":"t1","status":"RUNNING","x":{}}}"#,
+            nested(depth)
+        )
+    };
+    for (depth, status) in [(126, 400), (125, 200)] {
+        let reply = r
+            .post_raw("/executions/update", update(depth), Some(INGEST_KEY))
+            .await;
+        assert_eq!(
+            reply.status,
+            status,
+            "body {} levels deep: {reply:?}",
+            depth + 1
+        );
+    }
+    assert_eq!(
+        alice.expect("execution-updated", QUICK).await,
+        serde_json::from_str::<Value>(&update(125)).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_body_of_the_largest_size_reaches_subscribers_in_its_envelope() {
+    let redis = RedisServer::start().await;
+    let r = Replica::on(&redis, "largest").await;
+    let mut alice = r.login("acme", "alice").await;
+    // FANOUT_MAX_PAYLOAD_BYTES (65536) exactly: ingest takes it, and the envelope around it
+    // is larger. Subscribers dropped it as too large while the worker had its 200.
+    let frame = r#"{"organizationId":"acme","taskId":"t1","log":""}"#;
+    let body = frame.replace(
+        r#""log":"""#,
+        &format!(r#""log":"{}""#, "x".repeat(65_536 - frame.len())),
+    );
+    assert_eq!(body.len(), 65_536);
+    let reply = r
+        .post_raw("/executions/log", body.clone(), Some(INGEST_KEY))
+        .await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(
+        alice.expect("execution-log", QUICK).await,
+        serde_json::from_str::<Value>(&body).unwrap()
+    );
+    assert_eq!(
+        r.metric(
+            "fanout_malformed_messages_total",
+            &[("reason", "too_large")]
+        )
+        .await,
+        0.0
+    );
 }
 
 /// A door in front of the test PostgreSQL: while shut, connections through it are dropped at

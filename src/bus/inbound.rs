@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::Sink;
 use super::gaps::Gaps;
 use crate::ops::metrics;
-use crate::protocol::{Message, OrgId};
+use crate::protocol::{ENVELOPE_OVERHEAD, Message, OrgId};
 use crate::retry::RateLimit;
 
 /// Reads the envelopes of one subscription connection.
@@ -21,10 +21,12 @@ pub struct Inbound {
 }
 
 impl Inbound {
+    /// `max_payload`: `FANOUT_MAX_PAYLOAD_BYTES`, the largest ingest body; envelopes may be
+    /// larger by what fanout's own envelope adds to a body.
     pub fn new(prefix: &str, max_payload: usize, sink: Arc<dyn Sink>, gaps: Arc<Gaps>) -> Self {
         Self {
             org_prefix: format!("{prefix}org:"),
-            max_payload,
+            max_payload: max_payload + ENVELOPE_OVERHEAD,
             sink,
             gaps,
             warn: RateLimit::new(Duration::from_secs(10)),

@@ -29,7 +29,8 @@ use serde_json::{Map, Value, json};
 use crate::bus::{Bus, BusError};
 use crate::ops::metrics;
 use crate::protocol::{
-    EventName, ExecutionStatus, InvalidId, Message, OrgId, TaskId, UserId, now_ms,
+    EventName, ExecutionStatus, InvalidId, MAX_JSON_DEPTH, Message, OrgId, TaskId, UserId,
+    json_depth, now_ms,
 };
 use crate::rates::Budgets;
 use crate::retry::{RateLimit, retry_after_secs};
@@ -95,6 +96,11 @@ pub enum IngestError {
     InvalidJson(String),
     #[error("request body must be a JSON object")]
     NotAnObject,
+    #[error(
+        "request body nests deeper than {} levels of arrays and objects: it is the event's data, which the bus envelope nests one level deeper",
+        MAX_JSON_DEPTH - 1
+    )]
+    TooDeep,
     #[error("\"{field}\" {problem}")]
     Field {
         field: &'static str,
@@ -191,16 +197,21 @@ struct Body {
     fields: Map<String, Value>,
 }
 
-fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Body, IngestError> {
-    let bytes = body.map_err(|e| {
+/// The bytes of the body, or why they could not be read (over the size limit, cut off).
+fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, IngestError> {
+    body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             IngestError::TooLarge { limit }
         } else {
             IngestError::Body(e.body_text())
         }
-    })?;
-    let text = String::from_utf8(bytes.to_vec())
-        .map_err(|_| IngestError::InvalidJson("not UTF-8".into()))?;
+    })
+}
+
+fn read_body(bytes: &[u8]) -> Result<Body, IngestError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| IngestError::InvalidJson("not UTF-8".into()))?
+        .to_owned();
     match serde_json::from_str::<Value>(&text) {
         Ok(Value::Object(fields)) => Ok(Body { text, fields }),
         Ok(_) => Err(IngestError::NotAnObject),
@@ -265,7 +276,10 @@ async fn send(
 /// What a durable event changes besides the event log, checking what that needs: an
 /// execution event names its task, and an update a known status. Events for one user
 /// stay out of the organization-wide projections.
-fn projection(msg: &Message) -> Result<Projection, IngestError> {
+///
+/// Public (hidden) for the fuzz targets in `fuzz/`: it parses the worker's `data`.
+#[doc(hidden)]
+pub fn projection(msg: &Message) -> Result<Projection, IngestError> {
     let event = msg.event.as_str();
     if msg.user.is_some() || (event != EXECUTION_UPDATED && event != EXECUTION_LOG) {
         return Ok(Projection::None);
@@ -317,21 +331,48 @@ fn task_id(value: Option<&Value>) -> Result<String, IngestError> {
     Ok(text)
 }
 
+/// The ingest route a body was sent to: each makes its message differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `POST /executions/update`: the body is the data of `execution-updated`.
+    ExecutionUpdate,
+    /// `POST /executions/log`: the body is the data of `execution-log`.
+    ExecutionLog,
+    /// `POST /v1/publish`: `{ organizationId, event, data, userId? }`.
+    Publish,
+}
+
+/// The message a worker's body makes on `route`, or the 400 that says what to fix. No I/O:
+/// the one parser of ingest bodies, which is why it is public (hidden): the fuzz targets in
+/// `fuzz/` drive it directly.
+#[doc(hidden)]
+pub fn decode(route: Route, body: &[u8]) -> Result<Message, IngestError> {
+    let body = read_body(body)?;
+    match route {
+        Route::ExecutionUpdate => broadcast_body(body, EXECUTION_UPDATED, &["taskId", "status"]),
+        Route::ExecutionLog => broadcast_body(body, EXECUTION_LOG, &["taskId", "log"]),
+        Route::Publish => publish_body(body),
+    }
+}
+
 /// The body itself becomes the event's data, byte for byte.
-async fn broadcast_body(
-    state: &IngestState,
-    grant: &Grant,
+fn broadcast_body(
     body: Body,
     event: &'static str,
     required: &[&'static str],
-) -> Result<Json<Value>, IngestError> {
+) -> Result<Message, IngestError> {
     let org = org_of(&body.fields)?;
     for field in required {
         require(&body.fields, field)?;
     }
+    // serde_json took the body at up to MAX_JSON_DEPTH levels; as the envelope's `data` it
+    // is one level deeper, which subscribers refuse: refused here, not lost there.
+    if json_depth(&body.text) >= MAX_JSON_DEPTH {
+        return Err(IngestError::TooDeep);
+    }
     let data =
         RawValue::from_string(body.text).map_err(|e| IngestError::InvalidJson(e.to_string()))?;
-    let msg = Message {
+    Ok(Message {
         org,
         event: EventName::parse(event).expect("built-in event names are valid"),
         data,
@@ -341,37 +382,11 @@ async fn broadcast_body(
         seq: None,
         sig: None,
         stamp: None,
-    };
-    send(state, grant, msg, "broadcasted").await
+    })
 }
 
-/// `POST /executions/update`: the body is broadcast as `execution-updated`.
-async fn execution_update(
-    State(s): State<IngestState>,
-    Extension(grant): Extension<Grant>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, IngestError> {
-    let body = read_body(body, s.max_payload_bytes)?;
-    broadcast_body(&s, &grant, body, EXECUTION_UPDATED, &["taskId", "status"]).await
-}
-
-/// `POST /executions/log`: the body is broadcast as `execution-log`.
-async fn execution_log(
-    State(s): State<IngestState>,
-    Extension(grant): Extension<Grant>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, IngestError> {
-    let body = read_body(body, s.max_payload_bytes)?;
-    broadcast_body(&s, &grant, body, EXECUTION_LOG, &["taskId", "log"]).await
-}
-
-/// `POST /v1/publish`: `{ organizationId, event, data, userId? }`.
-async fn publish(
-    State(s): State<IngestState>,
-    Extension(grant): Extension<Grant>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, IngestError> {
-    let Body { fields, text } = read_body(body, s.max_payload_bytes)?;
+/// `{ organizationId, event, data, userId? }`: `data` is the event's data.
+fn publish_body(Body { fields, text }: Body) -> Result<Message, IngestError> {
     let org = org_of(&fields)?;
     let event = match fields.get("event") {
         Some(Value::String(name)) => {
@@ -401,7 +416,7 @@ async fn publish(
         None | Some(Value::Null) => None,
         Some(v) => Some(UserId::from_json(v).map_err(|e| IngestError::field("userId", e))?),
     };
-    let msg = Message {
+    Ok(Message {
         org,
         event,
         data,
@@ -411,6 +426,91 @@ async fn publish(
         seq: None,
         sig: None,
         stamp: None,
-    };
+    })
+}
+
+/// `POST /executions/update`: the body is broadcast as `execution-updated`.
+async fn execution_update(
+    State(s): State<IngestState>,
+    Extension(grant): Extension<Grant>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, IngestError> {
+    let msg = decode(
+        Route::ExecutionUpdate,
+        &body_bytes(body, s.max_payload_bytes)?,
+    )?;
+    send(&s, &grant, msg, "broadcasted").await
+}
+
+/// `POST /executions/log`: the body is broadcast as `execution-log`.
+async fn execution_log(
+    State(s): State<IngestState>,
+    Extension(grant): Extension<Grant>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, IngestError> {
+    let msg = decode(Route::ExecutionLog, &body_bytes(body, s.max_payload_bytes)?)?;
+    send(&s, &grant, msg, "broadcasted").await
+}
+
+/// `POST /v1/publish`: `{ organizationId, event, data, userId? }`.
+async fn publish(
+    State(s): State<IngestState>,
+    Extension(grant): Extension<Grant>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, IngestError> {
+    let msg = decode(Route::Publish, &body_bytes(body, s.max_payload_bytes)?)?;
     send(&s, &grant, msg, "published").await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{BusKey, ENVELOPE_OVERHEAD, Stamp};
+
+    fn nested(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    /// Found by the fuzz target `ingest_bodies`: a body is the data of its envelope, one
+    /// level deeper, so it may nest one level less than serde_json allows.
+    #[test]
+    fn update_bodies_nest_no_deeper_than_their_envelope_can() {
+        let body = |depth: usize| {
+            format!(
+                r#"{{"organizationId":"acme","taskId":"t1","status":"RUNNING","x":{}}}"#,
+                nested(depth)
+            )
+        };
+        let err = decode(Route::ExecutionUpdate, body(126).as_bytes()).unwrap_err();
+        assert!(matches!(err, IngestError::TooDeep), "{err}");
+        assert_eq!(err.into_response().status(), StatusCode::BAD_REQUEST);
+        let msg = decode(Route::ExecutionUpdate, body(125).as_bytes()).unwrap();
+        Message::from_envelope(msg.org.clone(), &msg.to_envelope(), usize::MAX).unwrap();
+        // `data` of a publish is already a level down: serde_json's limit is the envelope's.
+        let publish = format!(
+            r#"{{"organizationId":"acme","event":"e","data":{}}}"#,
+            nested(126)
+        );
+        let msg = decode(Route::Publish, publish.as_bytes()).unwrap();
+        Message::from_envelope(msg.org.clone(), &msg.to_envelope(), usize::MAX).unwrap();
+    }
+
+    /// Found by the fuzz target `ingest_bodies`: the envelope of a body of the largest size
+    /// is larger than the body, by at most `ENVELOPE_OVERHEAD`.
+    #[test]
+    fn envelopes_exceed_their_body_by_at_most_the_overhead() {
+        let frame = r#"{"organizationId":"a","taskId":"t","status":"PENDING"}"#;
+        let mut msg = decode(Route::ExecutionUpdate, frame.as_bytes()).unwrap();
+        msg.seq = Some(u64::MAX);
+        msg.sig = BusKey::new(&[1; 32]).unwrap().sign(&msg);
+        msg.stamp = Some(Stamp {
+            origin: u64::MAX,
+            epoch: u32::MAX,
+            n: u64::MAX,
+        });
+        let envelope = msg.to_envelope();
+        assert!(envelope.len() > frame.len());
+        assert!(envelope.len() <= frame.len() + ENVELOPE_OVERHEAD);
+        Message::from_envelope(msg.org, &envelope, frame.len() + ENVELOPE_OVERHEAD).unwrap();
+    }
 }
