@@ -44,6 +44,7 @@ pub const REST_RATE_LIMITED: &str = "fanout_rest_rate_limited_total";
 pub const AUTH_PREVIOUS_SECRET: &str = "fanout_auth_previous_secret_total";
 pub const ACCEPT_ERRORS: &str = "fanout_accept_errors_total";
 pub const TASK_FAILURES: &str = "fanout_task_failures_total";
+pub const RUNTIME_TASKS: &str = "fanout_runtime_tasks";
 
 /// Why the metrics recorder could not be installed.
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +219,10 @@ fn describe() {
     describe_counter!(
         TASK_FAILURES,
         "Tasks that panicked or ended unexpectedly, by task (each is then restarted, or the replica exits)."
+    );
+    describe_gauge!(
+        RUNTIME_TASKS,
+        "Tasks alive in the tokio runtime, sampled at each scrape: it follows the connections; a count that climbs while they are flat is a task leak."
     );
     describe_counter!(
         ACCEPT_ERRORS,
