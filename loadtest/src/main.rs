@@ -66,8 +66,9 @@ enum Command {
     /// same rate, group-commit batches, exactness. Starts its own Redis, fanout replicas and
     /// database.
     Ingest(IngestArgs),
-    /// What anonymous clients can make a replica spend: oversized WebSocket messages, a
-    /// handshake flood, descriptor exhaustion; for one or several builds side by side.
+    /// What hostile clients can make a replica spend: oversized WebSocket messages, a
+    /// handshake flood, descriptor exhaustion, unknown session ids, a frame flood; for one or
+    /// several builds side by side.
     Hostile(HostileArgs),
     /// Moderate load with connection churn, replays and organizations that come and go, for
     /// minutes or hours: each replica's memory, descriptors, tasks and Redis subscriptions must
@@ -335,9 +336,12 @@ struct HostileArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "oversize,flood,descriptors,sids"
+        default_value = "oversize,flood,descriptors,sids,frames"
     )]
     scenarios: Vec<hostile::Scenario>,
+    /// Rounds of `frames`, each with the packet budget on and off (alternating which first).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Handshakes of the flood.
     #[arg(long, default_value_t = 40_000)]
     handshakes: u64,
@@ -528,6 +532,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
                 scenarios: a.scenarios,
                 handshakes: a.handshakes,
                 base_port: a.base_port,
+                rounds: a.rounds,
             })
             .await?;
             for (title, table) in hostile::tables(&report) {
