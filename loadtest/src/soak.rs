@@ -302,6 +302,10 @@ async fn soak(opts: &Options, db: &TestDb, redis: SocketAddr) -> anyhow::Result<
         .await
         .context("the replicas did not become idle after the warm-up")?;
     let baseline_kinds: Vec<_> = probe.pids.iter().map(|&p| descriptor_kinds(p)).collect();
+    anyhow::ensure!(
+        baseline.replicas.iter().all(|r| r.tasks > 0),
+        "the replicas export no fanout_runtime_tasks (a build older than the metric?): tasks cannot be watched"
+    );
 
     eprintln!("soak: {} minutes", opts.minutes);
     let run_started = Instant::now();
