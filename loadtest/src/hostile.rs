@@ -1,7 +1,8 @@
 //! `fanout-loadtest hostile`: what anonymous clients can make a replica spend, measured.
 //!
-//! Three attacks of the hostile-input review, each against a fresh replica (in-process bus,
-//! nothing else running), on loopback, for one or several builds side by side:
+//! The attacks of the hostile-input review and of the fair-use limits, each against a fresh
+//! replica (in-process bus, nothing else running), on loopback, for one or several builds
+//! side by side:
 //! - `oversize`: unauthenticated WebSockets that each send a CONNECT whose token is three
 //!   unfinished 15 MB fragments. Memory: before, peak, and after the sockets are gone.
 //! - `flood`: keep-alive connections looping on the Engine.IO polling handshake (never

@@ -316,8 +316,12 @@ async fn soak(opts: &Options, db: &TestDb, redis: SocketAddr) -> anyhow::Result<
         let mut samples = Vec::new();
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        while Instant::now() < run_end {
+        loop {
             tick.tick().await;
+            // The last sample is one under load: at the run's end the clients are leaving.
+            if Instant::now() + period / 2 >= run_end {
+                break;
+            }
             samples.push(probe.snapshot(run_started).await);
             if samples.len() % 12 == 1 {
                 eprintln!("  {}", sample_line(samples.last().expect("pushed")));
