@@ -32,13 +32,14 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends busybox-static \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# What `cargo build -p fanout` reads: the workspace manifests (loadtest/ is a member), the
+# What `cargo build -p fanout` reads: the workspace manifests (loadtest/ and fuzz/ are members), the
 # lock file, the sources, benches/ (declared in Cargo.toml), the vendored engine (patched in
 # by Cargo.toml) and testkit/ (a member, and fanout's dev-dependency: Cargo loads its
 # manifest and needs its src/ to find its library). .dockerignore keeps the rest out of the
 # build context.
 COPY Cargo.toml Cargo.lock ./
 COPY loadtest/Cargo.toml loadtest/Cargo.toml
+COPY fuzz/Cargo.toml fuzz/Cargo.toml
 COPY testkit testkit
 COPY vendor vendor
 COPY benches benches

@@ -133,6 +133,11 @@ async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
     // Set from the same condition as /readyz at each scrape, so the two cannot disagree.
     let ready = if unready(&s).is_none() { 1.0 } else { 0.0 };
     ::metrics::gauge!(metrics::READY).set(ready);
+    // The runtime counts its tasks anyway; reading the count costs one atomic load.
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    ::metrics::gauge!(metrics::RUNTIME_TASKS).set(tasks as f64);
     s.metrics.run_upkeep();
     (
         [(

@@ -1,7 +1,8 @@
 //! `fanout-loadtest hostile`: what anonymous clients can make a replica spend, measured.
 //!
-//! Three attacks of the hostile-input review, each against a fresh replica (in-process bus,
-//! nothing else running), on loopback, for one or several builds side by side:
+//! The attacks of the hostile-input review and of the fair-use limits, each against a fresh
+//! replica (in-process bus, nothing else running), on loopback, for one or several builds
+//! side by side:
 //! - `oversize`: unauthenticated WebSockets that each send a CONNECT whose token is three
 //!   unfinished 15 MB fragments. Memory: before, peak, and after the sockets are gone.
 //! - `flood`: keep-alive connections looping on the Engine.IO polling handshake (never
@@ -12,6 +13,11 @@
 //!   how fast is a new client refused, how many `accept` errors.
 //! - `sids`: polling requests naming random (unknown) Engine.IO session ids, on keep-alive
 //!   connections: memory before and after (what fanout remembers per named session).
+//! - `frames`: six *authenticated* clients each sending tiny Socket.IO events as fast as
+//!   they can, while a member of another organization receives 100 messages/s: its delivery
+//!   latency before and during the flood, the replica's CPU, how long the flooders stay
+//!   connected; with the packet budget (`FANOUT_MAX_PACKETS_PER_SECOND`, default 100) and
+//!   without it (`0`), alternating, on a fresh replica each time.
 //!
 //! Memory is the replica's resident set (`VmRSS`), sampled every 50 ms.
 
@@ -49,6 +55,8 @@ pub struct Options {
     /// Handshakes of the flood.
     pub handshakes: u64,
     pub base_port: u16,
+    /// Rounds of `frames` (each runs the budget on, then off, or the other way round).
+    pub rounds: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum, Serialize)]
@@ -58,6 +66,7 @@ pub enum Scenario {
     Flood,
     Descriptors,
     Sids,
+    Frames,
 }
 
 #[derive(Serialize, Default)]
@@ -66,6 +75,7 @@ pub struct Report {
     pub flood: Vec<Flood>,
     pub descriptors: Vec<Descriptors>,
     pub sids: Vec<Sids>,
+    pub frames: Vec<Frames>,
 }
 
 #[derive(Serialize)]
@@ -136,6 +146,20 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
                     .descriptors
                     .push(descriptors(label, bin, port).await?),
                 Scenario::Sids => report.sids.push(sids(label, bin, port).await?),
+                Scenario::Frames => {
+                    for round in 0..opts.rounds {
+                        // Alternate which variant goes first, so that drift favours neither.
+                        let mut budgets = [Some(PACKET_BUDGET), None];
+                        if round % 2 == 1 {
+                            budgets.reverse();
+                        }
+                        for budget in budgets {
+                            report
+                                .frames
+                                .push(frames(label, bin, port, budget, round + 1).await?);
+                        }
+                    }
+                }
             }
         }
     }
@@ -149,6 +173,7 @@ async fn replica(
     bin: &Path,
     port: u16,
     nofile: Option<u64>,
+    env: &[(&str, &str)],
 ) -> anyhow::Result<Replica> {
     let mut builder = Replica::builder()
         .name(name)
@@ -163,6 +188,9 @@ async fn replica(
         .env("RUST_LOG", "warn");
     if let Some(n) = nofile {
         builder = builder.descriptor_limit(n);
+    }
+    for (key, value) in env {
+        builder = builder.env(key, value);
     }
     builder.try_start().await
 }
@@ -202,7 +230,7 @@ const OVERSIZE_SOCKETS: usize = 20;
 const FRAGMENT: usize = 15_000_000;
 
 async fn oversize(label: &str, bin: &std::path::Path, port: u16) -> anyhow::Result<Oversize> {
-    let proc = replica(&format!("oversize-{label}"), bin, port, None).await?;
+    let proc = replica(&format!("oversize-{label}"), bin, port, None, &[]).await?;
     let public = proc.public;
     let before = mib(procs::rss_kib(Some(proc.pid())));
     let peak = PeakRss::start(proc.pid());
@@ -262,7 +290,7 @@ async fn flood(
     port: u16,
     handshakes: u64,
 ) -> anyhow::Result<Flood> {
-    let proc = replica(&format!("flood-{label}"), bin, port, None).await?;
+    let proc = replica(&format!("flood-{label}"), bin, port, None, &[]).await?;
     let public = proc.public;
     let before = mib(procs::rss_kib(Some(proc.pid())));
     let peak = PeakRss::start(proc.pid());
@@ -327,6 +355,7 @@ async fn descriptors(label: &str, bin: &std::path::Path, port: u16) -> anyhow::R
         bin,
         port,
         Some(DESCRIPTOR_LIMIT),
+        &[],
     )
     .await?;
     let (public, internal) = (proc.public, proc.internal);
@@ -403,7 +432,7 @@ const SID_REQUESTS: u64 = 470_000;
 const SID_CONNECTIONS: usize = 32;
 
 async fn sids(label: &str, bin: &std::path::Path, port: u16) -> anyhow::Result<Sids> {
-    let proc = replica(&format!("sids-{label}"), bin, port, None).await?;
+    let proc = replica(&format!("sids-{label}"), bin, port, None, &[]).await?;
     let public = proc.public;
     let before = mib(procs::rss_kib(Some(proc.pid())));
     let left = Arc::new(AtomicU64::new(SID_REQUESTS));
@@ -436,6 +465,389 @@ async fn sids(label: &str, bin: &std::path::Path, port: u16) -> anyhow::Result<S
         requests_per_s: SID_REQUESTS as f64 / seconds,
         rss_before_mib: before,
         rss_after_mib: mib(procs::rss_kib(Some(proc.pid()))),
+    })
+}
+
+/// The packet budget measured: fanout's default `FANOUT_MAX_PACKETS_PER_SECOND`.
+const PACKET_BUDGET: u32 = 100;
+const FLOODERS: usize = 6;
+/// The flooders' frame: a Socket.IO event no handler listens to (13 bytes on the wire, with
+/// the WebSocket header and mask).
+const TINY_FRAME: &str = "42[\"f\"]";
+/// Its size on the wire: 2 bytes of header, 4 of mask, 7 of payload.
+const TINY_FRAME_WIRE_BYTES: u64 = 13;
+const VICTIM_RATE: f64 = 100.0;
+const BEFORE: Duration = Duration::from_secs(5);
+const DURING: Duration = Duration::from_secs(10);
+
+#[derive(Serialize)]
+pub struct Frames {
+    pub build: String,
+    /// `FANOUT_MAX_PACKETS_PER_SECOND`, or none (`0`: off).
+    pub budget: Option<u32>,
+    pub round: usize,
+    pub flooders: usize,
+    /// Frames the flooders wrote before their connection closed (or the flood ended): all
+    /// of them reached the server when it never closed them; with a budget, the server read
+    /// at most its burst plus its rate times the time to the close, the rest died in buffers.
+    pub frames_sent: u64,
+    /// Frames written per second over the flood, summed over the flooders, when none was
+    /// closed.
+    pub frames_per_s: Option<f64>,
+    /// Frames the server read: for flooders still connected at the end, those written less
+    /// those still queued (`/proc/net/tcp`: the client's send queue, the server's receive
+    /// queue); none when a flooder was closed (the server then read at most its budget:
+    /// its burst plus its rate times the time to the close).
+    pub frames_read: Option<u64>,
+    pub frames_read_per_s: Option<f64>,
+    pub flooders_closed: usize,
+    /// Flood start to the close frame, per closed flooder: median and slowest (ms).
+    pub close_ms_median: Option<f64>,
+    pub close_ms_max: Option<f64>,
+    /// The close the flooders received, e.g. `1008 too many packets`.
+    pub close_reason: Option<String>,
+    /// `fanout_connections_refused_total{reason="packet_rate"}` at the end.
+    pub refused_packet_rate: f64,
+    /// The victim's delivery latency (send → receive, ms) for messages sent before the flood
+    /// and during it; messages sent during it and never received.
+    pub victim_before_p50_ms: Option<f64>,
+    pub victim_before_p99_ms: Option<f64>,
+    pub victim_during_p50_ms: Option<f64>,
+    pub victim_during_p99_ms: Option<f64>,
+    pub victim_lost: u64,
+    /// The replica's CPU (cores) before and during the flood.
+    pub cpu_before: f64,
+    pub cpu_during: f64,
+}
+
+/// One flooder: authenticated, then at `start` writes tiny frames as fast as it can until
+/// the server closes it or `stop`.
+struct Flooder {
+    sent: u64,
+    /// When the server closed the connection (the close frame, or the first failed write if
+    /// that came first), and how.
+    closed: Option<(Instant, String)>,
+    /// Of `sent`, bytes still queued when the flood stopped (the client's send queue and the
+    /// server's receive queue), for a flooder still connected: what the server had not read.
+    queued_bytes: Option<u64>,
+}
+
+/// The bytes queued on a loopback connection from `client_port` to `server_port`: unsent or
+/// unacknowledged at the client (`tx_queue`) and received but not read by the server
+/// (`rx_queue`), from `/proc/net/tcp`.
+fn queued_bytes(client_port: u16, server_port: u16) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/net/tcp").ok()?;
+    let mut total = 0;
+    let mut seen = 0;
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let port = |i: usize| {
+            f.get(i)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+        };
+        let Some((tx, rx)) = f.get(4).and_then(|q| q.split_once(':')) else {
+            continue;
+        };
+        let (tx, rx) = (
+            u64::from_str_radix(tx, 16).ok()?,
+            u64::from_str_radix(rx, 16).ok()?,
+        );
+        if port(1) == Some(client_port) && port(2) == Some(server_port) {
+            total += tx;
+            seen += 1;
+        } else if port(1) == Some(server_port) && port(2) == Some(client_port) {
+            total += rx;
+            seen += 1;
+        }
+    }
+    (seen == 2).then_some(total)
+}
+
+async fn flooder(
+    public: SocketAddr,
+    token: String,
+    start: Arc<tokio::sync::Barrier>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Flooder> {
+    use fanout_testkit::socketio;
+    let tcp = TcpStream::connect(public).await?;
+    let mut ws = socketio::upgrade(tcp, public, None).await?;
+    socketio::read_open(&mut ws).await?;
+    let auth = serde_json::json!({ "token": token });
+    ws.send(Message::text(socketio::connect(Some(&auth))))
+        .await?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) if t.as_str().starts_with("42[\"auth-success\"") => break,
+            Some(Ok(Message::Text(t))) if t.as_str().starts_with("42[\"auth-error\"") => {
+                anyhow::bail!("flooder refused: {t}")
+            }
+            Some(Ok(_)) => {}
+            other => anyhow::bail!("flooder closed before auth-success: {other:?}"),
+        }
+    }
+    let client_port = ws.get_ref().local_addr()?.port();
+    let (mut sink, mut stream) = ws.split();
+    let closed = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let closed = closed.clone();
+        tokio::spawn(async move {
+            // Pings are not answered: the flood is shorter than the ping timeout.
+            let how = loop {
+                match stream.next().await {
+                    Some(Ok(Message::Close(frame))) => {
+                        break frame.map_or("close without a code".to_string(), |f| {
+                            format!("{} {}", u16::from(f.code), f.reason)
+                        });
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break format!("error: {e}"),
+                    None => break "end of stream".to_string(),
+                }
+            };
+            closed.store(true, Ordering::Relaxed);
+            (Instant::now(), how)
+        })
+    };
+    start.wait().await;
+    let mut sent = 0u64;
+    let mut failed: Option<(Instant, String)> = None;
+    'flood: while !closed.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+        for _ in 0..64 {
+            if let Err(e) = sink.feed(Message::text(TINY_FRAME)).await {
+                failed = Some((Instant::now(), format!("write failed: {e}")));
+                break 'flood;
+            }
+            sent += 1;
+        }
+        if let Err(e) = sink.flush().await {
+            failed = Some((Instant::now(), format!("write failed: {e}")));
+            break;
+        }
+    }
+    if failed.is_none() && !closed.load(Ordering::Relaxed) {
+        // Still connected at the end of the flood: what has the server not read yet?
+        let queued_bytes = queued_bytes(client_port, public.port());
+        reader.abort();
+        return Ok(Flooder {
+            sent,
+            closed: None,
+            queued_bytes,
+        });
+    }
+    // Closed: by the close frame, or a write failed first (the frame may never come).
+    let frame = tokio::time::timeout(Duration::from_secs(2), reader)
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let closed = match (frame, failed) {
+        (Some(frame), Some(write)) if write.0 < frame.0 => Some((write.0, frame.1)),
+        (Some(frame), _) => Some(frame),
+        (None, write) => write,
+    };
+    Ok(Flooder {
+        sent,
+        closed,
+        queued_bytes: None,
+    })
+}
+
+/// Latency histograms of the victim's deliveries, by when the message was sent.
+struct Victim {
+    before: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
+    during: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
+    /// Send times (µs) bounding the flood; messages after it are not counted.
+    flood_from: AtomicU64,
+    flood_until: AtomicU64,
+    received_during: AtomicU64,
+}
+
+async fn frames(
+    label: &str,
+    bin: &Path,
+    port: u16,
+    budget: Option<u32>,
+    round: usize,
+) -> anyhow::Result<Frames> {
+    use crate::client::{Conn, System};
+    use crate::message::{BodyWriter, now_us, parse_body};
+    use fanout_testkit::token::Minter;
+
+    let setting = budget.map_or("0".to_string(), |b| b.to_string());
+    let variant = budget.map_or("off".to_string(), |b| format!("{b}/s"));
+    eprintln!("   round {round}, packet budget {variant}");
+    let proc = replica(
+        &format!("frames-{label}-{round}-{variant}").replace('/', "-"),
+        bin,
+        port,
+        None,
+        &[("FANOUT_MAX_PACKETS_PER_SECOND", &setting)],
+    )
+    .await?;
+    let (public, internal, pid) = (proc.public, proc.internal, proc.pid());
+    let minter = Minter::new(SECRET);
+    let exp = fanout_testkit::now_secs() + 3600;
+
+    let histogram = || hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let victim = Arc::new(Victim {
+        before: std::sync::Mutex::new(histogram()),
+        during: std::sync::Mutex::new(histogram()),
+        flood_from: AtomicU64::new(u64::MAX),
+        flood_until: AtomicU64::new(u64::MAX),
+        received_during: AtomicU64::new(0),
+    });
+    let conn = Conn::open(
+        System::Socketio,
+        None,
+        public,
+        "victim",
+        &minter.mint("victim", "v", exp),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("the victim did not connect: {e}"))?;
+    let receiver = {
+        let victim = victim.clone();
+        tokio::spawn(conn.run(move |body, _| {
+            let Some(b) = parse_body(body) else { return };
+            let latency = now_us().saturating_sub(b.t).max(1);
+            let (from, until) = (
+                victim.flood_from.load(Ordering::Relaxed),
+                victim.flood_until.load(Ordering::Relaxed),
+            );
+            if b.t < from {
+                let _ = victim.before.lock().expect("not poisoned").record(latency);
+            } else if b.t < until {
+                let _ = victim.during.lock().expect("not poisoned").record(latency);
+                victim.received_during.fetch_add(1, Ordering::Relaxed);
+            }
+        }))
+    };
+    let publishing = Arc::new(AtomicBool::new(true));
+    let sent_during = Arc::new(AtomicU64::new(0));
+    let publisher = {
+        let (publishing, sent_during, victim) =
+            (publishing.clone(), sent_during.clone(), victim.clone());
+        tokio::spawn(async move {
+            let mut client = HttpClient::new(internal);
+            let mut body = BodyWriter::new(200);
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / VICTIM_RATE));
+            let mut n = 0;
+            while publishing.load(Ordering::Relaxed) {
+                tick.tick().await;
+                n += 1;
+                let t = now_us();
+                let text = body.write("victim", 0, 0, n, t);
+                let request = Bytes::copy_from_slice(text.as_bytes());
+                let answer = client
+                    .request(
+                        Method::POST,
+                        "/executions/update",
+                        request,
+                        Some(INGEST_KEY),
+                    )
+                    .await;
+                let during = (victim.flood_from.load(Ordering::Relaxed)
+                    ..victim.flood_until.load(Ordering::Relaxed))
+                    .contains(&t);
+                if during && answer.is_ok_and(|(status, _)| status.is_success()) {
+                    sent_during.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+
+    // The flooders connect and authenticate first: the flood is frames, not handshakes.
+    let start = Arc::new(tokio::sync::Barrier::new(FLOODERS + 1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut flooders = Vec::new();
+    for f in 0..FLOODERS {
+        let token = minter.mint("flood", &format!("f{f}"), exp);
+        flooders.push(tokio::spawn(flooder(
+            public,
+            token,
+            start.clone(),
+            stop.clone(),
+        )));
+    }
+    // The victim's quiet measurement window.
+    let cpu0 = procs::cpu_seconds(Some(pid)).unwrap_or(0.0);
+    tokio::time::sleep(BEFORE).await;
+    let cpu1 = procs::cpu_seconds(Some(pid)).unwrap_or(0.0);
+    victim.flood_from.store(now_us(), Ordering::Relaxed);
+    start.wait().await;
+    let flood_started = Instant::now();
+    tokio::time::sleep(DURING).await;
+    victim.flood_until.store(now_us(), Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let cpu2 = procs::cpu_seconds(Some(pid)).unwrap_or(0.0);
+    let mut results = Vec::new();
+    for f in flooders {
+        results.push(f.await??);
+    }
+    // Every message of the window answered 200 arrives, or counts as lost after 10 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while victim.received_during.load(Ordering::Relaxed) < sent_during.load(Ordering::Relaxed)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publishing.store(false, Ordering::Relaxed);
+    let _ = publisher.await;
+    receiver.abort();
+    let metrics = fanout_testkit::Metrics::new(
+        HttpClient::new(internal)
+            .request(Method::GET, "/metrics", Bytes::new(), None)
+            .await
+            .map(|(_, body)| String::from_utf8_lossy(&body).into_owned())
+            .unwrap_or_default(),
+    );
+
+    let frames_sent: u64 = results.iter().map(|r| r.sent).sum();
+    let all_open = results.iter().all(|r| r.closed.is_none());
+    let frames_per_s = all_open.then(|| frames_sent as f64 / DURING.as_secs_f64());
+    let queued: Option<u64> = results.iter().map(|r| r.queued_bytes).sum();
+    let frames_read = queued
+        .filter(|_| all_open)
+        .map(|q| frames_sent.saturating_sub(q / TINY_FRAME_WIRE_BYTES));
+    let frames_read_per_s = frames_read.map(|n| n as f64 / DURING.as_secs_f64());
+    let mut close_ms: Vec<f64> = results
+        .iter()
+        .filter_map(|r| r.closed.as_ref())
+        .map(|(at, _)| at.saturating_duration_since(flood_started).as_secs_f64() * 1000.0)
+        .collect();
+    close_ms.sort_by(f64::total_cmp);
+    let ms = |h: &std::sync::Mutex<hdrhistogram::Histogram<u64>>, q: f64| {
+        let h = h.lock().expect("not poisoned");
+        (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1000.0)
+    };
+    let sent = sent_during.load(Ordering::Relaxed);
+    Ok(Frames {
+        build: label.to_string(),
+        budget,
+        round,
+        flooders: FLOODERS,
+        frames_sent,
+        frames_per_s,
+        frames_read,
+        frames_read_per_s,
+        flooders_closed: close_ms.len(),
+        close_ms_median: close_ms.get(close_ms.len() / 2).copied(),
+        close_ms_max: close_ms.last().copied(),
+        close_reason: results
+            .iter()
+            .find_map(|r| r.closed.as_ref().map(|(_, how)| how.clone())),
+        refused_packet_rate: metrics.get(
+            "fanout_connections_refused_total",
+            &[("reason", "packet_rate")],
+        ),
+        victim_before_p50_ms: ms(&victim.before, 0.5),
+        victim_before_p99_ms: ms(&victim.before, 0.99),
+        victim_during_p50_ms: ms(&victim.during, 0.5),
+        victim_during_p99_ms: ms(&victim.during, 0.99),
+        victim_lost: sent.saturating_sub(victim.received_during.load(Ordering::Relaxed)),
+        cpu_before: (cpu1 - cpu0) / BEFORE.as_secs_f64(),
+        cpu_during: (cpu2 - cpu1) / DURING.as_secs_f64(),
     })
 }
 
@@ -554,6 +966,72 @@ pub fn tables(report: &Report) -> Vec<(String, Table)> {
         out.push((
             format!(
                 "sids: polling requests naming unknown session ids, on {SID_CONNECTIONS} keep-alive connections"
+            ),
+            t,
+        ));
+    }
+    if !report.frames.is_empty() {
+        let mut t = Table::new([
+            "build",
+            "budget",
+            "round",
+            "frames written",
+            "written/s",
+            "read by the server",
+            "read/s",
+            "closed",
+            "close ms (median/max)",
+            "victim p50/p99 before (ms)",
+            "during",
+            "lost",
+            "CPU before/during (cores)",
+        ]);
+        for r in &report.frames {
+            t.row([
+                r.build.clone(),
+                r.budget.map_or("off".into(), |b| format!("{b}/s")),
+                r.round.to_string(),
+                r.frames_sent.to_string(),
+                num(r.frames_per_s, 0),
+                r.frames_read.map_or_else(
+                    || match (r.budget, r.close_ms_max) {
+                        (Some(b), Some(ms)) => format!(
+                            "≤ {} each (budget)",
+                            b as u64 + (b as f64 * ms / 1000.0).ceil() as u64
+                        ),
+                        _ => "-".to_string(),
+                    },
+                    |n| n.to_string(),
+                ),
+                num(r.frames_read_per_s, 0),
+                format!("{}/{}", r.flooders_closed, r.flooders),
+                format!("{} / {}", num(r.close_ms_median, 1), num(r.close_ms_max, 1)),
+                format!(
+                    "{} / {}",
+                    num(r.victim_before_p50_ms, 2),
+                    num(r.victim_before_p99_ms, 2)
+                ),
+                format!(
+                    "{} / {}",
+                    num(r.victim_during_p50_ms, 2),
+                    num(r.victim_during_p99_ms, 2)
+                ),
+                r.victim_lost.to_string(),
+                format!("{:.2} / {:.2}", r.cpu_before, r.cpu_during),
+            ]);
+        }
+        let reasons: Vec<String> = report
+            .frames
+            .iter()
+            .filter_map(|r| r.close_reason.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        out.push((
+            format!(
+                "frames: {FLOODERS} authenticated clients writing {TINY_FRAME} as fast as they can for {} s, a member of another organization receiving {VICTIM_RATE} messages/s (close received: {})",
+                DURING.as_secs(),
+                if reasons.is_empty() { "none".to_string() } else { reasons.join("; ") }
             ),
             t,
         ));

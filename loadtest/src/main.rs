@@ -19,6 +19,7 @@ mod procs;
 mod publish;
 mod report;
 mod scenario;
+mod soak;
 mod storm;
 
 use std::path::{Path, PathBuf};
@@ -67,8 +68,9 @@ enum Command {
     /// same rate, group-commit batches, exactness. Starts its own Redis, fanout replicas and
     /// database.
     Ingest(IngestArgs),
-    /// What anonymous clients can make a replica spend: oversized WebSocket messages, a
-    /// handshake flood, descriptor exhaustion; for one or several builds side by side.
+    /// What hostile clients can make a replica spend: oversized WebSocket messages, a
+    /// handshake flood, descriptor exhaustion, unknown session ids, a frame flood; for one or
+    /// several builds side by side.
     Hostile(HostileArgs),
     /// One organization's reconnect storm (every socket replaying from `lastSeq: 0`) against
     /// a quiet organization's ingest, delivery and replay on the same replica, for each
@@ -79,6 +81,10 @@ enum Command {
     /// delivered to every member exactly once and in order, and the time each fault takes
     /// to recover from. Starts its own Redis, PostgreSQL and replicas.
     Chaos(ChaosArgs),
+    /// Moderate load with connection churn, replays and organizations that come and go, for
+    /// minutes or hours: each replica's memory, descriptors, tasks and Redis subscriptions must
+    /// stay flat and return to their idle baseline. Starts its own Redis, replicas and database.
+    Soak(SoakArgs),
     /// One process's share of a `connect` run too large for one open-file limit.
     #[command(hide = true)]
     ConnectShard(ShardArgs),
@@ -388,9 +394,12 @@ struct HostileArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "oversize,flood,descriptors,sids"
+        default_value = "oversize,flood,descriptors,sids,frames"
     )]
     scenarios: Vec<hostile::Scenario>,
+    /// Rounds of `frames`, each with the packet budget on and off (alternating which first).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Handshakes of the flood.
     #[arg(long, default_value_t = 40_000)]
     handshakes: u64,
@@ -436,6 +445,60 @@ struct StormArgs {
     /// The fanout binary [default: next to this executable].
     #[arg(long)]
     fanout_bin: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SoakArgs {
+    /// Length of the measured run, after the warm-up.
+    #[arg(long, default_value_t = 30.0)]
+    minutes: f64,
+    /// The warm-up round of the same load, after which the idle baseline is taken.
+    #[arg(long, default_value_t = 60.0)]
+    warmup_seconds: f64,
+    /// Steady organizations.
+    #[arg(long, default_value_t = 8)]
+    orgs: usize,
+    /// Members of the steady organizations, each connecting, leaving and coming back with
+    /// lastSeq.
+    #[arg(long, default_value_t = 160)]
+    clients: usize,
+    /// Transient organizations alive at once (each replaced by a new one when it ends).
+    #[arg(long, default_value_t = 4)]
+    transient_orgs: usize,
+    /// Members of each transient organization.
+    #[arg(long, default_value_t = 5)]
+    transient_clients: usize,
+    /// Lifetime of a transient organization.
+    #[arg(long, default_value_t = 20.0)]
+    transient_seconds: f64,
+    /// Ingest events per second, over the organizations present.
+    #[arg(long, default_value_t = 100)]
+    rate: u64,
+    #[arg(long, default_value_t = 5.0)]
+    sample_seconds: f64,
+    /// The leak threshold for memory: the least-squares slope of each replica's RSS over
+    /// the run, in KiB per minute (256: about 300 bytes per session at this load).
+    #[arg(long, default_value_t = 256.0)]
+    max_rss_slope: f64,
+    /// How long the replicas may take to return to their idle baseline after the load.
+    #[arg(long, default_value_t = 60.0)]
+    settle_seconds: f64,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=20))]
+    replicas: u16,
+    /// Ports: replicas base, base+1, ... (internal base+100, ...); Redis base+200.
+    #[arg(long, default_value_t = 18_100)]
+    base_port: u16,
+    /// PostgreSQL server: a fresh database is created there and dropped at the end.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    database_url: String,
+    /// fanout binary [default: `fanout` next to this executable].
+    #[arg(long)]
+    fanout_bin: Option<PathBuf>,
+    #[arg(long, default_value = "redis-server")]
+    redis_server: PathBuf,
+    /// Write everything (every sample) as JSON to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -542,6 +605,28 @@ async fn run(command: Command) -> anyhow::Result<bool> {
             let report = chaos::run(chaos_options(a)?).await?;
             chaos::finish(&report)
         }
+        Command::Soak(a) => {
+            let report = soak::run(soak::Options {
+                minutes: a.minutes,
+                warmup_seconds: a.warmup_seconds,
+                replicas: a.replicas,
+                orgs: a.orgs,
+                clients: a.clients,
+                transient_orgs: a.transient_orgs,
+                transient_clients: a.transient_clients,
+                transient_seconds: a.transient_seconds,
+                rate: a.rate,
+                sample_seconds: a.sample_seconds,
+                max_rss_slope_kib_per_min: a.max_rss_slope,
+                settle_seconds: a.settle_seconds,
+                base_port: a.base_port,
+                database_url: a.database_url,
+                fanout_bin: fanout_bin(a.fanout_bin)?,
+                redis_server: a.redis_server,
+            })
+            .await?;
+            soak::finish(&report, a.out.as_deref())
+        }
         Command::Hostile(a) => {
             let builds = if a.builds.is_empty() {
                 vec![("fanout".to_string(), fanout_bin(None)?)]
@@ -561,6 +646,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
                 scenarios: a.scenarios,
                 handshakes: a.handshakes,
                 base_port: a.base_port,
+                rounds: a.rounds,
             })
             .await?;
             for (title, table) in hostile::tables(&report) {

@@ -53,6 +53,7 @@ pub const JWKS_KEYS: &str = "fanout_jwks_keys";
 pub const JWKS_LOADED_AT: &str = "fanout_jwks_loaded_timestamp_seconds";
 pub const ACCEPT_ERRORS: &str = "fanout_accept_errors_total";
 pub const TASK_FAILURES: &str = "fanout_task_failures_total";
+pub const RUNTIME_TASKS: &str = "fanout_runtime_tasks";
 
 /// Why the metrics recorder could not be installed.
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +261,10 @@ fn describe() {
     describe_counter!(
         TASK_FAILURES,
         "Tasks that panicked or ended unexpectedly, by task (each is then restarted, or the replica exits)."
+    );
+    describe_gauge!(
+        RUNTIME_TASKS,
+        "Tasks alive in the tokio runtime, sampled at each scrape: it follows the connections; a count that climbs while they are flat is a task leak."
     );
     describe_counter!(
         ACCEPT_ERRORS,
