@@ -225,12 +225,7 @@ impl Fleet<'_> {
 
 pub async fn run(opts: Options) -> anyhow::Result<ChaosReport> {
     let started = Instant::now();
-    let started_unix_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let load_before = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.trim().to_string());
+    let (started_unix_s, load_before) = crate::report::run_start();
     let limit = fanout_testkit::raise_nofile_limit(4 * opts.members as u64 + FD_RESERVE);
     anyhow::ensure!(
         limit >= 2 * opts.members as u64 + FD_RESERVE,

@@ -116,6 +116,18 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
     std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
 }
 
+/// When a run starts, in Unix seconds, and what else the machine is doing then
+/// (`/proc/loadavg`): every report carries both, so a reader can tell a noisy run.
+pub fn run_start() -> (u64, Option<String>) {
+    let unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.trim().to_string());
+    (unix_s, load)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
