@@ -16,9 +16,11 @@ use jsonwebtoken::Algorithm;
 
 use crate::auth::jwks::JwksConfig;
 use crate::auth::{VerifierConfig, VerifyKey};
+use crate::ingest::client::PublishRequest;
 use crate::ingest::keys::{KeySet, KeysFile};
+use crate::ops::http::Peer;
 use crate::presence::Caps;
-use crate::protocol::{OrgId, UserId};
+use crate::protocol::{EventName, OrgId, UserId};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,6 +46,8 @@ pub enum Command {
     Token(TokenArgs),
     /// Apply the database schema (replicas also do it at start) and exit.
     Migrate(MigrateArgs),
+    /// Publish one event through a replica's ingest API and print its answer.
+    Publish(PublishArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -235,6 +239,90 @@ pub struct MigrateArgs {
     /// PostgreSQL to migrate: postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PublishArgs {
+    /// The organization whose members receive the event.
+    #[arg(long)]
+    pub org: String,
+    /// The event name, e.g. execution-updated.
+    #[arg(long)]
+    pub event: String,
+    /// The event's data: JSON text, sent as written.
+    #[arg(long)]
+    pub data: String,
+    /// Only this user's sockets (in that organization) receive it.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// The replica's internal listener.
+    #[arg(
+        long,
+        env = "FANOUT_INGEST_URL",
+        default_value = "http://127.0.0.1:3001"
+    )]
+    pub url: String,
+    /// The ingest key [default: the first of FANOUT_INGEST_KEYS].
+    #[arg(long, env = "FANOUT_INGEST_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    #[arg(long, env = "FANOUT_INGEST_KEYS", hide = true, hide_env_values = true)]
+    pub keys: Option<String>,
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "10s")]
+    pub timeout: String,
+}
+
+/// Validates the arguments of `fanout publish` as the replica would, naming the flag that
+/// is wrong.
+pub fn publish_request(args: &PublishArgs) -> Result<PublishRequest, ConfigError> {
+    let org = OrgId::parse(args.org.trim())
+        .map_err(|e| invalid("--org", format!("{:?}: {e}", args.org)))?;
+    let event = EventName::parse(args.event.trim())
+        .map_err(|e| invalid("--event", format!("{:?}: {e}", args.event)))?;
+    let data =
+        serde_json::from_str::<Box<serde_json::value::RawValue>>(&args.data).map_err(|e| {
+            invalid(
+                "--data",
+                format!(
+                    "is not JSON ({e}); quote it for the shell, e.g. --data '{{\"taskId\":\"t1\"}}'"
+                ),
+            )
+        })?;
+    let user = match &args.user {
+        None => None,
+        Some(user) => {
+            Some(UserId::parse(user).map_err(|e| invalid("--user", format!("{user:?}: {e}")))?)
+        }
+    };
+    let peer = Peer::new(&args.url).map_err(|e| invalid("--url", e))?;
+    let key = args
+        .key
+        .clone()
+        .filter(|k| !k.trim().is_empty())
+        .or_else(|| {
+            args.keys.as_deref().and_then(|keys| {
+                keys.split(',')
+                    .map(str::trim)
+                    .find(|k| !k.is_empty())
+                    .map(String::from)
+            })
+        })
+        .ok_or_else(|| {
+            invalid(
+                "--key",
+                "is not set: pass --key, or set FANOUT_INGEST_KEY (or FANOUT_INGEST_KEYS, whose first key is used)",
+            )
+        })?;
+    let timeout = parse_duration("--timeout", &args.timeout)?;
+    Ok(PublishRequest {
+        peer,
+        key: key.trim().to_owned(),
+        org,
+        event,
+        data,
+        user,
+        timeout,
+    })
 }
 
 /// An invalid setting: which one, the value, and what was expected.

@@ -12,6 +12,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Token(args)) => mint(&args),
         Some(Command::Migrate(args)) => migrate(&args),
+        Some(Command::Publish(args)) => publish(&args),
         Some(Command::Serve(args)) => serve(&args),
         None => serve(&cli.serve),
     }
@@ -34,6 +35,37 @@ fn mint(args: &fanout::config::TokenArgs) -> ExitCode {
         Err(e) => {
             eprintln!("fanout: {e}");
             ExitCode::from(BAD_CONFIG)
+        }
+    }
+}
+
+/// `fanout publish`: exit 0 with the answer on stdout when the replica accepted the event,
+/// 1 with its refusal (or why no answer came) on stderr, 2 on a bad flag.
+fn publish(args: &fanout::config::PublishArgs) -> ExitCode {
+    use fanout::ingest::client::Outcome;
+    let request = match fanout::config::publish_request(args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fanout: {e}");
+            return ExitCode::from(BAD_CONFIG);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    match runtime.block_on(request.send()) {
+        Ok(Outcome::Accepted(answer)) => {
+            println!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Refused(status, error)) => {
+            eprintln!("fanout publish: refused with {status}: {error}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("fanout publish: no answer from {}: {e}", request.peer.url());
+            ExitCode::FAILURE
         }
     }
 }

@@ -17,24 +17,19 @@
 //! logged, never failing the rest of the set. A token without `kid` is verified only when
 //! the set holds exactly one key.
 //!
-//! The fetch is a plain HTTP/1.1 GET through hyper's client and tokio-rustls (the system's
-//! roots, ring), both already in the build for the listeners and `rediss://`. reqwest would
-//! bring a second TLS crypto provider (aws-lc), and with two, rustls no longer picks one by
-//! itself: the `rediss://` connections that rely on that would fail.
+//! The fetch is a plain HTTP/1.1 GET ([`crate::ops::http`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::Uri;
-use hyper_util::rt::TokioIo;
+use hyper::Method;
 use jsonwebtoken::jwk::{Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::AuthError;
+use crate::ops::http::Peer;
 use crate::ops::metrics;
 use crate::ops::shutdown::Shutdown;
 
@@ -99,8 +94,7 @@ pub struct Health {
 }
 
 pub struct Jwks {
-    url: Uri,
-    tls: Option<tokio_rustls::TlsConnector>,
+    peer: Peer,
     algorithm: Algorithm,
     config: JwksConfig,
     keys: RwLock<Arc<KeySet>>,
@@ -112,28 +106,13 @@ pub struct Jwks {
 impl Jwks {
     /// Checks the URL; fetches nothing yet (the task does, see [`Jwks::run`]).
     pub fn new(config: JwksConfig, algorithm: Algorithm) -> Result<Self, UrlError> {
-        let url: Uri = config.url.trim().parse().map_err(|e| {
+        let peer = Peer::new(&config.url).map_err(|e| {
             UrlError(format!(
-                "{:?} is not a URL ({e}); expected e.g. https://login.example.com/.well-known/jwks.json",
-                config.url
+                "{e}; expected e.g. https://login.example.com/.well-known/jwks.json (http:// only inside a trusted network)"
             ))
         })?;
-        let tls = match url.scheme_str() {
-            Some("https") => Some(tls_connector().map_err(UrlError)?),
-            Some("http") => None,
-            _ => {
-                return Err(UrlError(format!(
-                    "{:?} must start with https:// (or http:// inside a trusted network)",
-                    config.url
-                )));
-            }
-        };
-        if url.host().is_none_or(str::is_empty) {
-            return Err(UrlError(format!("{:?} has no host", config.url)));
-        }
         Ok(Self {
-            url,
-            tls,
+            peer,
             algorithm,
             config,
             keys: RwLock::default(),
@@ -186,7 +165,7 @@ impl Jwks {
                 *self.keys.write().unwrap() = Arc::new(set);
                 health.loaded_at = Some(SystemTime::now());
                 if health.failing.take().is_some() || trigger == Trigger::UnknownKid {
-                    tracing::info!(url = %self.url, keys = n, trigger = trigger.label(), "JWT_JWKS_URL fetched");
+                    tracing::info!(url = %self.peer.url(), keys = n, trigger = trigger.label(), "JWT_JWKS_URL fetched");
                 }
                 ::metrics::gauge!(metrics::JWKS_KEYS).set(n as f64);
                 ::metrics::gauge!(metrics::JWKS_LOADED_AT)
@@ -195,7 +174,7 @@ impl Jwks {
                     .increment(1);
             }
             Err(e) => {
-                tracing::warn!(url = %self.url, trigger = trigger.label(), "JWT_JWKS_URL not fetched, the keys in force stay: {e}");
+                tracing::warn!(url = %self.peer.url(), trigger = trigger.label(), "JWT_JWKS_URL not fetched, the keys in force stay: {e}");
                 health.failing = Some(e.0);
                 ::metrics::counter!(metrics::JWKS_REFRESHES, "trigger" => trigger.label(), "result" => "error")
                     .increment(1);
@@ -247,7 +226,7 @@ impl Jwks {
             }
         }
         if !skipped.is_empty() {
-            tracing::debug!(url = %self.url, "JWT_JWKS_URL keys skipped: {}", skipped.join("; "));
+            tracing::debug!(url = %self.peer.url(), "JWT_JWKS_URL keys skipped: {}", skipped.join("; "));
         }
         if usable.is_empty() {
             return Err(FetchError(format!(
@@ -294,83 +273,29 @@ impl Jwks {
 
     /// `GET` the URL: 200 with a body of at most `MAX_BYTES`, or why not.
     async fn get(&self) -> Result<Bytes, FetchError> {
-        let fail = |what: &str, e: &dyn std::fmt::Display| FetchError(format!("{what}: {e}"));
-        let host = self.url.host().unwrap_or_default();
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = self
-            .url
-            .port_u16()
-            .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
-        let tcp = tokio::net::TcpStream::connect((host, port))
+        let answer = self
+            .peer
+            .send(
+                Method::GET,
+                None,
+                &[("accept", "application/json")],
+                Bytes::new(),
+                MAX_BYTES,
+                FETCH_TIMEOUT,
+            )
             .await
-            .map_err(|e| fail("cannot connect", &e))?;
-        let _ = tcp.set_nodelay(true);
-        let io: Box<dyn Io> = match &self.tls {
-            None => Box::new(tcp),
-            Some(tls) => {
-                let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-                    .map_err(|e| fail("bad host name", &e))?;
-                Box::new(
-                    tls.connect(name, tcp)
-                        .await
-                        .map_err(|e| fail("TLS handshake failed", &e))?,
-                )
-            }
-        };
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| fail("HTTP handshake failed", &e))?;
-        let connection = tokio::spawn(connection);
-        let path = self.url.path_and_query().map_or("/", |p| p.as_str());
-        let authority = self.url.authority().map_or(host, |a| a.as_str());
-        let request = hyper::Request::get(path)
-            .header(hyper::header::HOST, authority)
-            .header(hyper::header::ACCEPT, "application/json")
-            .header(hyper::header::USER_AGENT, "fanout")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| fail("cannot build the request", &e))?;
-        let answer = sender.send_request(request).await;
-        let result = async {
-            let answer = answer.map_err(|e| fail("request failed", &e))?;
-            let status = answer.status();
-            if status.is_redirection() {
-                return Err(FetchError(format!(
-                    "answered {status}: set JWT_JWKS_URL to the address it redirects to (redirects are not followed)"
-                )));
-            }
-            if status != hyper::StatusCode::OK {
-                return Err(FetchError(format!("answered {status}")));
-            }
-            let body = Limited::new(answer.into_body(), MAX_BYTES)
-                .collect()
-                .await
-                .map_err(|e| fail("cannot read the answer (at most 1 MiB)", &e))?;
-            Ok(body.to_bytes())
+            .map_err(FetchError)?;
+        let status = answer.status;
+        if status.is_redirection() {
+            return Err(FetchError(format!(
+                "answered {status}: set JWT_JWKS_URL to the address it redirects to (redirects are not followed)"
+            )));
         }
-        .await;
-        connection.abort();
-        result
+        if status != hyper::StatusCode::OK {
+            return Err(FetchError(format!("answered {status}")));
+        }
+        Ok(answer.body)
     }
-}
-
-/// A connection's byte stream: TCP, or TLS over it.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// TLS verified against the system's roots (or `SSL_CERT_FILE` / `SSL_CERT_DIR`).
-fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
-    let found = rustls_native_certs::load_native_certs();
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        return Err(
-            "https:// needs trusted root certificates and none were found: install ca-certificates or set SSL_CERT_FILE".into(),
-        );
-    }
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 fn same_algorithm(jwk: KeyAlgorithm, alg: Algorithm) -> bool {

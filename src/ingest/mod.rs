@@ -9,6 +9,7 @@
 //! and then published; an execution update must then carry a known status, because it also
 //! updates the `executions` projection.
 
+pub mod client;
 pub mod durable;
 pub mod keys;
 

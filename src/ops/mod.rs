@@ -1,8 +1,10 @@
 //! Operational leaves used by every layer: metric names and the recorder, the shutdown
-//! signal, request counting, and handing freed memory back to the OS. Nothing here depends
+//! signal, request counting, handing freed memory back to the OS, and one HTTP request to a
+//! peer. Nothing here depends
 //! on the rest of the crate, so everything may depend on it; the routes operators call
 //! (`/healthz`, `/readyz`, `/metrics`) are in [`crate::admin`].
 
+pub mod http;
 pub mod memory;
 pub mod metrics;
 pub mod shutdown;
