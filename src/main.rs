@@ -39,22 +39,29 @@ fn mint(args: &fanout::config::TokenArgs) -> ExitCode {
     }
 }
 
+/// An invalid setting of a one-shot command: said on stderr, exit 2.
+fn bad_config(e: &fanout::config::ConfigError) -> ExitCode {
+    eprintln!("fanout: {e}");
+    ExitCode::from(BAD_CONFIG)
+}
+
+/// The runtime of a one-shot command (`migrate`, `publish`): one thread is plenty.
+fn one_shot() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime")
+}
+
 /// `fanout publish`: exit 0 with the answer on stdout when the replica accepted the event,
 /// 1 with its refusal (or why no answer came) on stderr, 2 on a bad flag.
 fn publish(args: &fanout::config::PublishArgs) -> ExitCode {
     use fanout::ingest::client::Outcome;
     let request = match fanout::config::publish_request(args) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("fanout: {e}");
-            return ExitCode::from(BAD_CONFIG);
-        }
+        Err(e) => return bad_config(&e),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("building the tokio runtime");
-    match runtime.block_on(request.send()) {
+    match one_shot().block_on(request.send()) {
         Ok(Outcome::Accepted(answer)) => {
             println!("{answer}");
             ExitCode::SUCCESS
@@ -75,16 +82,9 @@ fn publish(args: &fanout::config::PublishArgs) -> ExitCode {
 fn migrate(args: &fanout::config::MigrateArgs) -> ExitCode {
     let target = match fanout::config::migrate_target(args) {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("fanout: {e}");
-            return ExitCode::from(BAD_CONFIG);
-        }
+        Err(e) => return bad_config(&e),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("building the tokio runtime");
-    match runtime.block_on(fanout::store::migrate_once(&target)) {
+    match one_shot().block_on(fanout::store::migrate_once(&target)) {
         Ok(applied) if applied.is_empty() => {
             println!("database is up to date");
             ExitCode::SUCCESS

@@ -35,27 +35,29 @@ async fn publish_to(url: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, Str
 
 const DATA: &str = r#"{"taskId":"t1","status":"PASSED","z":[1,2]}"#;
 
+/// Publishes `DATA` as `execution-updated` to acme with the ingest key; checks the exit
+/// code and returns the answer printed.
+async fn publish_update(r: &Replica) -> Value {
+    let key = [("FANOUT_INGEST_KEY", INGEST_KEY)];
+    let args = [
+        "--org",
+        "acme",
+        "--event",
+        "execution-updated",
+        "--data",
+        DATA,
+    ];
+    let (code, stdout, stderr) = publish(r, &args, &key).await;
+    assert_eq!(code, 0, "{stderr}");
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_published_from_the_command_line_reaches_the_members() {
     let r = Replica::builder().start().await;
     let mut alice = r.login("acme", "alice").await;
     let mut other = r.login("globex", "bob").await;
-    let key = [("FANOUT_INGEST_KEY", INGEST_KEY)];
-    let (code, stdout, stderr) = publish(
-        &r,
-        &[
-            "--org",
-            "acme",
-            "--event",
-            "execution-updated",
-            "--data",
-            DATA,
-        ],
-        &key,
-    )
-    .await;
-    assert_eq!(code, 0, "{stderr}");
-    let answer: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let answer = publish_update(&r).await;
     assert_eq!(answer, json!({ "status": "published" }));
     let data = alice.expect("execution-updated", QUICK).await;
     assert_eq!(data, serde_json::from_str::<Value>(DATA).unwrap());
@@ -81,23 +83,8 @@ async fn with_a_history_the_answer_carries_the_seq() {
     let db = TestDb::create().await;
     let r = Replica::builder().database(&db).start_with_store().await;
     let mut alice = r.login("acme", "alice").await;
-    let key = [("FANOUT_INGEST_KEY", INGEST_KEY)];
     for seq in 1..=2 {
-        let (code, stdout, stderr) = publish(
-            &r,
-            &[
-                "--org",
-                "acme",
-                "--event",
-                "execution-updated",
-                "--data",
-                DATA,
-            ],
-            &key,
-        )
-        .await;
-        assert_eq!(code, 0, "{stderr}");
-        let answer: Value = serde_json::from_str(stdout.trim()).unwrap();
+        let answer = publish_update(&r).await;
         assert_eq!(answer, json!({ "status": "published", "seq": seq }));
         let (_, _, got) = alice.next_durable(QUICK).await;
         assert_eq!(got, Some(seq));
