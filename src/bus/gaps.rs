@@ -16,6 +16,11 @@
 //!   epoch (numbering again from 1), and nothing is counted across epochs, except numbers
 //!   of the new epoch below the first one seen.
 //!
+//! A number that arrives a second time is one publish delivered twice: the Redis client
+//! retries a command whose connection broke (a master failing over), and the first attempt
+//! may have reached the subscribers already. The stamp names the publish, so the second
+//! arrival is counted in `fanout_bus_duplicates_total` and dropped, never delivered again.
+//!
 //! An organization that this replica stops holding is forgotten: what is published while
 //! nobody here listens is not missed. A subscriber still reading a message from before an
 //! organization left and came back can take it for the new subscription's first; the cost
@@ -187,12 +192,13 @@ impl Stream {
 }
 
 impl Gaps {
-    /// A message of `org` with `stamp` arrived on a subscription.
-    pub fn receive(&self, org: &OrgId, stamp: Stamp) {
-        self.receive_at(org, stamp, Instant::now());
+    /// A message of `org` with `stamp` arrived on a subscription. `true`: that publish
+    /// arrived before, and this copy must not be delivered.
+    pub fn receive(&self, org: &OrgId, stamp: Stamp) -> bool {
+        self.receive_at(org, stamp, Instant::now())
     }
 
-    fn receive_at(&self, org: &OrgId, stamp: Stamp, now: Instant) {
+    fn receive_at(&self, org: &OrgId, stamp: Stamp, now: Instant) -> bool {
         let found = {
             let mut orgs = self.orgs.lock().unwrap_or_else(|e| e.into_inner());
             let streams = match orgs.get_mut(org) {
@@ -211,6 +217,7 @@ impl Gaps {
         if found.duplicate {
             ::metrics::counter!(metrics::BUS_DUPLICATES).increment(1);
         }
+        found.duplicate
     }
 
     /// Counts the numbers awaited for longer than [`REORDER_GRACE`], and forgets
@@ -321,6 +328,34 @@ mod tests {
     #[test]
     fn duplicates_are_counted() {
         assert_eq!(run(&[(0, 1, 0), (0, 2, 1), (0, 2, 2), (0, 3, 3)]), (0, 1));
+    }
+
+    #[test]
+    fn only_a_second_arrival_is_flagged_for_dropping() {
+        let gaps = Gaps::default();
+        let org = OrgId::parse("acme").unwrap();
+        let now = Instant::now();
+        let arrivals = [
+            (1, false),
+            (3, false),
+            (2, false),
+            (3, true),
+            (1, true),
+            (4, false),
+        ];
+        for (n, duplicate) in arrivals {
+            assert_eq!(gaps.receive_at(&org, stamp(0, n), now), duplicate, "{n}");
+        }
+        // Another publisher's numbers, and another organization's, are their own.
+        let other = Stamp {
+            origin: 8,
+            epoch: 0,
+            n: 3,
+        };
+        assert!(!gaps.receive_at(&org, other, now));
+        assert!(!gaps.receive_at(&OrgId::parse("globex").unwrap(), stamp(0, 3), now));
+        // A number of a later epoch is a new publish.
+        assert!(!gaps.receive_at(&org, stamp(1, 3), now));
     }
 
     #[test]

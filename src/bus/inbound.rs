@@ -50,8 +50,12 @@ impl Inbound {
         };
         match Message::from_envelope(org, payload, self.max_payload) {
             Ok(message) => {
-                if let Some(stamp) = message.stamp {
-                    self.gaps.receive(&message.org, stamp);
+                // A publish the Redis client retried across a failover can arrive twice:
+                // the second copy is counted and dropped (bus/gaps.rs).
+                if let Some(stamp) = message.stamp
+                    && self.gaps.receive(&message.org, stamp)
+                {
+                    return;
                 }
                 if !message.via_ingest {
                     ::metrics::counter!(metrics::PUBLISHED, "source" => "redis").increment(1);

@@ -150,7 +150,7 @@ fn describe() {
     );
     describe_counter!(
         BUS_DUPLICATES,
-        "Ephemeral messages that arrived on this replica's subscriptions twice (should stay 0)."
+        "Ephemeral messages that arrived on this replica's subscriptions a second time (a publish the Redis client retried across a failover): dropped, not delivered again."
     );
     describe_counter!(MALFORMED, "Bus messages dropped as malformed, by reason.");
     describe_counter!(

@@ -121,7 +121,9 @@ where
         counted == missed_by_b || interleaved && counted < missed_by_b,
         "b's member missed {missed_by_b}, b counted {counted} (interleaved: {interleaved})"
     );
-    assert_eq!(b.metric("fanout_bus_duplicates_total", &[]).await, 0.0);
+    // A publish the Redis client retried across the failover may arrive twice at a
+    // subscriber: counted in fanout_bus_duplicates_total and dropped, so neither member saw
+    // a message twice (checked above).
     eprintln!(
         "deliveries resumed {resumed:?} after the kill; {refused} publishes refused meanwhile; \
          of {} accepted, a's member got all, b's missed {missed_by_b} and counted {counted}",
