@@ -1026,6 +1026,14 @@ impl StoreSettings {
     }
 }
 
+/// The ingest keys make one set: none in both places, at least one in all.
+fn check_keys(unscoped: &[String], file: Option<&KeysFile>) -> Result<(), ConfigError> {
+    let named = file.map(|f| f.keys.as_slice()).unwrap_or_default();
+    KeySet::new(unscoped, named)
+        .map(drop)
+        .map_err(|e| invalid("FANOUT_INGEST_KEYS_FILE", e.to_string()))
+}
+
 impl AuthSettings {
     /// A JWT key and ingest keys; with no JWT key at all, dev mode: a random secret, and
     /// a random ingest key unless some were given.
@@ -1055,10 +1063,7 @@ impl AuthSettings {
                     "is empty; with a JWT key configured, set at least one ingest key (comma-separated) for workers, or FANOUT_INGEST_KEYS_FILE",
                 ));
             }
-            let named = ingest_keys_file.as_ref().map(|f| f.keys.as_slice());
-            if let Err(e) = KeySet::new(&ingest_keys, named.unwrap_or_default()) {
-                return Err(invalid("FANOUT_INGEST_KEYS_FILE", e.to_string()));
-            }
+            check_keys(&ingest_keys, ingest_keys_file.as_ref())?;
             return Ok(Self {
                 jwt,
                 ingest_keys,
@@ -1086,10 +1091,7 @@ impl AuthSettings {
             audience: None,
             leeway_seconds: 0,
         };
-        let named = ingest_keys_file.as_ref().map(|f| f.keys.as_slice());
-        if let Err(e) = KeySet::new(&ingest_keys, named.unwrap_or_default()) {
-            return Err(invalid("FANOUT_INGEST_KEYS_FILE", e.to_string()));
-        }
+        check_keys(&ingest_keys, ingest_keys_file.as_ref())?;
         Ok(Self {
             jwt,
             ingest_keys,

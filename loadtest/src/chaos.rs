@@ -232,12 +232,7 @@ pub async fn run(opts: Options) -> anyhow::Result<ChaosReport> {
         "the open-file limit {limit} is too low for {} members",
         opts.members
     );
-    if !opts.fanout_bin.is_file() {
-        anyhow::bail!(
-            "no fanout binary at {}; build it with `cargo build --release -p fanout` or pass --fanout-bin",
-            opts.fanout_bin.display()
-        );
-    }
+    crate::procs::require_fanout(&opts.fanout_bin)?;
     let ports = Ports {
         base: opts.base_port,
     };

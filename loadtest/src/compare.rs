@@ -453,12 +453,7 @@ async fn start_system(
         let (public, internal) = (ports.public(i), ports.internal(i));
         let (name, command) = match kind {
             SystemKind::Fanout | SystemKind::FanoutCluster | SystemKind::FanoutRs256 => {
-                if !opts.fanout_bin.is_file() {
-                    anyhow::bail!(
-                        "no fanout binary at {}; build it with `cargo build --release -p fanout` or pass --fanout-bin",
-                        opts.fanout_bin.display()
-                    );
-                }
+                crate::procs::require_fanout(&opts.fanout_bin)?;
                 let builder = Replica::builder()
                     .name(&format!("{}-{}", kind.name(), i + 1))
                     .bin(&opts.fanout_bin)

@@ -122,12 +122,7 @@ pub async fn run(opts: Options) -> anyhow::Result<IngestReport> {
             "note: this is a debug build of the generator; use --release for numbers worth reading"
         );
     }
-    if !opts.fanout_bin.is_file() {
-        anyhow::bail!(
-            "no fanout binary at {}; build it with `cargo build --release -p fanout` or pass --fanout-bin",
-            opts.fanout_bin.display()
-        );
-    }
+    crate::procs::require_fanout(&opts.fanout_bin)?;
     let ports = Ports {
         base: opts.base_port,
     };

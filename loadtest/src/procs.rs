@@ -107,6 +107,16 @@ pub async fn wait_idle(pids: &[u32], max: Duration) {
     }
 }
 
+/// Checks that the fanout binary to start is there, saying how to build it if not.
+pub fn require_fanout(bin: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        bin.is_file(),
+        "no fanout binary at {}; build it with `cargo build --release -p fanout` or pass --fanout-bin",
+        bin.display()
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -194,12 +194,7 @@ pub async fn run(opts: Options) -> anyhow::Result<SoakReport> {
         (1..=20).contains(&opts.replicas),
         "--replicas must be 1..=20"
     );
-    if !opts.fanout_bin.is_file() {
-        anyhow::bail!(
-            "no fanout binary at {}; build it with `cargo build --release -p fanout` or pass --fanout-bin",
-            opts.fanout_bin.display()
-        );
-    }
+    crate::procs::require_fanout(&opts.fanout_bin)?;
     if cfg!(debug_assertions) {
         eprintln!("note: this is a debug build of the generator; use --release for long runs");
     }

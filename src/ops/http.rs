@@ -1,5 +1,6 @@
 //! One HTTP/1.1 request to a peer: fetching `JWT_JWKS_URL`, and `fanout publish` posting to
-//! a replica's ingest API.
+//! a replica's ingest API; and the TLS client every outgoing connection of fanout's own uses
+//! (here, and the cluster bus's `rediss://` connections).
 //!
 //! hyper's client and tokio-rustls (the system's roots, ring) are already in the build for
 //! the listeners and `rediss://`. reqwest would bring a second TLS crypto provider (aws-lc),
@@ -37,7 +38,7 @@ impl Peer {
             .parse()
             .map_err(|e| format!("{url:?} is not a URL ({e})"))?;
         let tls = match parsed.scheme_str() {
-            Some("https") => Some(tls_connector()?),
+            Some("https") => Some(tls_connector("https://")?),
             Some("http") => None,
             _ => return Err(format!("{url:?} must start with https:// or http://")),
         };
@@ -143,15 +144,23 @@ impl Peer {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// TLS verified against the system's roots (or `SSL_CERT_FILE` / `SSL_CERT_DIR`).
-fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
+/// A TLS client verified against the system's roots (or `SSL_CERT_FILE` /
+/// `SSL_CERT_DIR`), as the `redis` crate's connections are: for `https://` here, and for the
+/// cluster bus's own `rediss://` connections. `scheme` names the URLs it is for in the error.
+pub fn tls_connector(scheme: &str) -> Result<tokio_rustls::TlsConnector, String> {
     let found = rustls_native_certs::load_native_certs();
     let mut roots = rustls::RootCertStore::empty();
     let (added, _) = roots.add_parsable_certificates(found.certs);
     if added == 0 {
-        return Err(
-            "https:// needs trusted root certificates and none were found: install ca-certificates or set SSL_CERT_FILE".into(),
-        );
+        let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+        return Err(format!(
+            "no trusted root certificate found for {scheme} (install ca-certificates, or set SSL_CERT_FILE to the CA that signed the server's certificate){}",
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", errors.join("; "))
+            }
+        ));
     }
     let config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)

@@ -130,7 +130,7 @@ impl ClusterBus {
             .any(|url| url.starts_with("rediss://"));
         let auth = Auth {
             tls: tls
-                .then(Auth::tls_connector)
+                .then(|| crate::ops::http::tls_connector("rediss://"))
                 .transpose()
                 .map_err(BusSetupError::InvalidUrl)?,
             ..infos

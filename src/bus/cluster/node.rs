@@ -52,31 +52,6 @@ pub struct Auth {
     pub tls: Option<tokio_rustls::TlsConnector>,
 }
 
-impl Auth {
-    /// TLS verified against the system's roots (or `SSL_CERT_FILE` / `SSL_CERT_DIR`), as the
-    /// `redis` crate's connections do.
-    pub fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
-        let found = rustls_native_certs::load_native_certs();
-        let mut roots = rustls::RootCertStore::empty();
-        let (added, _) = roots.add_parsable_certificates(found.certs);
-        if added == 0 {
-            let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
-            return Err(format!(
-                "no trusted root certificate found for rediss:// (set SSL_CERT_FILE to the CA of your Redis){}",
-                if errors.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", errors.join("; "))
-                }
-            ));
-        }
-        let config = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
-    }
-}
-
 /// A node connection's byte stream: TCP, or TLS over it.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
