@@ -35,8 +35,8 @@ WORKDIR /src
 # What `cargo build -p fanout` reads: the workspace manifests (loadtest/ and fuzz/ are members), the
 # lock file, the sources, benches/ (declared in Cargo.toml), the vendored engine (patched in
 # by Cargo.toml) and testkit/ (a member, and fanout's dev-dependency: Cargo loads its
-# manifest and needs its src/ to find its library). .dockerignore keeps the rest out of the
-# build context.
+# manifest and needs its src/ to find its library), and the example dashboard the binary
+# embeds. .dockerignore keeps the rest out of the build context.
 COPY Cargo.toml Cargo.lock ./
 COPY loadtest/Cargo.toml loadtest/Cargo.toml
 COPY fuzz/Cargo.toml fuzz/Cargo.toml
@@ -44,6 +44,7 @@ COPY testkit testkit
 COPY vendor vendor
 COPY benches benches
 COPY src src
+COPY examples/dashboard examples/dashboard
 # target/ is a cache mount, so the binary is copied out in the same step. Debug info is
 # stripped (the release profile keeps line tables for local profiling): 59 MB -> 11 MB.
 # Symbols stay, so backtraces and perf still name functions.

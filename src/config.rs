@@ -153,6 +153,14 @@ pub struct ServeArgs {
     /// Origins allowed by CORS: `*` or a comma-separated list of origins.
     #[arg(long, env = "FANOUT_CORS_ORIGINS", default_value = "*")]
     pub cors_origins: String,
+    /// Serve the example dashboard under /dashboard/ on the public listener: `1` or `0`.
+    /// Default: on in dev mode (no JWT key set), off otherwise.
+    #[arg(long, env = "FANOUT_SERVE_DASHBOARD", num_args = 0..=1, default_missing_value = "1")]
+    pub serve_dashboard: Option<String>,
+    /// Dev mode only: a simulated worker in the process publishes executions to the dev
+    /// organization through the ingest API, for the dashboard to show.
+    #[arg(long, env = "FANOUT_DEMO", num_args = 0..=1, default_missing_value = "1")]
+    pub demo: Option<String>,
     /// Largest accepted ingest body or bus envelope, in bytes.
     #[arg(long, env = "FANOUT_MAX_PAYLOAD_BYTES", default_value = "65536")]
     pub max_payload_bytes: String,
@@ -357,6 +365,8 @@ pub enum CorsOrigins {
 pub struct DevMode {
     pub secret: String,
     pub ingest_key: String,
+    /// `--demo`: the simulated worker runs.
+    pub demo: bool,
 }
 
 /// A validated configuration of `fanout serve`, in sections.
@@ -379,6 +389,8 @@ pub struct Listeners {
     pub public: SocketAddr,
     pub internal: SocketAddr,
     pub cors_origins: CorsOrigins,
+    /// The example dashboard is served under `/dashboard/` on the public listener.
+    pub dashboard: bool,
 }
 
 /// The bus between replicas.
@@ -767,9 +779,9 @@ impl Config {
                 ));
             }
         };
-        let listeners = Listeners::from_args(args)?;
         let store = StoreSettings::from_args(args)?;
         let auth = AuthSettings::from_args(args)?;
+        let listeners = Listeners::from_args(args, auth.dev_mode.is_some())?;
         let engine = EngineSettings::from_args(args)?;
         let limits = Limits::from_args(args)?;
         let shutdown_timeout = parse_duration("FANOUT_SHUTDOWN_TIMEOUT", &args.shutdown_timeout)?;
@@ -790,7 +802,7 @@ impl Config {
 }
 
 impl Listeners {
-    fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
+    fn from_args(args: &ServeArgs, dev_mode: bool) -> Result<Self, ConfigError> {
         let public = parse_addr("FANOUT_LISTEN", &args.listen)?;
         let internal = parse_addr("FANOUT_INTERNAL_LISTEN", &args.internal_listen)?;
         if public == internal {
@@ -801,11 +813,28 @@ impl Listeners {
                 ),
             ));
         }
+        let dashboard = match &args.serve_dashboard {
+            Some(text) => parse_switch("FANOUT_SERVE_DASHBOARD", text)?,
+            None => dev_mode,
+        };
         Ok(Self {
             public,
             internal,
             cors_origins: cors_origins(&args.cors_origins)?,
+            dashboard,
         })
+    }
+}
+
+/// An on/off setting: `1`, `true`, `yes`, `on` or `0`, `false`, `no`, `off`.
+fn parse_switch(setting: &'static str, text: &str) -> Result<bool, ConfigError> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        other => Err(invalid(
+            setting,
+            format!("{other:?} is not a switch; expected 1 or 0 (true/false, yes/no, on/off)"),
+        )),
     }
 }
 
@@ -1056,7 +1085,17 @@ impl AuthSettings {
             })?),
             None => None,
         };
+        let demo = match &args.demo {
+            Some(text) => parse_switch("FANOUT_DEMO", text)?,
+            None => false,
+        };
         if let Some(jwt) = JwtSettings::from_args(&args.jwt)? {
+            if demo {
+                return Err(invalid(
+                    "FANOUT_DEMO",
+                    "is for dev mode only (no JWT key set): its simulated worker would publish made-up executions into a real deployment; unset FANOUT_DEMO (or drop --demo)",
+                ));
+            }
             if ingest_keys.is_empty() && ingest_keys_file.is_none() {
                 return Err(invalid(
                     "FANOUT_INGEST_KEYS",
@@ -1077,6 +1116,7 @@ impl AuthSettings {
                 .first()
                 .cloned()
                 .unwrap_or_else(|| random_hex(16)),
+            demo,
         };
         if ingest_keys.is_empty() {
             ingest_keys.push(dev.ingest_key.clone());
@@ -1291,6 +1331,34 @@ mod tests {
         let dev = c.auth.dev_mode.expect("no JWT config means dev mode");
         assert_eq!(c.auth.ingest_keys, vec![dev.ingest_key.clone()]);
         assert_eq!(c.auth.jwt.secret.as_deref(), Some(dev.secret.as_str()));
+        assert!(c.listeners.dashboard, "dev mode serves the dashboard");
+        assert!(!dev.demo, "the demo worker is asked for");
+    }
+
+    #[test]
+    fn the_dashboard_and_the_demo() {
+        let dev = serve(&["--demo"]).unwrap();
+        assert!(dev.auth.dev_mode.unwrap().demo);
+        let off = serve(&["--demo", "--serve-dashboard", "0"]).unwrap();
+        assert!(!off.listeners.dashboard);
+        // Production: never unless asked.
+        let mut production = KEYS.to_vec();
+        production.extend(["--bus", "memory"]);
+        assert!(!serve(&production).unwrap().listeners.dashboard);
+        let mut asked = production.clone();
+        asked.push("--serve-dashboard");
+        assert!(serve(&asked).unwrap().listeners.dashboard);
+        // The demo publishes made-up executions: never into a deployment.
+        let mut demo = production.clone();
+        demo.push("--demo");
+        let e = serve(&demo).expect_err("--demo outside dev mode");
+        assert_eq!(e.setting, "FANOUT_DEMO");
+        assert!(e.message.contains("dev mode only"), "{e}");
+        assert_eq!(
+            setting_of(&["--serve-dashboard", "maybe"]),
+            "FANOUT_SERVE_DASHBOARD"
+        );
+        assert_eq!(setting_of(&["--demo=2"]), "FANOUT_DEMO");
     }
 
     #[test]

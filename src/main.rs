@@ -179,21 +179,40 @@ fn print_dev_banner(config: &Config, dev: &DevMode) {
     let public = host(config.listeners.public);
     let internal = host(config.listeners.internal);
     tracing::warn!(
-        "DEV MODE: no JWT_SECRET or JWT_PUBLIC_KEY set; using a random secret and ingest key. Do not run this in production."
+        "DEV MODE: no JWT_SECRET, JWT_PUBLIC_KEY or JWT_JWKS_URL set; using a random secret and ingest key. Do not run this in production."
     );
+    // The token goes in the link's fragment: browsers never send it, so no log keeps it.
+    let dashboard = if config.listeners.dashboard {
+        let worker = if dev.demo {
+            format!(
+                "the demo worker is publishing executions to org \"{}\"",
+                fanout::demo::ORG
+            )
+        } else {
+            "add --demo (or FANOUT_DEMO=1) for a simulated worker, or publish as below".into()
+        };
+        format!(
+            "Open the dashboard ({worker}):\n  http://{public}{}#token={token}\n\n",
+            fanout::dashboard::PATH
+        )
+    } else {
+        String::new()
+    };
     println!(
         r#"
 === fanout dev mode: NOT FOR PRODUCTION (set JWT_SECRET and FANOUT_INGEST_KEYS) ===
-JWT secret (this run only): {secret}
-Dev token (org "demo", user "dev", 24h):
+{dashboard}Dev token (org "demo", user "dev", 24h; JWT secret of this run only: {secret}):
 {token}
 
-Dashboard:  io("http://{public}", {{ auth: {{ token: "<dev token>" }} }})
+Socket.IO:  io("http://{public}", {{ auth: {{ token: "<dev token>" }} }})
 Ingest key: {key}
 Publish an update:
-curl -sS -X POST http://{internal}/executions/update \
-  -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \
-  -d '{{"organizationId":"demo","taskId":"task-1","status":"RUNNING"}}'
+  fanout publish --url http://{internal} --key {key} \
+    --org demo --event execution-updated --data '{{"taskId":"task-1","status":"RUNNING"}}'
+or:
+  curl -sS -X POST http://{internal}/executions/update \
+    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \
+    -d '{{"organizationId":"demo","taskId":"task-1","status":"RUNNING"}}'
 "#,
         secret = dev.secret,
         key = dev.ingest_key,

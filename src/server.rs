@@ -23,7 +23,9 @@ use crate::api::{self, ApiState};
 use crate::auth::Verifier;
 use crate::bus::{Bus, ClusterSettings, RedisSettings, RedisTarget};
 use crate::config::{BusBackend, Config, CorsOrigins};
+use crate::dashboard;
 use crate::delivery::{Delivery, ReplayLimits};
+use crate::demo;
 use crate::gateway::{self, Expiry, Gateway, Handshakes, TrustedProxies};
 use crate::ingest::durable::Writer;
 use crate::ingest::keys::Keys;
@@ -218,23 +220,27 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
     // Restarted if it fails: it keeps no state.
     tasks.spawn("memory-trim", Policy::Restart, ops::memory::run);
 
-    let public_app = api::router(ApiState::new(
+    let mut public_app = api::router(ApiState::new(
         verifier,
         store.clone(),
         config.limits.rest_rate_per_user,
-    ))
-    .fallback(not_found)
-    .layer(sio_layer)
-    .layer(cors(&config.listeners.cors_origins))
-    .layer(middleware::from_fn_with_state(
-        Handshakes::new(transports.clone(), config.limits.max_pending_sessions)
-            .per_host(
-                config.limits.handshake_rate_per_host,
-                TrustedProxies(config.limits.trusted_proxies.clone()),
-            )
-            .packets_per_second(config.limits.max_packets_per_second),
-        gateway::middleware,
     ));
+    if config.listeners.dashboard {
+        public_app = public_app.merge(dashboard::router());
+    }
+    let public_app = public_app
+        .fallback(not_found)
+        .layer(sio_layer)
+        .layer(cors(&config.listeners.cors_origins))
+        .layer(middleware::from_fn_with_state(
+            Handshakes::new(transports.clone(), config.limits.max_pending_sessions)
+                .per_host(
+                    config.limits.handshake_rate_per_host,
+                    TrustedProxies(config.limits.trusted_proxies.clone()),
+                )
+                .packets_per_second(config.limits.max_packets_per_second),
+            gateway::middleware,
+        ));
     let keys = Arc::new(Keys::new(
         config.auth.ingest_keys.clone(),
         config.auth.ingest_keys_file.clone(),
@@ -267,6 +273,10 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
     }))
     .fallback(not_found)
     .layer(middleware::from_fn(ops::count_requests));
+
+    if let Some(dev) = config.auth.dev_mode.as_ref().filter(|d| d.demo) {
+        demo::start(config.listeners.internal, dev.ingest_key.clone(), tasks);
+    }
 
     tracing::info!(
         public = %config.listeners.public,

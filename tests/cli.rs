@@ -184,6 +184,15 @@ fn invalid_settings_stop_the_start_naming_the_setting() {
         "FANOUT_SOCKET_BUFFER",
     );
     assert_refused(&["--listen", "1.2.3.4"], &[], "FANOUT_LISTEN");
+    // The demo's made-up executions never go into a deployment (a JWT key is set here).
+    let stderr = assert_refused(&["--demo"], &[], "FANOUT_DEMO");
+    assert!(stderr.contains("dev mode only"), "{stderr}");
+    assert_refused(&[], &[("FANOUT_DEMO", "1")], "FANOUT_DEMO");
+    assert_refused(
+        &[],
+        &[("FANOUT_SERVE_DASHBOARD", "sure")],
+        "FANOUT_SERVE_DASHBOARD",
+    );
 }
 
 /// A keys file that cannot be used stops the start, naming the setting and the line, never
