@@ -186,7 +186,9 @@ test("a reloaded page (a new client on the same storage) resumes from the stored
 
   // Closed: what is published now is missed, and nothing reaches the closed client.
   await work.publish(5);
-  const after = dashboard(bed, fanout, { storage });
+  // The page comes back with socket.io-client's default transports (long-polling, then the
+  // upgrade to WebSocket).
+  const after = dashboard(bed, fanout, { storage, socketOptions: { reconnectionDelay: 100, reconnectionDelayMax: 200 } });
   await after.live();
   const more = work.meanwhile(5);
   await after.count(10);
@@ -324,6 +326,32 @@ test("the token is refreshed before exp (auth-refresh, acked): the session and i
   assert.deepEqual(d.seen.statuses.filter((s) => s.state === "unauthorized"), []);
   assert.deepEqual(d.seen.errors, []);
 }), { timeout: 60_000 });
+
+test("a session fanout ended at exp (the token source had nothing newer) is reopened with the next token, from lastSeq", scenario(async (bed) => {
+  const database = await bed.database();
+  const fanout = await bed.replica({ database });
+  // Until its exp, the source hands out the same two-second token (a cache that renews
+  // late): the refreshes find nothing newer, and the session ends at that exp.
+  const firstExp = nowSeconds() + 2;
+  const first = token({ ...ALICE, exp: firstExp });
+  const d = dashboard(bed, fanout, { getToken: () => (Date.now() < firstExp * 1000 ? first : token(ALICE)) });
+  await d.live();
+  const work = feed("acme", [fanout]);
+  await work.publish(2);
+  await d.count(2);
+
+  await until(() => d.seen.statuses.some((s) => s.state === "reconnecting" && s.reason === "Token expired"), {
+    timeout: 10_000,
+    what: "the session to end at exp",
+  });
+  await work.publish(2);
+  await d.live(2);
+  await marker(fanout, "acme", []);
+  await d.count(5);
+  assertEverythingOnce(d, work);
+  assert.deepEqual(d.seen.refetches.map((r) => r.reason), ["no_last_seq"], "resumed from lastSeq, no refetch");
+  assert.ok(d.seen.errors.length >= 1 && d.seen.errors.every((e) => /expires no later than the current one/.test(e)), JSON.stringify(d.seen.errors));
+}));
 
 test("the REST calls answer as the types say; a deployment without history: live events only, no refetch loop", scenario(async (bed) => {
   const database = await bed.database();

@@ -155,8 +155,9 @@ class Client implements FanoutClient {
       ...options.socketOptions,
       auth: (cb: (payload: AuthPayload | Record<string, never>) => void) => {
         this.#authPayload().then(cb, (err) => {
+          // fanout answers auth-error "Authentication required"; the disconnect that
+          // follows asks getToken() again.
           this.#report(err, "getToken() failed; connecting without a token");
-          this.#askedFrom = this.lastSeq;
           cb({});
         });
       },
