@@ -52,7 +52,7 @@ export type FanoutStatus =
   | { state: "connecting" }
   | { state: "live"; organizationId: Id; userId: Id; role: string }
   | { state: "reconnecting"; reason: string }
-  /** fanout refused the token and no new one helped: call `getToken`'s source, then create a new client */
+  /** fanout refused the token and no new one from `getToken()` passed: log in again, then create a new client */
   | { state: "unauthorized"; error: string }
   | { state: "closed" };
 
@@ -87,7 +87,7 @@ export interface FanoutClientOptions {
   /** Refresh this many seconds before `exp` (at most half of the token's remaining life). Default 60. */
   refreshBeforeExp?: number;
   /** More options of socket.io-client's `io()` (`transports`, `withCredentials`, ...); `auth` is the client's own. */
-  socketOptions?: Partial<ManagerOptions & SocketOptions>;
+  socketOptions?: Omit<Partial<ManagerOptions & SocketOptions>, "auth">;
 }
 
 export interface FanoutClient {
@@ -107,9 +107,6 @@ const ACK_TIMEOUT_MS = 10_000;
 /** Consecutive refusals after which a new token is not tried any more. */
 const MAX_AUTH_RETRIES = 3;
 const BACKOFF_MS = { first: 1000, max: 30_000 };
-
-/** Events the client handles itself; everything else is the application's. */
-const OWN_EVENTS = new Set(["auth-success", "auth-error", "resync-required"]);
 
 /** Connects to fanout at once; see `FanoutClientOptions`. */
 export function createFanoutClient(options: FanoutClientOptions): FanoutClient {
@@ -346,7 +343,6 @@ class Client implements FanoutClient {
       });
       return;
     }
-    if (OWN_EVENTS.has(event)) return;
     const [data, meta] = args;
     const seq = isMeta(meta) ? meta.seq : undefined;
     this.#enqueue(() => {

@@ -7,15 +7,19 @@
 // refreshing the token before it expires. What stays here is the application's part: how an
 // event changes a row.
 //
-// One rule makes the cache right whatever arrives first (a REST page or an event): a row is
-// replaced only by a newer one, by its `lastSeq`. The query functions merge what they
-// fetched into what the cache holds by that rule, and so do the events.
+// One rule makes the cache right whatever arrives first, the page loaded on mount or an
+// event: a row is replaced only by a newer one, by its `lastSeq`. The query functions merge
+// what they fetched into what the cache holds by that rule, and so do the events. Only the
+// client's `refetch` replaces the cache outright: it runs when fanout could not replay
+// (the history may even have been reset, its numbers starting again), and no event is
+// applied while it runs.
 
 import { useEffect, useMemo, useRef, useState } from "react";
 import { useQuery, useQueryClient } from "@tanstack/react-query";
 import {
   createFanoutClient,
   createRest,
+  FanoutRestError,
   FINAL_STATUSES,
   type EventMeta,
   type Execution,
@@ -58,6 +62,7 @@ export function useExecutions({ url, getToken }: FanoutConnection) {
     },
     // The socket keeps it fresh; fanout says when it cannot (resync-required).
     staleTime: Infinity,
+    retry: retryable,
   });
 
   useEffect(() => {
@@ -75,8 +80,13 @@ export function useExecutions({ url, getToken }: FanoutConnection) {
         if (!meta) return;
         queryClient.setQueryData<LogChunk[]>(logsKey(url, String(log.taskId)), (chunks) => chunks && addChunk(chunks, log, meta.seq));
       },
-      // Events wait while this runs, then are applied on top of what it loaded.
-      refetch: () => queryClient.refetchQueries({ queryKey: ["fanout", url] }),
+      // What fanout could not replay: the state as REST has it now replaces the cache
+      // (events wait meanwhile, then are applied on top), and the open logs load again.
+      refetch: async ({ rest }) => {
+        const page = await rest.executions({ limit: MAX_ROWS });
+        queryClient.setQueryData<Execution[]>(executionsKey(url), newestFirst(page.executions));
+        await queryClient.resetQueries({ queryKey: ["fanout", url, "logs"] });
+      },
       onError: (error) => console.warn(error.message),
     });
     return () => fanout.close();
@@ -100,6 +110,7 @@ export function useExecutionLogs({ url, getToken }: FanoutConnection, taskId: st
     queryKey: logsKey(url, taskId ?? ""),
     enabled: taskId !== null,
     staleTime: Infinity,
+    retry: retryable,
     queryFn: async () => {
       const fetched: LogChunk[] = [];
       for (let afterSeq = 0; ; ) {
@@ -142,9 +153,12 @@ export function mergeRows(cached: Execution[] | undefined, fetched: Execution[])
     const other = byTask.get(row.taskId);
     if (!other || other.lastSeq < row.lastSeq) byTask.set(row.taskId, row);
   }
-  return [...byTask.values()]
-    .sort((a, b) => b.updatedAt.localeCompare(a.updatedAt) || b.taskId.localeCompare(a.taskId))
-    .slice(0, MAX_ROWS);
+  return newestFirst([...byTask.values()]);
+}
+
+/** The most recently updated first (ties by `taskId`, descending), as `GET /v1/executions` orders them. */
+function newestFirst(rows: Execution[]): Execution[] {
+  return [...rows].sort((a, b) => b.updatedAt.localeCompare(a.updatedAt) || b.taskId.localeCompare(a.taskId)).slice(0, MAX_ROWS);
 }
 
 /** `chunks` with one more, in `seq` order, once. */
@@ -153,6 +167,11 @@ export function addChunk(chunks: LogChunk[], log: ExecutionLog, seq: number, cre
   const at = chunks.findIndex((chunk) => chunk.seq > seq);
   const chunk: LogChunk = { seq, data: log, createdAt };
   return at < 0 ? [...chunks, chunk] : [...chunks.slice(0, at), chunk, ...chunks.slice(at)];
+}
+
+/** Three more tries, unless fanout's answer says a retry cannot help (a 400, a deployment without history). */
+function retryable(failures: number, error: Error): boolean {
+  return failures < 3 && (!(error instanceof FanoutRestError) || error.retryable);
 }
 
 /** A ref that always holds the latest `value`: the token source may change without a reconnection. */
