@@ -7,8 +7,11 @@
 import assert from "node:assert/strict";
 import net from "node:net";
 import { test } from "node:test";
-import { createFanoutClient, FanoutRestError, memoryStorage } from "../../clients/typescript/dist/index.js";
 import { marker, nowSeconds, scenario, token, until } from "./harness.mjs";
+
+const { createFanoutClient, FanoutRestError, memoryStorage } = await import("../../clients/typescript/dist/index.js").catch((err) => {
+  throw new Error(`the TypeScript client is not built (${err.message}): cd clients/typescript && npm ci && npm run build`);
+});
 
 const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
 const ALICE = { organizationId: "acme", userId: "alice" };

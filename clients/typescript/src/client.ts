@@ -211,7 +211,8 @@ class Client implements FanoutClient {
     const left = this.#exp * 1000 - Date.now();
     if (left <= 0) return; // the next connection gets a new token
     const before = Math.min((this.#options.refreshBeforeExp ?? 60) * 1000, left / 2);
-    const wait = retryMs === undefined ? left - before : Math.min(retryMs, left / 2);
+    // A retry comes at most every second: a source with nothing newer is not asked in a loop.
+    const wait = retryMs === undefined ? left - before : Math.min(retryMs, Math.max(1000, left / 2));
     this.#refreshTimer = setTimeout(() => void this.#refresh(), wait);
   }
 
