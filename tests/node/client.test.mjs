@@ -330,31 +330,39 @@ test("the token is refreshed before exp (auth-refresh, acked): the session and i
   assert.deepEqual(d.seen.errors, []);
 }), { timeout: 60_000 });
 
-test("a session fanout ended at exp (the token source had nothing newer) is reopened with the next token, from lastSeq", scenario(async (bed) => {
-  const database = await bed.database();
-  const fanout = await bed.replica({ database });
-  // Until its exp, the source hands out the same two-second token (a cache that renews
-  // late): the refreshes find nothing newer, and the session ends at that exp.
-  const firstExp = nowSeconds() + 2;
-  const first = token({ ...ALICE, exp: firstExp });
-  const d = dashboard(bed, fanout, { getToken: () => (Date.now() < firstExp * 1000 ? first : token(ALICE)) });
-  await d.live();
-  const work = feed("acme", [fanout]);
-  await work.publish(2);
-  await d.count(2);
+// Until fanout ends the session, the token source has nothing fanout takes: the same token
+// (a cache that renews late), or a newer one fanout refuses (here, signed with another key).
+// Either way the refreshes fail, are reported, and the session ends at the first token's
+// exp; from then on the source has a good token, and the client reopens the session with it.
+for (const [source, refreshWith, reported] of [
+  ["the token source had nothing newer", (first) => first, /getToken\(\) returned a token that expires no later than the current one/],
+  ["fanout refused the refreshed token", () => token({ ...ALICE, exp: nowSeconds() + 600 }, { secret: "not-the-replicas-secret-0123456789" }), /fanout refused the refreshed token \(Invalid or expired token\); the session ends at the old exp/],
+]) {
+  test(`a session fanout ended at exp (${source}) is reopened with the next token, from lastSeq`, scenario(async (bed) => {
+    const database = await bed.database();
+    const fanout = await bed.replica({ database });
+    const firstExp = nowSeconds() + 2;
+    const first = token({ ...ALICE, exp: firstExp });
+    const ended = () => d.seen.statuses.some((s) => s.state === "reconnecting" && s.reason === "Token expired");
+    let calls = 0;
+    const getToken = () => (calls++ === 0 ? first : ended() ? token(ALICE) : refreshWith(first));
+    const d = dashboard(bed, fanout, { getToken });
+    await d.live();
+    const work = feed("acme", [fanout]);
+    await work.publish(2);
+    await d.count(2);
 
-  await until(() => d.seen.statuses.some((s) => s.state === "reconnecting" && s.reason === "Token expired"), {
-    timeout: 10_000,
-    what: "the session to end at exp",
-  });
-  await work.publish(2);
-  await d.live(2);
-  await marker(fanout, "acme", []);
-  await d.count(5);
-  assertEverythingOnce(d, work);
-  assert.deepEqual(d.seen.refetches.map((r) => r.reason), ["no_last_seq"], "resumed from lastSeq, no refetch");
-  assert.ok(d.seen.errors.length >= 1 && d.seen.errors.every((e) => /expires no later than the current one/.test(e)), JSON.stringify(d.seen.errors));
-}));
+    await until(ended, { timeout: 10_000, what: "the session to end at exp" });
+    assert.ok(Date.now() >= firstExp * 1000, "not before exp");
+    await work.publish(2);
+    await d.live(2);
+    await marker(fanout, "acme", []);
+    await d.count(5);
+    assertEverythingOnce(d, work);
+    assert.deepEqual(d.seen.refetches.map((r) => r.reason), ["no_last_seq"], "resumed from lastSeq, no refetch");
+    assert.ok(d.seen.errors.length >= 1 && d.seen.errors.every((e) => reported.test(e)), JSON.stringify(d.seen.errors));
+  }));
+}
 
 test("the REST calls answer as the types say; a deployment without history: live events only, no refetch loop", scenario(async (bed) => {
   const database = await bed.database();

@@ -219,14 +219,21 @@ class Client implements FanoutClient {
   /** A new token from `getToken`, handed to the session with `auth-refresh` when connected. */
   async #refresh(): Promise<void> {
     const retry = () => this.#scheduleRefresh(5000);
+    // Another token adopted meanwhile (a reconnection after the session ended) is newer
+    // than whatever this refresh ends with.
+    const replaced = (() => {
+      const current = this.#token;
+      return () => this.#closed || this.#token !== current;
+    })();
     let fresh: string;
     try {
       fresh = await this.#options.getToken();
     } catch (err) {
+      if (replaced()) return;
       this.#report(err, "getToken() failed while refreshing the token");
       return retry();
     }
-    if (this.#closed) return;
+    if (replaced()) return;
     const exp = readClaims(fresh).exp;
     if (this.#exp !== null && exp !== undefined && exp <= this.#exp) {
       this.#report(new Error(`getToken() returned a token that expires no later than the current one (exp ${exp})`));
@@ -241,7 +248,7 @@ class Client implements FanoutClient {
     try {
       ack = await this.socket.timeout(ACK_TIMEOUT_MS).emitWithAck("auth-refresh", { token: fresh });
     } catch {
-      if (this.#closed) return;
+      if (replaced()) return;
       if (!this.socket.connected) {
         this.#adopt(fresh);
         return;
@@ -249,7 +256,7 @@ class Client implements FanoutClient {
       this.#report(new Error(`auth-refresh had no answer within ${ACK_TIMEOUT_MS / 1000} s`));
       return retry();
     }
-    if (this.#closed) return;
+    if (replaced()) return;
     if (ack.ok) {
       this.#adopt(fresh);
     } else {
