@@ -267,12 +267,7 @@ class Client implements FanoutClient {
 
   /** What a (re)connection sends: the current token, and `lastSeq` once there is one. */
   async #authPayload(): Promise<AuthPayload> {
-    let token = await this.#currentToken();
-    // After a refusal, a new token if the source has one (the old one will not pass again).
-    if (this.#refusal !== null && this.#refusal.token === token) {
-      this.#adopt(await this.#options.getToken());
-      token = this.#token as string;
-    }
+    const token = await this.#currentToken();
     const lastSeq = this.#resync ? this.#resync.to : this.lastSeq;
     this.#askedFrom = lastSeq;
     return lastSeq === null ? { token } : { token, lastSeq };
