@@ -10,6 +10,7 @@ pub mod config;
 pub mod delivery;
 pub mod gateway;
 pub mod ingest;
+pub mod openapi;
 pub mod ops;
 pub mod presence;
 pub mod protocol;
