@@ -600,6 +600,61 @@ async fn limits_scopes_and_no_history_are_answered_as_documented() {
     assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
 }
 
+/// A `sid` parameter of a REST request is no Engine.IO session: even the id of an ended
+/// session (which Engine.IO's requests get refused with its own `{code, message}`) leaves
+/// the API's answer as documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sid_parameter_does_not_reach_the_engine() {
+    let r = Replica::builder().start().await;
+    let doc = r.get("/openapi.json").await.unwrap().json;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(SOON)
+        .build()
+        .unwrap();
+    // A long-polling session refused with auth-error: its id is ended.
+    let open = http
+        .get(public(&r, "/socket.io/?EIO=4&transport=polling"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sid = serde_json::from_str::<Value>(&open[1..]).unwrap()["sid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let session = public(
+        &r,
+        &format!("/socket.io/?EIO=4&transport=polling&sid={sid}"),
+    );
+    let post = http
+        .post(&session)
+        .body("40{\"token\":\"bad\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    eventually("the session to be ended", SOON, || async {
+        let resp = http.get(&session).send().await.ok()?;
+        (resp.status() == 400).then_some(())
+    })
+    .await;
+
+    let token = valid_token("acme", "alice");
+    let answer = Http::new()
+        .send(
+            Method::GET,
+            public(&r, &format!("/v1/executions?sid={sid}")),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(answer.status, 404, "{answer:?}");
+    assert_documented(&doc, "get", "/v1/executions", &answer, "a sid parameter");
+}
+
 /// Real answers of a replica whose PostgreSQL is unreachable: ingest and REST answer 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_history_is_answered_as_documented() {
