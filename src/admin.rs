@@ -68,7 +68,7 @@ pub async fn method_not_allowed() -> Response {
         .into_response()
 }
 
-/// The answers of `/readyz`, as the OpenAPI document describes them.
+/// The answer of `/readyz`: fields that do not apply are left out, never `null`.
 #[allow(dead_code)] // Described, never built: `readyz` builds its answers as JSON values.
 #[derive(utoipa::ToSchema)]
 struct Readiness {
@@ -77,12 +77,16 @@ struct Readiness {
     /// The bus in use: `redis`, `redis-sentinel`, `redis-cluster` or `memory`.
     bus: String,
     /// With a history: `up` or `down` (still ready: live messages still flow).
+    #[schema(nullable = false)]
     store: Option<String>,
     /// With `JWT_JWKS_URL`: `ok`, or `stale` (fetches fail; the keys in force stay).
+    #[schema(nullable = false)]
     jwks: Option<String>,
     /// Why not ready, or what is degraded.
+    #[schema(nullable = false)]
     reason: Option<String>,
     /// Why the JWKS is stale.
+    #[schema(nullable = false)]
     jwks_reason: Option<String>,
 }
 
