@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -16,6 +16,7 @@ use serde_json::json;
 use crate::auth::jwks::Jwks;
 use crate::bus::Bus;
 use crate::ops::metrics;
+use crate::protocol::ErrorBody;
 use crate::store::Store;
 use crate::tasks::Tasks;
 use crate::transport::Transports;
@@ -39,9 +40,10 @@ pub struct AdminState {
 
 pub fn router(state: AdminState) -> Router {
     let router = Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics));
+        .route("/metrics", get(render_metrics))
+        .method_not_allowed_fallback(method_not_allowed);
     #[cfg(feature = "fault-injection")]
     let router = router.route(
         "/faults/{task}",
@@ -53,6 +55,56 @@ pub fn router(state: AdminState) -> Router {
         ),
     );
     router.with_state(state)
+}
+
+/// The answer of every operators' route to a method other than `GET` or `HEAD`: JSON, as
+/// every other refusal of the internal listener.
+pub async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [(header::ALLOW, "GET,HEAD")],
+        Json(ErrorBody::new("only GET is allowed here")),
+    )
+        .into_response()
+}
+
+/// The answer of `/readyz`: fields that do not apply are left out, never `null`.
+#[allow(dead_code)] // Described, never built: `readyz` builds its answers as JSON values.
+#[derive(utoipa::ToSchema)]
+struct Readiness {
+    /// `ready` or `not ready`.
+    status: String,
+    /// The bus in use: `redis`, `redis-sentinel`, `redis-cluster` or `memory`.
+    bus: String,
+    /// With a history: `up` or `down` (still ready: live messages still flow).
+    #[schema(nullable = false)]
+    store: Option<String>,
+    /// With `JWT_JWKS_URL`: `ok`, or `stale` (fetches fail; the keys in force stay).
+    #[schema(nullable = false)]
+    jwks: Option<String>,
+    /// Why not ready, or what is degraded.
+    #[schema(nullable = false)]
+    reason: Option<String>,
+    /// Why the JWKS is stale.
+    #[schema(nullable = false)]
+    jwks_reason: Option<String>,
+}
+
+/// Liveness
+///
+/// The process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Alive.", body = serde_json::Value, example = json!({"status": "ok"})),
+        (status = 405, description = "A method other than `GET` or `HEAD`.", body = ErrorBody,
+            headers(("Allow" = String, description = "`GET,HEAD`"))),
+    )
+)]
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
 }
 
 /// Why the replica should get no new connections, if it should not.
@@ -84,11 +136,26 @@ fn unready(s: &AdminState) -> Option<String> {
     }
 }
 
+/// Readiness
+///
 /// Ready means "send me connections": shutting down or cut off from the bus is not.
 /// PostgreSQL being down is reported (`"store": "down"`) but keeps the replica ready:
 /// sockets still get every live message, only durable ingest and replay wait for it, and
 /// taking every replica out of the load balancer would stop fan-out too. Every answer
 /// names the bus, so an SRE sees at once a replica left on the in-process one.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready.", body = Readiness,
+            example = json!({"status": "ready", "bus": "redis", "store": "up"})),
+        (status = 503, description = "Not ready: shutting down, a task failed, no JWKS key fetched yet, the bus down, or the public connection cap reached (`reason` says which).", body = Readiness,
+            example = json!({"status": "not ready", "bus": "redis", "reason": "redis subscriber is down; reconnecting"})),
+        (status = 405, description = "A method other than `GET` or `HEAD`.", body = ErrorBody,
+            headers(("Allow" = String, description = "`GET,HEAD`"))),
+    )
+)]
 async fn readyz(State(s): State<AdminState>) -> Response {
     let bus = s.bus.name();
     if let Some(reason) = unready(&s) {
@@ -129,6 +196,17 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     Json(body).into_response()
 }
 
+/// Prometheus metrics
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The Prometheus text format.", body = String, content_type = "text/plain; version=0.0.4"),
+        (status = 405, description = "A method other than `GET` or `HEAD`.", body = ErrorBody,
+            headers(("Allow" = String, description = "`GET,HEAD`"))),
+    )
+)]
 async fn render_metrics(State(s): State<AdminState>) -> impl IntoResponse {
     // Set from the same condition as /readyz at each scrape, so the two cannot disagree.
     let ready = if unready(&s).is_none() { 1.0 } else { 0.0 };

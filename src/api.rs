@@ -23,19 +23,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
+use utoipa::{IntoResponses, ToSchema};
 
 use crate::auth::{self, AuthError, Bearer, Verifier};
 use crate::ops::{self, metrics};
-use crate::protocol::{ExecutionStatus, OrgId, TaskId, UserId};
+use crate::protocol::{ErrorBody, ExecutionStatus, OrgId, TaskId, UserId};
 use crate::rates::Budgets;
 use crate::retry::{RateLimit, retry_after_secs};
 use crate::store::read::{self, Cursor};
@@ -133,7 +134,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let mut resp = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        let mut resp = (status, Json(ErrorBody::new(&self))).into_response();
         let headers = resp.headers_mut();
         match self {
             Self::Unauthorized(_) => {
@@ -341,26 +342,125 @@ pub fn logs_query(uri: &Uri) -> Result<LogsQuery, String> {
 }
 
 /// The `{taskId}` of a path, checked before it reaches PostgreSQL (which refuses a NUL).
-fn task(text: &str) -> Result<TaskId, ApiError> {
-    TaskId::parse(text)
+/// A segment that is not UTF-8 once percent-decoded is refused here too, as JSON.
+fn task(path: Result<Path<String>, PathRejection>) -> Result<TaskId, ApiError> {
+    let Path(text) = path.map_err(|e| {
+        ApiError::BadRequest(format!("bad \"taskId\" in the path: {}", e.body_text()))
+    })?;
+    TaskId::parse(&text)
         .map_err(|e| ApiError::BadRequest(format!("bad \"taskId\" in the path: it {e}")))
 }
 
-#[derive(Serialize)]
+/// A page of executions, most recently updated first.
+#[derive(Serialize, ToSchema)]
 struct ExecutionList {
+    #[schema(value_type = Vec<Execution>)]
     executions: Vec<Box<RawValue>>,
+    /// The `cursor` of the next page; `null` on the last one.
     #[serde(rename = "nextCursor")]
+    #[schema(required)]
     next_cursor: Option<String>,
 }
 
-#[derive(Serialize)]
+/// A page of an execution's log chunks, in `seq` order.
+#[derive(Serialize, ToSchema)]
 struct LogList {
+    #[schema(value_type = Vec<LogChunk>)]
     logs: Vec<Box<RawValue>>,
+    /// The `afterSeq` of the next page: the last `seq` returned, or the `afterSeq` asked
+    /// for when none was.
     #[serde(rename = "nextAfterSeq")]
     next_after_seq: i64,
 }
 
-/// `GET /v1/executions?status=&limit=&cursor=`
+// The rows are rendered to JSON by PostgreSQL (`store::read`), so these two are described,
+// never built; `tests/rest.rs` checks the real rows.
+/// One execution: the row the history keeps for a task, merged from its updates.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct Execution {
+    task_id: String,
+    status: ExecutionStatus,
+    /// The first update whose status was not `PENDING`; RFC 3339, UTC, milliseconds.
+    #[schema(format = DateTime, required)]
+    started_at: Option<String>,
+    /// The last update with a final status (`PASSED`, `FAILED`, `ERROR`, `CANCELLED`).
+    #[schema(format = DateTime, required)]
+    finished_at: Option<String>,
+    #[schema(format = DateTime)]
+    updated_at: String,
+    /// The sequence number of the last event applied to it.
+    last_seq: u64,
+    /// The top-level merge of all its updates' bodies.
+    data: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One log chunk: one `POST /executions/log` body, as the worker sent it.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct LogChunk {
+    seq: u64,
+    data: serde_json::Map<String, serde_json::Value>,
+    #[schema(format = DateTime)]
+    created_at: String,
+}
+
+/// The refusals every route of this API may answer; the 404s are each route's own.
+#[allow(dead_code)]
+#[derive(IntoResponses)]
+enum Refusals {
+    /// A parameter is invalid (the error names it: `status`, `limit`, `cursor`, `afterSeq`,
+    /// the path's `taskId`), or an `organizationId` parameter was sent: the organization is
+    /// always the token's.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No token (`Authentication required`), or an invalid, expired or badly signed one,
+    /// or not the `Bearer` scheme (`Invalid or expired token`). Checked before anything
+    /// else.
+    #[response(
+        status = 401,
+        headers(("WWW-Authenticate" = String, description = "`Bearer`"))
+    )]
+    Unauthorized(ErrorBody),
+    /// A method other than `GET` or `HEAD`.
+    #[response(status = 405, headers(("Allow" = String, description = "`GET,HEAD`")))]
+    MethodNotAllowed(ErrorBody),
+    /// The token's user is over `FANOUT_REST_RATE_PER_USER` requests per second on this
+    /// replica.
+    #[response(
+        status = 429,
+        headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))
+    )]
+    RateLimited(ErrorBody),
+    /// PostgreSQL is unreachable, not migrated yet or too slow (10 s); or the replica's
+    /// public listener is at its connection cap (`FANOUT_MAX_CONNECTIONS`; then with
+    /// `Retry-After: 1`, and the connection is closed). Retry.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
+/// List executions
+///
+/// The token's organization's executions, most recently updated first (ties by `taskId`,
+/// descending). Follow `nextCursor` until it is `null`.
+#[utoipa::path(
+    get,
+    path = "/v1/executions",
+    tag = "history",
+    security(("jwt" = [])),
+    params(
+        ("status" = Option<ExecutionStatus>, Query, description = "Only executions in this status."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Page size (default 50)."),
+        ("cursor" = Option<String>, Query, description = "The `nextCursor` of the previous page, unchanged; absent for the first page."),
+    ),
+    responses(
+        (status = 200, description = "A page of executions.", body = ExecutionList),
+        (status = 404, description = "The replica runs without a history (`DATABASE_URL` is not set).", body = ErrorBody),
+        Refusals,
+    )
+)]
 async fn list_executions(
     State(s): State<ApiState>,
     headers: HeaderMap,
@@ -388,37 +488,70 @@ async fn list_executions(
     }))
 }
 
-/// `GET /v1/executions/{taskId}`
+/// Get one execution
+///
+/// Another organization's task answers exactly as a task that does not exist.
+#[utoipa::path(
+    get,
+    path = "/v1/executions/{task_id}",
+    tag = "history",
+    security(("jwt" = [])),
+    params(
+        ("task_id" = String, Path, description = "The task id, percent-encoded (`suite%2Fa` for `suite/a`)."),
+    ),
+    responses(
+        (status = 200, description = "The execution.", body = Execution),
+        (status = 404, description = "The organization has no such task (`execution not found`), or the replica runs without a history.", body = ErrorBody),
+        Refusals,
+    )
+)]
 async fn get_execution(
     State(s): State<ApiState>,
     headers: HeaderMap,
-    Path(task_id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     uri: Uri,
 ) -> Result<Json<Box<RawValue>>, ApiError> {
     let org = s.authenticate(&headers).await?;
     let store = s.store()?;
     execution_query(&uri).map_err(ApiError::BadRequest)?;
-    let task_id = task(&task_id)?;
+    let task_id = task(path)?;
     s.guarded(read::execution(store, &org, &task_id))
         .await?
         .map(Json)
         .ok_or(ApiError::NotFound)
 }
 
-/// `GET /v1/executions/{taskId}/logs?afterSeq=&limit=`
+/// List an execution's log chunks
 ///
 /// A task without logs (or unknown to the organization) has an empty list, not a 404: logs
-/// may be stored before the execution's first status update.
+/// may be stored before the execution's first status update. Ask again with `afterSeq` =
+/// `nextAfterSeq` until fewer than `limit` come back.
+#[utoipa::path(
+    get,
+    path = "/v1/executions/{task_id}/logs",
+    tag = "history",
+    security(("jwt" = [])),
+    params(
+        ("task_id" = String, Path, description = "The task id, percent-encoded."),
+        ("afterSeq" = Option<i64>, Query, minimum = 0, description = "Only chunks with a greater `seq` (default 0): the previous `nextAfterSeq`."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 5000, description = "Page size (default 500)."),
+    ),
+    responses(
+        (status = 200, description = "A page of log chunks.", body = LogList),
+        (status = 404, description = "The replica runs without a history (`DATABASE_URL` is not set).", body = ErrorBody),
+        Refusals,
+    )
+)]
 async fn get_logs(
     State(s): State<ApiState>,
     headers: HeaderMap,
-    Path(task_id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     uri: Uri,
 ) -> Result<Json<LogList>, ApiError> {
     let org = s.authenticate(&headers).await?;
     let store = s.store()?;
     let LogsQuery { after_seq, limit } = logs_query(&uri).map_err(ApiError::BadRequest)?;
-    let task_id = task(&task_id)?;
+    let task_id = task(path)?;
     let page = s
         .guarded(read::logs(store, &org, &task_id, after_seq, limit))
         .await?;

@@ -48,6 +48,9 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Publish one event through a replica's ingest API and print its answer.
     Publish(PublishArgs),
+    /// Print the OpenAPI 3.1 document of the HTTP APIs (as served at /openapi.json on the
+    /// internal listener) and exit.
+    Openapi,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -12,6 +12,7 @@ pub mod delivery;
 pub mod demo;
 pub mod gateway;
 pub mod ingest;
+pub mod openapi;
 pub mod ops;
 pub mod presence;
 pub mod protocol;

@@ -13,6 +13,10 @@ fn main() -> ExitCode {
         Some(Command::Token(args)) => mint(&args),
         Some(Command::Migrate(args)) => migrate(&args),
         Some(Command::Publish(args)) => publish(&args),
+        Some(Command::Openapi) => {
+            println!("{}", fanout::openapi::json());
+            ExitCode::SUCCESS
+        }
         Some(Command::Serve(args)) => serve(&args),
         None => serve(&cli.serve),
     }

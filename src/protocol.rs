@@ -577,6 +577,7 @@ pub fn now_ms() -> u64 {
     Deserialize,
     postgres_types::ToSql,
     postgres_types::FromSql,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 #[postgres(name = "execution_status")]
@@ -625,6 +626,24 @@ impl ExecutionStatus {
 impl fmt::Display for ExecutionStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// The body of every refusal over HTTP, on both listeners: what to fix, or why nothing was
+/// done. One type, so that no route can answer another shape (`docs/protocol.md`, and the
+/// OpenAPI document's `Error`).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    /// What to fix (4xx), or why nothing was done (5xx), in a sentence.
+    pub error: String,
+}
+
+impl ErrorBody {
+    pub fn new(error: impl fmt::Display) -> Self {
+        Self {
+            error: error.to_string(),
+        }
     }
 }
 

@@ -30,6 +30,7 @@ use crate::gateway::{self, Expiry, Gateway, Handshakes, TrustedProxies};
 use crate::ingest::durable::Writer;
 use crate::ingest::keys::Keys;
 use crate::ingest::{self, IngestState};
+use crate::openapi;
 use crate::ops;
 use crate::ops::shutdown::Shutdown;
 use crate::presence::Presence;
@@ -271,6 +272,7 @@ fn build(config: &Config, metrics: PrometheusHandle, tasks: &Tasks) -> Result<Re
         tasks: tasks.clone(),
         metrics,
     }))
+    .merge(openapi::router())
     .fallback(not_found)
     .layer(middleware::from_fn(ops::count_requests));
 

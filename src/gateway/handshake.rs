@@ -172,7 +172,10 @@ pub async fn middleware(
     mut req: Request,
     next: Next,
 ) -> Response {
-    match session_id(req.uri().query()) {
+    // Only Engine.IO's requests name a session: a `sid` parameter of a REST request is not one
+    // (an ended session's would have been answered with Engine.IO's error, not the API's).
+    let engine = req.uri().path().starts_with("/socket.io");
+    match session_id(req.uri().query()).filter(|_| engine) {
         Some(sid) => {
             if handshakes.transports.is_ended(sid) {
                 // What Engine.IO answers for a session it does not know.

@@ -10,6 +10,7 @@
 //! updates the `executions` projection.
 
 pub mod client;
+pub mod doc;
 pub mod durable;
 pub mod keys;
 
@@ -25,13 +26,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::post;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::bus::{Bus, BusError};
 use crate::ops::metrics;
 use crate::protocol::{
-    EventName, ExecutionStatus, InvalidId, MAX_JSON_DEPTH, Message, OrgId, TaskId, UserId,
-    json_depth, now_ms,
+    ErrorBody, EventName, ExecutionStatus, InvalidId, MAX_JSON_DEPTH, Message, OrgId, TaskId,
+    UserId, json_depth, now_ms,
 };
 use crate::rates::Budgets;
 use crate::retry::{RateLimit, retry_after_secs};
@@ -64,6 +65,7 @@ pub fn router(state: IngestState) -> Router {
         .route("/executions/update", post(execution_update))
         .route("/executions/log", post(execution_log))
         .route("/v1/publish", post(publish))
+        .method_not_allowed_fallback(|| async { IngestError::MethodNotAllowed.into_response() })
         .layer(DefaultBodyLimit::max(state.max_payload_bytes))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key))
         .with_state(state)
@@ -89,6 +91,8 @@ pub enum IngestError {
         per_second: u32,
         retry_after: Duration,
     },
+    #[error("only POST is allowed here")]
+    MethodNotAllowed,
     #[error("request body is larger than {limit} bytes (FANOUT_MAX_PAYLOAD_BYTES)")]
     TooLarge { limit: usize },
     #[error("cannot read the request body: {0}")]
@@ -126,6 +130,7 @@ impl IngestError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Store(StoreError::Rejected(_)) => StatusCode::BAD_REQUEST,
@@ -150,11 +155,15 @@ impl IntoResponse for IngestError {
                 None => tracing::debug!("ingest refused a message: {self}"),
             }
         }
-        let mut resp = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        let mut resp = (status, Json(ErrorBody::new(&self))).into_response();
         match self {
             Self::Unauthorized => {
                 resp.headers_mut()
                     .insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
+            }
+            Self::MethodNotAllowed => {
+                resp.headers_mut()
+                    .insert(header::ALLOW, "POST".parse().unwrap());
             }
             Self::RateLimited { retry_after, .. } => {
                 resp.headers_mut()
@@ -190,6 +199,32 @@ async fn require_key(State(s): State<IngestState>, req: Request, next: Next) -> 
     let mut req = req;
     req.extensions_mut().insert(grant);
     next.run(req).await
+}
+
+/// The answer of an accepted message (200).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"status": "broadcasted", "seq": 42}))]
+pub struct Accepted {
+    pub status: AcceptedStatus,
+    /// With a history (`DATABASE_URL`): the event's sequence number in its organization.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub seq: Option<u64>,
+    /// `false` with `stored`, absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub published: Option<bool>,
+}
+
+/// `broadcasted` (the `/executions/*` routes) or `published` (`/v1/publish`): the bus took
+/// the message (with a history: committed first). `stored`: committed with its `seq`, but
+/// the bus refused it; replicas deliver it from the history: do not retry.
+#[derive(Debug, Clone, Copy, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptedStatus {
+    Broadcasted,
+    Published,
+    Stored,
 }
 
 /// The body as text, with its top-level fields, or the reason it is refused.
@@ -239,8 +274,8 @@ async fn send(
     state: &IngestState,
     grant: &Grant,
     msg: Message,
-    status: &'static str,
-) -> Result<Json<Value>, IngestError> {
+    status: AcceptedStatus,
+) -> Result<Json<Accepted>, IngestError> {
     if !grant.covers(&msg.org) {
         ::metrics::counter!(metrics::INGEST_FORBIDDEN, "key" => grant.name.to_string())
             .increment(1);
@@ -262,15 +297,27 @@ async fn send(
     let Some(writer) = &state.writer else {
         state.bus.publish(msg).await?;
         ::metrics::counter!(metrics::PUBLISHED, "source" => "http").increment(1);
-        return Ok(Json(json!({ "status": status })));
+        return Ok(Json(Accepted {
+            status,
+            seq: None,
+            published: None,
+        }));
     };
     let projection = projection(&msg)?;
     let stored = writer.append(msg, projection).await?;
     Ok(Json(if stored.published {
-        json!({ "status": status, "seq": stored.seq })
+        Accepted {
+            status,
+            seq: Some(stored.seq),
+            published: None,
+        }
     } else {
         // Durable, numbered, and delivered from the history: the worker must not retry.
-        json!({ "status": "stored", "seq": stored.seq, "published": false })
+        Accepted {
+            status: AcceptedStatus::Stored,
+            seq: Some(stored.seq),
+            published: Some(false),
+        }
     }))
 }
 
@@ -430,37 +477,82 @@ fn publish_body(Body { fields, text }: Body) -> Result<Message, IngestError> {
     })
 }
 
-/// `POST /executions/update`: the body is broadcast as `execution-updated`.
+/// Broadcast an execution update
+///
+/// The body is delivered as `execution-updated` to every socket of its organization, its
+/// bytes unchanged. With a history, it is committed first (`seq` in the answer) and updates
+/// the execution the REST API reads.
+#[utoipa::path(
+    post,
+    path = "/executions/update",
+    tag = "ingest",
+    security(("ingestKey" = [])),
+    request_body(content = doc::ExecutionUpdate, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Accepted: see `status`.", body = Accepted),
+        doc::Refusals,
+    )
+)]
 async fn execution_update(
     State(s): State<IngestState>,
     Extension(grant): Extension<Grant>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, IngestError> {
+) -> Result<Json<Accepted>, IngestError> {
     let msg = decode(
         Route::ExecutionUpdate,
         &body_bytes(body, s.max_payload_bytes)?,
     )?;
-    send(&s, &grant, msg, "broadcasted").await
+    send(&s, &grant, msg, AcceptedStatus::Broadcasted).await
 }
 
-/// `POST /executions/log`: the body is broadcast as `execution-log`.
+/// Broadcast an execution's log chunk
+///
+/// The body is delivered as `execution-log` to every socket of its organization, its bytes
+/// unchanged. With a history, it is committed first (`seq` in the answer) and stored as one
+/// log chunk of the task.
+#[utoipa::path(
+    post,
+    path = "/executions/log",
+    tag = "ingest",
+    security(("ingestKey" = [])),
+    request_body(content = doc::ExecutionLog, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Accepted: see `status`.", body = Accepted),
+        doc::Refusals,
+    )
+)]
 async fn execution_log(
     State(s): State<IngestState>,
     Extension(grant): Extension<Grant>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, IngestError> {
+) -> Result<Json<Accepted>, IngestError> {
     let msg = decode(Route::ExecutionLog, &body_bytes(body, s.max_payload_bytes)?)?;
-    send(&s, &grant, msg, "broadcasted").await
+    send(&s, &grant, msg, AcceptedStatus::Broadcasted).await
 }
 
-/// `POST /v1/publish`: `{ organizationId, event, data, userId? }`.
+/// Publish any event
+///
+/// `data` is delivered as `event` to every socket of the organization, or with `userId` to
+/// that user's only. With a history, it is committed first (`seq` in the answer).
+#[utoipa::path(
+    post,
+    path = "/v1/publish",
+    tag = "ingest",
+    security(("ingestKey" = [])),
+    request_body(content = doc::Publish, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Accepted: see `status`.", body = Accepted,
+            example = json!({"status": "published", "seq": 43})),
+        doc::Refusals,
+    )
+)]
 async fn publish(
     State(s): State<IngestState>,
     Extension(grant): Extension<Grant>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, IngestError> {
+) -> Result<Json<Accepted>, IngestError> {
     let msg = decode(Route::Publish, &body_bytes(body, s.max_payload_bytes)?)?;
-    send(&s, &grant, msg, "published").await
+    send(&s, &grant, msg, AcceptedStatus::Published).await
 }
 
 #[cfg(test)]
