@@ -209,6 +209,7 @@ fn print_dev_banner(config: &Config, dev: &DevMode) {
 {token}
 
 Socket.IO:  io("http://{public}", {{ auth: {{ token: "<dev token>" }} }})
+HTTP APIs:  http://{internal}/openapi.json (OpenAPI 3.1)
 Ingest key: {key}
 Publish an update:
   fanout publish --url http://{internal} --key {key} \

@@ -72,6 +72,23 @@ async fn dev_mode_serves_the_repositorys_page_and_links_to_it_with_a_working_tok
         r.stdout().contains("add --demo"),
         "without --demo the banner says how to get the simulated worker"
     );
+    // And where the HTTP APIs are described.
+    let openapi = r
+        .stdout()
+        .lines()
+        .find_map(|l| l.strip_prefix("HTTP APIs:"))
+        .and_then(|l| l.split_whitespace().next())
+        .map(String::from)
+        .expect("the banner's OpenAPI line");
+    let doc: serde_json::Value = http()
+        .get(&openapi)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["openapi"], "3.1.0", "{openapi}");
 
     let http = http();
     let base = format!("http://{}", r.public);
