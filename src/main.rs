@@ -185,6 +185,8 @@ fn print_dev_banner(config: &Config, dev: &DevMode) {
     tracing::warn!(
         "DEV MODE: no JWT_SECRET, JWT_PUBLIC_KEY or JWT_JWKS_URL set; using a random secret and ingest key. Do not run this in production."
     );
+    // As it was invoked (`target/release/fanout` under `cargo run`), so the line runs as shown.
+    let program = std::env::args().next().unwrap_or_else(|| "fanout".into());
     // The token goes in the link's fragment: browsers never send it, so no log keeps it.
     let dashboard = if config.listeners.dashboard {
         let worker = if dev.demo {
@@ -212,7 +214,7 @@ Socket.IO:  io("http://{public}", {{ auth: {{ token: "<dev token>" }} }})
 HTTP APIs:  http://{internal}/openapi.json (OpenAPI 3.1)
 Ingest key: {key}
 Publish an update:
-  fanout publish --url http://{internal} --key {key} \
+  {program} publish --url http://{internal} --key {key} \
     --org demo --event execution-updated --data '{{"taskId":"task-1","status":"RUNNING"}}'
 or:
   curl -sS -X POST http://{internal}/executions/update \

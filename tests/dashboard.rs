@@ -72,6 +72,28 @@ async fn dev_mode_serves_the_repositorys_page_and_links_to_it_with_a_working_tok
         r.stdout().contains("add --demo"),
         "without --demo the banner says how to get the simulated worker"
     );
+    // The banner's publish line, pasted into a shell as it is printed, publishes.
+    let banner = r.stdout();
+    let (_, after) = banner.split_once("Publish an update:\n").unwrap();
+    let line = after.split("\nor:").next().unwrap();
+    assert!(line.contains(" publish --url "), "{line}");
+    let mut member = Client::authenticated(r.public, token).await.0;
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(line)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{line}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"status":"published"}"#
+    );
+    let update = member.expect("execution-updated", QUICK).await;
+    assert_eq!(update["taskId"], "task-1");
     // And where the HTTP APIs are described.
     let openapi = r
         .stdout()
