@@ -263,9 +263,31 @@ test("the compose demo's worker simulator: complete executions through HAProxy's
   const demo = `http://127.0.0.1:${demoPort}`;
   // HAProxy's backend dashboard is the simulator's web server, as in compose.
   const lb = await bed.haproxy(replicas, { dashboard: demo });
+  // The simulator's executions take about a second at SPEED 20, and then it exits, taking
+  // the dashboard's files with it; HAProxy marks that backend UP only after two passed
+  // checks, 2 s apart. So ingest answers 503 (nothing accepted: the simulator retries, as it
+  // does while fanout starts) until the check has passed, then passes requests on to
+  // HAProxy's ingest frontend.
+  let ingestOpen = false;
+  const ingest = await bed.serve(async (req, res) => {
+    if (!ingestOpen) {
+      res.writeHead(503, { "content-type": "application/json" });
+      res.end(JSON.stringify({ error: "held by the test until HAProxy's check of the simulator passed" }));
+      return;
+    }
+    const body = [];
+    for await (const chunk of req) body.push(chunk);
+    const up = await fetch(`${lb.ingest}${req.url}`, {
+      method: req.method,
+      headers: { "content-type": req.headers["content-type"] ?? "application/json", authorization: req.headers.authorization ?? "" },
+      body: Buffer.concat(body),
+    });
+    res.writeHead(up.status, { "content-type": up.headers.get("content-type") ?? "application/json" });
+    res.end(Buffer.from(await up.arrayBuffer()));
+  });
   const sim = bed.run("worker-sim", await pythonExecutable(), ["-u", path.join(SIM_DIR, "sim.py")], {
     PATH: process.env.PATH,
-    INGEST_URL: lb.ingest,
+    INGEST_URL: ingest,
     INGEST_KEY: INGEST_KEYS[1],
     JWT_SECRET: SECRET,
     ORGS: "acme,globex",
@@ -302,6 +324,7 @@ test("the compose demo's worker simulator: complete executions through HAProxy's
     timeout: 15_000,
     what: "haproxy: backend dashboard (the simulator) UP after a passed check",
   });
+  ingestOpen = true;
   for (const [file, type] of [["index.html", "text/html"], ["app.js", "text/javascript"], ["style.css", "text/css"], ["vendor/socket.io.min.js", "text/javascript"]]) {
     const res = await fetch(`${lb.url}/dashboard/${file === "index.html" ? "" : file}`);
     assert.equal(res.status, 200, file);

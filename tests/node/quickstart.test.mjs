@@ -46,10 +46,17 @@ test("fanout --demo alone: the banner's link opens the dashboard, which shows de
     // No DATABASE_URL: the page says it follows live events only.
     await page.locator("#notice", { hasText: "keeps no history" }).waitFor({ timeout: UI_MS });
 
-    // One execution seen running, then seen at its final status: the page changes by itself.
+    // One execution followed from PENDING (so the page was there for its whole life: without
+    // a history, what came before the page is not shown) through RUNNING to its final
+    // status: the page changes by itself.
+    const pending = new Set((await rows(page)).filter(([, status]) => status === "PENDING").map(([id]) => id));
     const running = await until(
-      async () => (await rows(page)).find(([, status]) => status === "RUNNING")?.[0],
-      { timeout: EXECUTION_MS, every: 100, what: "a demo execution RUNNING on the page" },
+      async () => {
+        const now = await rows(page);
+        for (const [id, status] of now) if (status === "PENDING") pending.add(id);
+        return now.find(([id, status]) => status === "RUNNING" && pending.has(id))?.[0];
+      },
+      { timeout: EXECUTION_MS, every: 50, what: "a demo execution seen PENDING, then RUNNING, on the page" },
     );
     await select(page, running);
     await page.locator("#logs li", { hasText: /checked out .+@[0-9a-f]+, running \d+ tests/ }).waitFor({ timeout: UI_MS });
