@@ -11,16 +11,17 @@
 //! second in all: a modest rate, readable on the page.
 
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::Method;
 use rand::Rng;
 use rand::seq::IndexedRandom;
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::ops::http::Peer;
-use crate::ops::shutdown::Shutdown;
 use crate::retry::RateLimit;
 use crate::tasks::{Policy, Tasks};
 
@@ -97,124 +98,118 @@ pub fn start(internal: SocketAddr, key: String, tasks: &Tasks) {
         let worker = Worker {
             peer: peer.clone(),
             authorization: format!("Bearer {key}"),
-            shutdown,
+            warn: Mutex::new(RateLimit::new(Duration::from_secs(10))),
         };
-        async move { worker.run().await }
+        async move {
+            tokio::select! {
+                _ = worker.run() => {}
+                _ = shutdown.wait() => {}
+            }
+        }
     });
 }
 
 struct Worker {
     peer: Peer,
     authorization: String,
-    shutdown: Shutdown,
+    /// At most one warning per interval while ingest refuses the demo's requests.
+    warn: Mutex<RateLimit>,
+}
+
+/// An execution's `progress`, as the compose simulator sends it.
+#[derive(Serialize, Default)]
+struct Progress {
+    done: usize,
+    passed: usize,
+    failed: usize,
+    total: usize,
 }
 
 impl Worker {
-    async fn run(self) {
-        let warn = std::sync::Mutex::new(RateLimit::new(Duration::from_secs(10)));
-        let slots = (0..CONCURRENCY).map(|slot| self.slot(slot, &warn));
-        tokio::select! {
-            _ = futures_util::future::join_all(slots) => {}
-            _ = self.shutdown.wait() => {}
-        }
-    }
-
-    /// One slot: executions one after the other, the first ones staggered.
-    async fn slot(&self, slot: usize, warn: &std::sync::Mutex<RateLimit>) {
-        self.pause(slot as f64 * 1.5, slot as f64 * 1.5 + 0.5).await;
-        loop {
-            self.execution(warn).await;
-            self.pause(1.0, 3.0).await;
-        }
-    }
-
-    async fn pause(&self, low: f64, high: f64) {
-        let secs = rand::rng().random_range(low..=high.max(low));
-        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    /// [`CONCURRENCY`] slots, each running executions one after the other, the first ones
+    /// staggered.
+    async fn run(&self) {
+        let slot = |slot: usize| async move {
+            pause(slot as f64 * 1.5, slot as f64 * 1.5 + 0.5).await;
+            loop {
+                // Drawn before the await: the thread's generator is not `Send`.
+                let plan = Plan::new(&mut rand::rng());
+                self.execution(plan).await;
+                pause(1.0, 3.0).await;
+            }
+        };
+        futures_util::future::join_all((0..CONCURRENCY).map(slot)).await;
     }
 
     /// One execution, from `PENDING` to its final status.
-    async fn execution(&self, warn: &std::sync::Mutex<RateLimit>) {
-        let plan = Plan::new(&mut rand::rng());
-        let post = |route: &'static str, body: Value| self.post(route, body, warn);
-        let mut progress = json!({"done": 0, "passed": 0, "failed": 0, "total": plan.cases.len()});
-        let update = |status: &str, progress: &Value, extra: Value| {
-            let mut body = plan.base.clone();
-            body["status"] = json!(status);
-            body["progress"] = progress.clone();
-            if let Value::Object(extra) = extra {
-                body.as_object_mut().unwrap().extend(extra);
-            }
-            body
+    async fn execution(&self, plan: Plan) {
+        let mut progress = Progress {
+            total: plan.cases.len(),
+            ..Progress::default()
         };
-        let log =
-            |line: String| json!({"organizationId": ORG, "taskId": plan.task_id, "log": line});
-        post(
-            "/executions/update",
-            update("PENDING", &progress, json!({})),
-        )
-        .await;
-        self.pause(0.5, 2.0).await;
+        self.update(&plan, "PENDING", &progress, None).await;
+        pause(0.5, 2.0).await;
         let started = tokio::time::Instant::now();
-        post(
-            "/executions/update",
-            update("RUNNING", &progress, json!({})),
-        )
-        .await;
-        post(
-            "/executions/log",
-            log(format!(
-                "{}: checked out {}@{}, running {} tests",
-                plan.base["worker"].as_str().unwrap_or_default(),
-                plan.base["branch"].as_str().unwrap_or_default(),
-                plan.base["commit"].as_str().unwrap_or_default(),
-                plan.cases.len()
-            )),
-        )
-        .await;
+        self.update(&plan, "RUNNING", &progress, None).await;
+        let checkout = format!(
+            "{}: checked out {}@{}, running {} tests",
+            plan.worker,
+            plan.branch,
+            plan.commit,
+            plan.cases.len()
+        );
+        self.log(&plan, checkout).await;
         let mut last = "PASSED";
         for (i, case) in plan.cases.iter().enumerate() {
-            self.pause(0.4, 1.5).await;
+            pause(0.4, 1.5).await;
             if plan.errors_at == Some(i) {
-                post(
-                    "/executions/log",
-                    log("runner lost connection to the browser farm: giving up".into()),
-                )
-                .await;
+                let line = "runner lost connection to the browser farm: giving up";
+                self.log(&plan, line.into()).await;
                 last = "ERROR";
                 break;
             }
             let ms = rand::rng().random_range(40..2500);
             if plan.fails_at == Some(i) {
-                progress["failed"] = json!(progress["failed"].as_u64().unwrap_or(0) + 1);
-                post(
-                    "/executions/log",
-                    log(format!("✗ {case} ({ms} ms): expected 200, got 500")),
-                )
-                .await;
+                progress.failed += 1;
                 last = "FAILED";
+                self.log(&plan, format!("✗ {case} ({ms} ms): expected 200, got 500"))
+                    .await;
             } else {
-                progress["passed"] = json!(progress["passed"].as_u64().unwrap_or(0) + 1);
-                post("/executions/log", log(format!("✓ {case} ({ms} ms)"))).await;
+                progress.passed += 1;
+                self.log(&plan, format!("✓ {case} ({ms} ms)")).await;
             }
-            progress["done"] = json!(i + 1);
-            post(
-                "/executions/update",
-                update("RUNNING", &progress, json!({})),
-            )
-            .await;
+            progress.done = i + 1;
+            self.update(&plan, "RUNNING", &progress, None).await;
         }
         let took = started.elapsed().as_millis() as u64;
-        post(
-            "/executions/update",
-            update(last, &progress, json!({"durationMs": took})),
-        )
-        .await;
+        self.update(&plan, last, &progress, Some(took)).await;
+    }
+
+    async fn update(&self, plan: &Plan, status: &str, progress: &Progress, took_ms: Option<u64>) {
+        let mut body = json!({
+            "organizationId": ORG,
+            "taskId": plan.task_id,
+            "status": status,
+            "suite": plan.suite,
+            "branch": plan.branch,
+            "commit": plan.commit,
+            "worker": plan.worker,
+            "progress": progress,
+        });
+        if let Some(ms) = took_ms {
+            body["durationMs"] = json!(ms);
+        }
+        self.post("/executions/update", body).await;
+    }
+
+    async fn log(&self, plan: &Plan, line: String) {
+        let body = json!({"organizationId": ORG, "taskId": plan.task_id, "log": line});
+        self.post("/executions/log", body).await;
     }
 
     /// POSTs one body; a refusal or no answer is logged (at most every 10 s) and the
     /// execution goes on, as a worker's would.
-    async fn post(&self, route: &'static str, body: Value, warn: &std::sync::Mutex<RateLimit>) {
+    async fn post(&self, route: &'static str, body: Value) {
         let answer = self
             .peer
             .send(
@@ -234,7 +229,7 @@ impl Worker {
             Ok(a) => format!("{} {}", a.status, String::from_utf8_lossy(&a.body)),
             Err(e) => e,
         };
-        if let Some(suppressed) = warn.lock().unwrap().check() {
+        if let Some(suppressed) = self.warn.lock().unwrap().check() {
             tracing::warn!(
                 route,
                 suppressed_since_last = suppressed,
@@ -244,10 +239,18 @@ impl Worker {
     }
 }
 
+async fn pause(low: f64, high: f64) {
+    let secs = rand::rng().random_range(low..=high.max(low));
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+}
+
 /// What one execution will do, drawn at its start.
 struct Plan {
     task_id: String,
-    base: Value,
+    suite: &'static str,
+    branch: &'static str,
+    commit: String,
+    worker: String,
     cases: Vec<&'static str>,
     fails_at: Option<usize>,
     errors_at: Option<usize>,
@@ -255,25 +258,19 @@ struct Plan {
 
 impl Plan {
     fn new(rng: &mut impl Rng) -> Self {
-        let (suite, all) = SUITES.choose(rng).expect("suites are listed");
+        let (suite, all) = *SUITES.choose(rng).expect("suites are listed");
         let count = rng.random_range(3..=all.len());
         let cases: Vec<&'static str> = all.choose_multiple(rng, count).copied().collect();
-        let task_id = format!("{suite}-{:08x}", rng.random::<u32>());
         let fails = rng.random_bool(0.2);
         let errors = !fails && rng.random_bool(0.05);
-        let base = json!({
-            "organizationId": ORG,
-            "taskId": task_id,
-            "suite": suite,
-            "branch": BRANCHES.choose(rng).expect("branches are listed"),
-            "commit": format!("{:07x}", rng.random::<u32>() >> 4),
-            "worker": format!("runner-{}", rng.random_range(1..=8)),
-        });
         Self {
+            task_id: format!("{suite}-{:08x}", rng.random::<u32>()),
+            suite,
+            branch: BRANCHES.choose(rng).expect("branches are listed"),
+            commit: format!("{:07x}", rng.random::<u32>() >> 4),
+            worker: format!("runner-{}", rng.random_range(1..=8)),
             fails_at: fails.then(|| rng.random_range(0..cases.len())),
             errors_at: errors.then_some(cases.len() / 2),
-            task_id,
-            base,
             cases,
         }
     }
