@@ -11,6 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
 use serde_json::json;
 
 use crate::auth::jwks::Jwks;
@@ -68,24 +69,28 @@ pub async fn method_not_allowed() -> Response {
         .into_response()
 }
 
-/// The answer of `/readyz`: fields that do not apply are left out, never `null`.
-#[allow(dead_code)] // Described, never built: `readyz` builds its answers as JSON values.
-#[derive(utoipa::ToSchema)]
+/// The answer of `/readyz`, built and documented from this one type: fields that do not
+/// apply are left out, never `null`.
+#[derive(Serialize, utoipa::ToSchema)]
 struct Readiness {
     /// `ready` or `not ready`.
-    status: String,
+    status: &'static str,
     /// The bus in use: `redis`, `redis-sentinel`, `redis-cluster` or `memory`.
-    bus: String,
+    bus: &'static str,
     /// With a history: `up` or `down` (still ready: live messages still flow).
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
-    store: Option<String>,
+    store: Option<&'static str>,
     /// With `JWT_JWKS_URL`: `ok`, or `stale` (fetches fail; the keys in force stay).
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
-    jwks: Option<String>,
+    jwks: Option<&'static str>,
     /// Why not ready, or what is degraded.
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     reason: Option<String>,
     /// Why the JWKS is stale.
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     jwks_reason: Option<String>,
 }
@@ -157,38 +162,42 @@ fn unready(s: &AdminState) -> Option<String> {
     )
 )]
 async fn readyz(State(s): State<AdminState>) -> Response {
-    let bus = s.bus.name();
+    let mut body = Readiness {
+        status: "ready",
+        bus: s.bus.name(),
+        store: None,
+        jwks: None,
+        reason: None,
+        jwks_reason: None,
+    };
     if let Some(reason) = unready(&s) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not ready", "bus": bus, "reason": reason})),
-        )
-            .into_response();
+        body.status = "not ready";
+        body.reason = Some(reason);
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
-    let mut body = json!({"status": "ready", "bus": bus});
     if let Some(store) = &s.store {
         if store.is_up() {
-            body["store"] = json!("up");
+            body.store = Some("up");
         } else {
-            body["store"] = json!("down");
-            body["reason"] = json!(if store.is_migrated() {
-                "PostgreSQL is unreachable: durable ingest answers 503 and replay sends resync-required until it is back"
+            body.store = Some("down");
+            body.reason = Some(if store.is_migrated() {
+                "PostgreSQL is unreachable: durable ingest answers 503 and replay sends resync-required until it is back".into()
             } else {
-                "the database is not migrated yet (PostgreSQL unreachable?): durable ingest answers 503"
+                "the database is not migrated yet (PostgreSQL unreachable?): durable ingest answers 503".into()
             });
         }
     }
     // A JWKS that cannot be fetched any more keeps its keys in force: reported, still ready.
     if let Some(jwks) = &s.jwks {
         let health = jwks.health();
-        body["jwks"] = json!(if health.failing.is_some() {
+        body.jwks = Some(if health.failing.is_some() {
             "stale"
         } else {
             "ok"
         });
         if let (Some(error), Some(at)) = (health.failing, health.loaded_at) {
             let age = at.elapsed().unwrap_or_default().as_secs();
-            body["jwks_reason"] = json!(format!(
+            body.jwks_reason = Some(format!(
                 "JWT_JWKS_URL cannot be fetched ({error}); the keys fetched {age} s ago stay in force"
             ));
         }
