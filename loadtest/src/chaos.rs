@@ -40,7 +40,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::compare::{ensure_free, loopback, start_redis};
-use crate::net::FD_RESERVE;
+use crate::net::open_files;
 use crate::procs;
 use crate::report::{self, Table, int, num};
 use crate::scenario::chaos::{Answer, Class, Load, Outcome, Params};
@@ -226,12 +226,8 @@ impl Fleet<'_> {
 pub async fn run(opts: Options) -> anyhow::Result<ChaosReport> {
     let started = Instant::now();
     let (started_unix_s, load_before) = crate::report::run_start();
-    let limit = fanout_testkit::raise_nofile_limit(4 * opts.members as u64 + FD_RESERVE);
-    anyhow::ensure!(
-        limit >= 2 * opts.members as u64 + FD_RESERVE,
-        "the open-file limit {limit} is too low for {} members",
-        opts.members
-    );
+    let members = opts.members as u64;
+    open_files(4 * members, 2 * members, &format!("{members} members"))?;
     crate::procs::require_fanout(&opts.fanout_bin)?;
     let ports = Ports {
         base: opts.base_port,

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::client::System;
 use crate::compare::{ensure_free, loopback, start_redis};
-use crate::net::FD_RESERVE;
+use crate::net::open_files;
 use crate::pg;
 use crate::procs;
 use crate::report::{self, Table, int, num};
@@ -111,12 +111,8 @@ pub async fn run(opts: Options) -> anyhow::Result<IngestReport> {
     let started = Instant::now();
     let (started_unix_s, load_before) = crate::report::run_start();
     // Both sides' clients live in this process; children inherit the limit.
-    let limit = fanout_testkit::raise_nofile_limit(2 * opts.connections as u64 + FD_RESERVE);
-    anyhow::ensure!(
-        limit >= 2 * opts.connections as u64 + FD_RESERVE,
-        "the open-file limit {limit} is too low for 2 × {} connections",
-        opts.connections
-    );
+    let both = 2 * opts.connections as u64;
+    open_files(both, both, &format!("2 × {} connections", opts.connections))?;
     if cfg!(debug_assertions) {
         eprintln!(
             "note: this is a debug build of the generator; use --release for numbers worth reading"

@@ -26,6 +26,19 @@ const PER_SOURCE_AND_DESTINATION: usize = 10_000;
 /// Redis and HTTP clients).
 pub const FD_RESERVE: u64 = 500;
 
+/// Raises this process's open-file limit (children spawned afterwards inherit it) to
+/// `wanted` descriptors plus [`FD_RESERVE`]; fails, saying for `what`, unless at least
+/// `needed` plus the reserve are allowed. Returns the limit.
+pub fn open_files(wanted: u64, needed: u64, what: &str) -> anyhow::Result<u64> {
+    let limit = fanout_testkit::raise_nofile_limit(wanted + FD_RESERVE);
+    anyhow::ensure!(
+        limit >= needed + FD_RESERVE,
+        "the open-file limit {limit} is too low for {what}: it needs {needed} descriptors and \
+         {FD_RESERVE} more (raise the hard limit, ulimit -Hn, or run a smaller load)"
+    );
+    Ok(limit)
+}
+
 /// The source addresses that connections to `destinations` are spread over.
 #[derive(Debug, Clone)]
 pub struct Sources {

@@ -199,7 +199,11 @@ pub async fn run(opts: Options) -> anyhow::Result<SoakReport> {
         eprintln!("note: this is a debug build of the generator; use --release for long runs");
     }
     let clients = opts.clients + opts.transient_orgs * opts.transient_clients;
-    fanout_testkit::raise_nofile_limit(4 * clients as u64 + crate::net::FD_RESERVE);
+    crate::net::open_files(
+        4 * clients as u64,
+        2 * clients as u64,
+        &format!("{clients} clients"),
+    )?;
     let redis_addr = loopback(opts.base_port + 200);
     let mut addrs = vec![redis_addr];
     for i in 0..opts.replicas {

@@ -65,7 +65,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Vec<Round>> {
             "note: this is a debug build of the generator; use --release for numbers worth reading"
         );
     }
-    fanout_testkit::raise_nofile_limit(4 * opts.sockets as u64 + 1024);
+    let sockets = opts.sockets as u64;
+    crate::net::open_files(
+        4 * sockets,
+        2 * sockets,
+        &format!("{sockets} storm sockets"),
+    )?;
     let redis = RedisServer::start().await;
     let db = TestDb::try_create_on(&opts.database_url, "fanout_storm")
         .await

@@ -349,11 +349,11 @@ pub async fn run_shard(
     first: usize,
     count: usize,
 ) -> anyhow::Result<()> {
-    let limit = fanout_testkit::raise_nofile_limit(count as u64 + FD_RESERVE);
-    anyhow::ensure!(
-        limit >= count as u64 + FD_RESERVE,
-        "open-file limit {limit} is too low for a shard of {count} connections"
-    );
+    crate::net::open_files(
+        count as u64,
+        count as u64,
+        &format!("a shard of {count} connections"),
+    )?;
     let layout = Arc::new(Layout::new(total, orgs, servers.urls.clone()));
     let (shard, ready) =
         LocalShard::open(&servers, layout, first..first + count, concurrency).await;
